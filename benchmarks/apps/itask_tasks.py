@@ -1,0 +1,70 @@
+"""interactive_tasks side of the benchmarks: one app per namespace."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from interactive_tasks import App, InteractiveTask
+
+
+def make_app(ns: str, broker_url: str, result_backend: str | None = None) -> SimpleNamespace:
+    """The app and its tasks for namespace ``ns`` (task names do not depend on ``ns``)."""
+    app = App(f"bench-{ns}", broker=broker_url, result_backend=result_backend, namespace=ns)
+
+    @app.task(name="bench.noop")
+    def noop() -> None:
+        return None
+
+    @app.task(base=InteractiveTask, name="bench.ctl_sink")
+    def ctl_sink(self: Any, n: int) -> list[float]:
+        """Receives ``n`` messages ``{"t": sent}``; returns receive − sent in ms for each."""
+        out: list[float] = []
+        for _ in range(n):
+            msg = self.receive(timeout=30)
+            now = time.time()
+            if msg is None:
+                break
+            out.append((now - msg["t"]) * 1000.0)
+        return out
+
+    @app.task(base=InteractiveTask, name="bench.echo")
+    def echo(self: Any, n: int) -> int:
+        """Sends every message it receives straight back (``n`` of them)."""
+        for i in range(n):
+            msg = self.receive(timeout=30)
+            if msg is None:
+                return i
+            self.send(msg)
+        return n
+
+    @app.task(base=InteractiveTask, name="bench.chatty")
+    def chatty(self: Any, n: int) -> dict[str, float]:
+        """Emits ``n`` progress events as fast as it can, then one message."""
+        start = time.perf_counter()
+        for i in range(n):
+            self.progress(i + 1, n)
+        elapsed = time.perf_counter() - start
+        self.send("end")
+        return {"emit_s": elapsed, "n": n}
+
+    @app.task(base=InteractiveTask, name="bench.ticker")
+    def ticker(self: Any, n: int, interval: float) -> int:
+        """Progress every ``interval`` s with the wall-clock send time in the message field."""
+        for i in range(n):
+            self.progress(i + 1, n, f"{time.time():.6f}")
+            time.sleep(interval)
+        return n
+
+    @app.task(base=InteractiveTask, name="bench.spin")
+    def spin(self: Any, seconds: float) -> str:
+        """CPU-bound and never reaches a checkpoint: only a forced cancel stops it."""
+        end = time.monotonic() + seconds
+        x = 0
+        while time.monotonic() < end:
+            x += 1
+        return "spun"
+
+    return SimpleNamespace(app=app, noop=noop, ctl_sink=ctl_sink, echo=echo, chatty=chatty,
+                           ticker=ticker, spin=spin)

@@ -1,0 +1,117 @@
+"""Control of a running task: one-way latency and echo round trip.
+
+interactive_tasks: ``handle.send(data)`` → the worker → the pool child → ``self.receive()``.
+Celery has no way to talk to a running task; its closest workaround is a kombu queue per
+task that the task consumes itself (and a second one for replies).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kombu import Connection
+
+from ..harness import latency_summary
+from ..systems import CelerySystem, System
+from .common import CONTROL_GAP, size, wait_itask_started
+
+
+def control_oneway(system: System, quick: bool) -> dict[str, Any]:
+    """Client puts ``time.time()`` in the message; the task records receive − sent."""
+    n = size(quick, 300, 30)
+    warm = size(quick, 20, 5)
+    total = n + warm
+    if system.name == "itask":
+        samples = _itask_oneway(system, total)
+    elif isinstance(system, CelerySystem):
+        samples = _celery_oneway(system, total)
+    else:
+        raise NotImplementedError(system.name)
+    if len(samples) != total:
+        raise RuntimeError(f"task saw {len(samples)} of {total} messages")
+    return latency_summary(samples[warm:])
+
+
+def _itask_oneway(system: System, total: int) -> list[float]:
+    with system.worker():
+        handle = system.bench.ctl_sink.start(total)
+        wait_itask_started(handle)
+        for _ in range(total):
+            handle.send({"t": time.time()})
+            time.sleep(CONTROL_GAP)
+        return list(handle.result(60))
+
+
+def _celery_oneway(system: CelerySystem, total: int) -> list[float]:
+    ctl, reply = system.control_queue("ctl"), system.control_queue("reply")
+    with system.worker(), Connection(system.broker_url) as conn:
+        inq = conn.SimpleQueue(ctl, no_ack=True)
+        outq = conn.SimpleQueue(reply, no_ack=True)
+        try:
+            result = system.bench.ctl_sink.apply_async((total, ctl, reply))
+            outq.get(block=True, timeout=30)  # the task consumes its queue now
+            for _ in range(total):
+                inq.put({"t": time.time()})
+                time.sleep(CONTROL_GAP)
+            return list(result.get(timeout=60))
+        finally:
+            inq.close()
+            outq.close()
+
+
+def control_roundtrip(system: System, quick: bool) -> dict[str, Any]:
+    """Client sends ``{"i": i}``; the task sends it back; time until the client sees it."""
+    n = size(quick, 300, 30)
+    warm = size(quick, 20, 5)
+    if system.name == "itask":
+        samples = _itask_roundtrip(system, n + warm)
+    elif isinstance(system, CelerySystem):
+        samples = _celery_roundtrip(system, n + warm)
+    else:
+        raise NotImplementedError(system.name)
+    return latency_summary(samples[warm:])
+
+
+def _itask_roundtrip(system: System, total: int) -> list[float]:
+    samples: list[float] = []
+    with system.worker():
+        handle = system.bench.echo.start(total)
+        wait_itask_started(handle)
+        events = handle.events(timeout=10)
+        for i in range(total):
+            start = time.perf_counter()
+            handle.send({"i": i})
+            for event in events:
+                if event.kind == "message" and event.data == {"i": i}:
+                    break
+                if event.is_final:
+                    raise RuntimeError(f"echo task ended early: {event!r}")
+            samples.append((time.perf_counter() - start) * 1000.0)
+            time.sleep(CONTROL_GAP)
+        handle.result(30)
+    return samples
+
+
+def _celery_roundtrip(system: CelerySystem, total: int) -> list[float]:
+    samples: list[float] = []
+    ctl, reply = system.control_queue("ctl"), system.control_queue("reply")
+    with system.worker(), Connection(system.broker_url) as conn:
+        inq = conn.SimpleQueue(ctl, no_ack=True)
+        outq = conn.SimpleQueue(reply, no_ack=True)
+        try:
+            result = system.bench.echo.apply_async((total, ctl, reply))
+            outq.get(block=True, timeout=30)  # the task consumes its queue now
+            for i in range(total):
+                start = time.perf_counter()
+                inq.put({"i": i})
+                msg: Any = outq.get(block=True, timeout=10)
+                if msg.payload.get("i") != i:
+                    raise RuntimeError(f"echo out of order: {msg.payload!r} for {i}")
+                samples.append((time.perf_counter() - start) * 1000.0)
+                time.sleep(CONTROL_GAP)
+            result.get(timeout=30)
+        finally:
+            inq.close()
+            outq.close()
+    return samples

@@ -1,0 +1,106 @@
+"""``itask demo``: a worker on the embedded broker, an interactive task, and an attach.
+
+Needs no server. In a terminal it opens the attach view, where the user can type
+``pause``, ``resume``, a message, ``answer yes`` or ``cancel``; without a terminal it
+streams the events and answers the question itself, so it also runs in scripts and CI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from interactive_tasks import Event, TaskFailed
+from interactive_tasks.errors import InteractiveTasksError, TransportError
+
+
+def _start_worker(broker: str, log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, ITASK_BROKER_URL=broker)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "interactive_tasks.cli.main", "worker", "-A",
+             "interactive_tasks.cli.demo_tasks", "-c", "2", "-n", f"demo{os.getpid()}@%h",
+             "-l", "warning"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def _describe(event: Event) -> str:
+    if event.kind == "progress":
+        return f"progress {event.current}/{event.total} {event.message or ''}".rstrip()
+    if event.kind == "log":
+        return f"log     {event.text}"
+    if event.kind == "message":
+        return f"message {event.data!r}"
+    if event.kind == "question":
+        return f"question {event.prompt!r}"
+    if event.kind == "succeeded":
+        return f"succeeded -> {event.result!r}"
+    if event.kind == "failed":
+        return f"failed: {(event.error or {}).get('message')}"
+    return event.kind
+
+
+def run_demo(broker: str | None = None, color: bool = True, interactive: bool = True) -> int:
+    """Run the demo; returns the exit code of the attach (0 when the task succeeded)."""
+    broker = broker or os.environ.get("ITASK_BROKER_URL") or "embedded://"
+    os.environ["ITASK_BROKER_URL"] = broker
+    from . import demo_tasks
+
+    app = demo_tasks.app
+    app.broker_url = broker
+    log_path = Path(tempfile.gettempdir()) / f"itask-demo-{os.getpid()}.log"
+    print(f"Starting a worker on {app.broker_url_display} (log: {log_path})")
+    if app.is_embedded:
+        print(f"The embedded broker keeps its files in {app.embedded_directory}")
+    worker = _start_worker(broker, log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not app.ping(timeout=0.5, expect=1):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                print(f"itask: the demo worker did not start; see {log_path}",
+                      file=sys.stderr)
+                return 3
+        steps, delay = (40, 0.15) if interactive else (10, 0.02)
+        handle = demo_tasks.build.start(steps, delay)
+        print(f"Started task {handle.id}")
+        if interactive:
+            from .attach import attach
+
+            code = attach(handle, color=color)
+        else:
+            code = 0
+            for event in handle.events(timeout=60):
+                print(_describe(event))
+                if event.kind == "progress" and event.current == steps // 2:
+                    handle.send("hello from the demo")
+                if event.kind == "question":
+                    handle.answer("yes")
+            try:
+                handle.result(timeout=10)
+            except TaskFailed:
+                code = 1
+        print()
+        print("Next steps:")
+        print("  itask worker -A examples.progress      # run your own tasks (see examples/)")
+        print(f"  itask attach {handle.id}   # attach again, from any terminal")
+        print("  itask top                               # every worker and task, live")
+        return code
+    except TransportError as exc:
+        print(f"itask: {exc}", file=sys.stderr)
+        return 3
+    except InteractiveTasksError as exc:
+        print(f"itask: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+        app.close()

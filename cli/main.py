@@ -1,0 +1,387 @@
+"""The ``itask`` command.
+
+Exit codes: 0 success; 1 the task failed / was cancelled / control was refused;
+2 usage or configuration error (bad -A, unknown task id, no token); 3 broker unreachable;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from interactive_tasks import App, load_app
+from interactive_tasks.cli import beat_cmd, multi
+from interactive_tasks.errors import (
+    ConfigurationError,
+    ControlError,
+    InteractiveTasksError,
+    TransportError,
+    UnknownTask,
+)
+
+EXAMPLES = {
+    "worker": "itask worker -A examples.hello -c 2\n"
+              "  itask worker -A proj:app --pool threads -Q default,io -n io@%h",
+    "ping": "itask ping -A proj --timeout 2 --json",
+    "inspect": "itask inspect active -A proj",
+    "ls": "itask ls -A proj --json",
+    "attach": "itask attach 6f1c... -A proj --token T",
+    "top": "itask top -A proj",
+    "send": "itask send ID '{\"speed\": 2}' -A proj",
+    "result": "itask result ID -A proj --json",
+    "events": "itask events -A proj --duration 10",
+    "demo": "itask demo",
+}
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _color_enabled(stream: Any = None) -> bool:
+    stream = stream or sys.stdout
+    if os.environ.get("NO_COLOR"):
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _get_app(args: argparse.Namespace) -> App:
+    spec = getattr(args, "app", None) or os.environ.get("ITASK_APP")
+    if args.broker:
+        os.environ["ITASK_BROKER_URL"] = args.broker
+    if spec:
+        app = load_app(spec)
+        if args.broker:
+            app.broker_url = args.broker
+        return app
+    return App("itask", broker=args.broker)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# -- commands ----------
+def cmd_worker(args: argparse.Namespace) -> int:
+    from interactive_tasks.worker.main import Worker
+
+    logging.basicConfig(
+        level=getattr(logging, args.loglevel.upper(), logging.INFO),
+        format="[%(asctime)s %(levelname)s/%(processName)s] %(name)s: %(message)s",
+    )
+    app = _get_app(args)
+    if args.task_events:
+        app.configure(worker_send_task_events=True)
+    hostname = (args.hostname or f"worker{os.getpid()}@%h").replace("%h", socket.gethostname())
+    hostname = hostname.replace("%n", hostname.split("@")[0])
+    queues = [q for part in (args.queues or []) for q in part.split(",") if q] or None
+    worker = Worker(app, hostname=hostname, pool=args.pool, concurrency=args.concurrency,
+                    queues=queues, max_tasks_per_child=args.max_tasks_per_child,
+                    shutdown_timeout=args.shutdown_timeout)
+    return worker.run()
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    app = _get_app(args)
+    started = time.monotonic()
+    replies = app.ping(timeout=args.timeout)
+    if args.json:
+        _print_json([{"worker": r.get("worker"), "ok": r.get("ok")} for r in replies])
+    else:
+        for r in replies:
+            print(f"{r.get('worker')}: pong")
+        if not replies:
+            print(f"no worker replied within {args.timeout}s "
+                  f"(broker {app.broker_url_display})", file=sys.stderr)
+        else:
+            print(f"{len(replies)} worker(s) in {time.monotonic() - started:.2f}s")
+    return 0 if replies else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    app = _get_app(args)
+    replies = app.inspect(args.what, timeout=args.timeout)
+    data = {r.get("worker"): r.get("data") for r in replies}
+    if args.json:
+        _print_json(data)
+    else:
+        for worker, value in data.items():
+            print(f"-> {worker}")
+            if isinstance(value, list):
+                if not value:
+                    print("   (none)")
+                for item in value:
+                    if isinstance(item, dict):
+                        print(f"   {item.get('id')} {item.get('name')} {item.get('state')} "
+                              f"pid={item.get('pid')}")
+                    else:
+                        print(f"   {item}")
+            elif isinstance(value, dict):
+                for key, v in value.items():
+                    print(f"   {key}: {v}")
+        if not replies:
+            print(f"no worker replied within {args.timeout}s", file=sys.stderr)
+    return 0 if replies else 1
+
+
+def _all_tasks(app: App, timeout: float) -> list[dict[str, Any]]:
+    tasks: dict[str, dict[str, Any]] = {}
+    for reply in app.inspect("tasks", timeout=timeout):
+        for item in reply.get("data") or ():
+            tasks[item["id"]] = item
+    return sorted(tasks.values(), key=lambda t: t.get("received") or 0)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from interactive_tasks.protocol import Event, TaskSnapshot, TaskState
+
+    app = _get_app(args)
+    items = _all_tasks(app, args.timeout)
+    if args.json:
+        _print_json(items)
+        return 0
+    from interactive_tasks.cli.render import render_task_table, to_ansi
+
+    snapshots = [
+        TaskSnapshot(task_id=t["id"], name=t["name"], state=TaskState(t["state"]),
+                     worker=t.get("worker"), pid=t.get("pid"),
+                     progress=Event.from_wire(t["progress"]) if t.get("progress") else None,
+                     received=t.get("received"), started=t.get("started"),
+                     finished=t.get("finished"), question=t.get("question"))
+        for t in items
+    ]
+    width = os.get_terminal_size().columns if sys.stdout.isatty() else 120
+    sys.stdout.write(to_ansi(render_task_table(snapshots, now=time.time()), width,
+                             color=_color_enabled()))
+    return 0
+
+
+def _handle_for(app: App, args: argparse.Namespace) -> Any:
+    token = getattr(args, "token", None) or os.environ.get("ITASK_TOKEN")
+    return app.find(args.task_id, token=token, timeout=args.timeout)
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    app = _get_app(args)
+    handle = _handle_for(app, args)
+    verb = args.command
+    if verb == "send":
+        try:
+            data: Any = json.loads(args.message)
+        except json.JSONDecodeError:
+            data = args.message
+        handle.send(data)
+    elif verb == "pause":
+        handle.pause(hard=args.hard)
+    elif verb == "resume":
+        handle.resume()
+    elif verb == "cancel":
+        handle.cancel(grace=args.grace)
+    elif verb == "answer":
+        handle.answer(args.text)
+    print(f"{verb}: delivered to task {handle.id} on {handle.worker or 'its worker'}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    app = _get_app(args)
+    token = args.token or os.environ.get("ITASK_TOKEN")
+    tokens = {tid: token for tid in args.task_ids} if token else None
+    if tokens is None and app.secret is None:
+        raise CliError("revoke needs the task's token (--token) or the operator secret "
+                       "(ITASK_SECRET)")
+    replies = app.revoke(args.task_ids, terminate=args.terminate, tokens=tokens)
+    refused = sorted({i for r in replies for i in (r.get("data") or {}).get("refused", [])})
+    if refused:
+        print(f"itask: refused (wrong token): {', '.join(refused)}", file=sys.stderr)
+        return 1
+    print(f"revoked {len(args.task_ids)} task(s); {len(replies)} worker(s) acknowledged")
+    return 0
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    app = _get_app(args)
+    handle = _handle_for(app, args)
+    if args.wait:
+        handle.wait(args.wait)
+    snap = handle.snapshot()
+    data = {"id": snap.task_id, "name": snap.name, "state": snap.state.value,
+            "result": snap.result, "error": snap.error, "worker": snap.worker}
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"{snap.task_id} {snap.name} {snap.state.value}")
+        if snap.state.value == "succeeded":
+            print(f"result: {snap.result!r}")
+        elif snap.error:
+            print(f"error: {snap.error.get('type')}: {snap.error.get('message')}")
+    return 1 if snap.state.value in ("failed", "cancelled", "revoked") else 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from .attach import attach
+
+    app = _get_app(args)
+    handle = _handle_for(app, args)
+    return attach(handle, color=_color_enabled())
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from .attach import top
+
+    app = _get_app(args)
+    return top(app, color=_color_enabled())
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from interactive_tasks.monitor import EventReceiver
+
+    app = _get_app(args)
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    with EventReceiver(app) as receiver:
+        for event in receiver.events(timeout=0.5 if deadline else None):
+            print(json.dumps(event, default=str), flush=True)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        while deadline is not None and time.monotonic() < deadline:
+            for event in receiver.events(timeout=max(0.0, deadline - time.monotonic())):
+                print(json.dumps(event, default=str), flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(broker=args.broker, color=_color_enabled(), interactive=sys.stdin.isatty())
+
+
+# -- parser ----------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="itask",
+        description="interactive_tasks: run workers, and watch and steer running tasks.",
+        epilog="Exit codes: 0 ok, 1 task failed or control refused, 2 usage/config error, "
+               "3 broker unreachable. NO_COLOR disables colours.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+            app: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_,
+                           epilog="example:\n  " + EXAMPLES.get(name, f"itask {name}"),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        if app:
+            p.add_argument("-A", "--app", help="app module, module:attribute (Celery's -A)")
+        p.add_argument("-b", "--broker", help="broker URL (default: ITASK_BROKER_URL or the "
+                                              "embedded broker)")
+        return p
+
+    p = add("worker", cmd_worker, "run a worker")
+    p.add_argument("-P", "--pool", default="prefork",
+                   choices=["prefork", "threads", "solo", "gevent"],
+                   help="execution pool (gevent: I/O-bound tasks, needs the gevent extra)")
+    p.add_argument("-c", "--concurrency", type=int, default=None,
+                   help="pool size (default: number of CPUs)")
+    p.add_argument("-Q", "--queues", action="append", help="queues to consume, comma separated")
+    p.add_argument("-n", "--hostname", help="node name, e.g. w1@%%h")
+    p.add_argument("-l", "--loglevel", default="info")
+    p.add_argument("--max-tasks-per-child", type=int, default=None)
+    p.add_argument("--shutdown-timeout", type=float, default=None,
+                   help="seconds a warm shutdown waits for running tasks")
+    p.add_argument("-E", "--task-events", action="store_true",
+                   help="publish task events for monitoring (itask top, itask events)")
+
+    p = add("ping", cmd_ping, "ask every worker to reply")
+    p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+
+    p = add("inspect", cmd_inspect, "active / registered / stats of every worker")
+    p.add_argument("what", choices=["active", "registered", "stats", "tasks"])
+    p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+
+    p = add("ls", cmd_ls, "running and recent tasks")
+    p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+
+    for name, help_ in (("attach", "live view of one task, with an input line to steer it"),
+                        ("result", "state and result of a task")):
+        p = add(name, cmd_attach if name == "attach" else cmd_result, help_)
+        p.add_argument("task_id")
+        p.add_argument("--token", help="the task's capability token (or ITASK_TOKEN)")
+        p.add_argument("--timeout", type=float, default=2.0)
+        if name == "result":
+            p.add_argument("--json", action="store_true")
+            p.add_argument("--wait", type=float, default=None,
+                           help="wait up to this many seconds for the task to finish")
+
+    add("top", cmd_top, "full-screen dashboard of workers and tasks")
+
+    p = add("events", cmd_events, "print the monitoring stream as JSON lines "
+                                  "(task events need workers started with -E)")
+    p.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+
+    for name, help_ in (("send", "send a message (JSON or text) to a task"),
+                        ("pause", "pause a task"), ("resume", "resume a task"),
+                        ("cancel", "cancel a task"), ("answer", "answer a task's question")):
+        p = add(name, cmd_control, help_)
+        p.add_argument("task_id")
+        if name == "send":
+            p.add_argument("message")
+        if name == "answer":
+            p.add_argument("text")
+        if name == "pause":
+            p.add_argument("--hard", action="store_true", help="SIGSTOP the pool process")
+        if name == "cancel":
+            p.add_argument("--grace", type=float, default=5.0,
+                           help="seconds before the cancel is forced")
+        p.add_argument("--token", help="the task's capability token (or ITASK_TOKEN)")
+        p.add_argument("--timeout", type=float, default=2.0)
+
+    p = add("revoke", cmd_revoke, "revoke tasks that have not started (kept across "
+                                  "worker restarts)")
+    p.add_argument("task_ids", nargs="+")
+    p.add_argument("--terminate", action="store_true", help="also cancel running ones")
+    p.add_argument("--token", help="the tasks' capability token (or ITASK_TOKEN)")
+
+    add("demo", cmd_demo, "run an interactive task on the embedded broker and attach to it",
+        app=False)
+    multi.register(sub, add)
+    beat_cmd.register(sub, add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except TransportError as exc:
+        print(f"itask: {exc}", file=sys.stderr)
+        return 3
+    except (ConfigurationError, UnknownTask, CliError) as exc:
+        print(f"itask: {exc}", file=sys.stderr)
+        return getattr(exc, "code", 2)
+    except ControlError as exc:
+        print(f"itask: {exc}", file=sys.stderr)
+        return 1
+    except InteractiveTasksError as exc:
+        print(f"itask: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,479 @@
+"""The application: settings, the task registry, the broker connection and the client.
+
+::
+
+    app = App("proj")                                  # embedded broker, no server
+    app = App("proj", broker="redis://localhost:6379/0")
+    app = App("proj", broker="amqp://guest:guest@localhost//", result_backend="redis://")
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import secrets
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
+
+from kombu import Connection
+
+from .errors import ConfigurationError, UnknownTask
+from .handle import TaskHandle, unknown_task
+from .protocol import ControlMessage, TaskSnapshot, Verb
+from .results import ResultStore, result_store_for
+from .task import InteractiveTask, Task, _class_tasks, build_message
+from .transport import (
+    Names,
+    default_home,
+    embedded_directory,
+    is_embedded,
+    resolve_broker_url,
+)
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+
+    from .client import Client
+    from .schedules import PeriodicDecorator, Schedule
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, with its default. Pass any of them as ``App(name, **settings)``."""
+
+    #: prefix of every queue and key, so several projects can share one broker
+    namespace: str = "it"
+    #: seconds a finished task's result is kept
+    result_expires: float = 24 * 3600
+    #: largest message body accepted or sent, in bytes
+    max_message_size: int = 16 * 1024 * 1024
+    #: HMAC secret: when set, every message is signed and unsigned ones are refused;
+    #: its holder may control any task (an operator). Also read from ITASK_SECRET.
+    secret: str | None = None
+    #: allow attach (read-only watching) without the task's token
+    read_only_attach: bool = True
+    #: accept pickle-serialized task messages (never by default)
+    allow_pickle: bool = False
+    #: the queue of tasks that name none
+    task_default_queue: str = "default"
+    #: task name (or glob) -> queue name
+    task_routes: dict[str, str] = field(default_factory=dict)
+    #: ack only after the final state is recorded
+    acks_late: bool = True
+    #: when a pool child dies mid-task: True = deliver the task again, False = fail it
+    reject_on_worker_lost: bool = True
+    #: deliveries after which a task that keeps killing its worker goes to dead letters
+    max_deliveries: int = 3
+    #: messages a worker reserves per pool slot
+    prefetch_multiplier: int = 4
+    #: seconds between worker heartbeats (to subscribed clients and the events stream)
+    worker_heartbeat: float = 2.0
+    #: publish task events (received, started, succeeded …) on ``<ns>.events`` (``-E``)
+    worker_send_task_events: bool = False
+    #: seconds a worker keeps a subscription that its client stopped renewing
+    subscription_ttl: float = 30.0
+    #: events kept per task for clients that attach later
+    event_history: int = 200
+    #: kombu transport options (e.g. {"visibility_timeout": 3600} on Redis)
+    broker_transport_options: dict[str, Any] = field(default_factory=dict)
+    #: seconds a graceful shutdown waits for running tasks
+    shutdown_timeout: float = 30.0
+
+
+_SETTING_NAMES = {f.name for f in fields(Settings)}
+
+
+class App:
+    """A task queue application: where tasks are registered and sent from."""
+
+    def __init__(
+        self,
+        name: str = "app",
+        broker: str | None = None,
+        result_backend: str | None = None,
+        **settings: Any,
+    ) -> None:
+        unknown = set(settings) - _SETTING_NAMES
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(_SETTING_NAMES))}"
+            )
+        self.main = name
+        self.broker_url = resolve_broker_url(broker)
+        self.result_backend = result_backend or os.environ.get("ITASK_RESULT_BACKEND") or None
+        if "secret" not in settings and os.environ.get("ITASK_SECRET"):
+            settings["secret"] = os.environ["ITASK_SECRET"]
+        self.conf = Settings(**settings)
+        self.names = Names(self.conf.namespace)
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._client: Client | None = None
+        self._results: ResultStore | None = None
+        self._secret: bytes | None = None
+        self._secret_loaded = False
+        self._lock = threading.Lock()
+        #: periodic tasks for ``itask beat``: entry name -> {"task": name, "schedule":
+        #: seconds | crontab text | crontab(...), "args": [...], "kwargs": {...},
+        #: "options": {...}} (see docs/beat.md)
+        self.beat_schedule: dict[str, dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<App {self.main} broker={self.broker_url_display}>"
+
+    def configure(self, **settings: Any) -> None:
+        """Change settings after creation (before workers or clients start)."""
+        unknown = set(settings) - _SETTING_NAMES
+        if unknown:
+            raise ConfigurationError(f"unknown setting(s) {', '.join(sorted(unknown))}")
+        self.conf = replace(self.conf, **settings)
+        self.names = Names(self.conf.namespace)
+        self._secret_loaded = False
+
+    # -- broker ----------
+    @property
+    def broker_url_display(self) -> str:
+        """The broker URL with any password masked."""
+        url = self.broker_url
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            creds, host = rest.rsplit("@", 1)
+            if ":" in creds:
+                creds = creds.split(":", 1)[0] + ":**"
+            return f"{scheme}://{creds}@{host}"
+        return url
+
+    @property
+    def is_embedded(self) -> bool:
+        return is_embedded(self.broker_url)
+
+    @property
+    def embedded_directory(self) -> str | None:
+        """Where the embedded broker keeps its files (None for other brokers)."""
+        return str(embedded_directory(self.broker_url)) if self.is_embedded else None
+
+    def connection(self) -> Connection:
+        """A new kombu connection to the broker (not yet connected)."""
+        options = dict(self.conf.broker_transport_options)
+        if self.is_embedded:
+            options.setdefault("polling_interval", 0.01)
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            # kombu keeps unacked messages in server-wide keys by default: another project
+            # on the same Redis, with a shorter visibility_timeout, would redeliver ours.
+            ns = self.conf.namespace
+            options.setdefault("unacked_key", f"{ns}.unacked")
+            options.setdefault("unacked_index_key", f"{ns}.unacked_index")
+            options.setdefault("unacked_mutex_key", f"{ns}.unacked_mutex")
+        kwargs: dict[str, Any] = {"transport_options": options, "connect_timeout": 5}
+        if self.broker_url.startswith(("amqp", "pyamqp")):
+            kwargs["heartbeat"] = 0
+        return Connection(self.broker_url, **kwargs)
+
+    @property
+    def client(self) -> Client:
+        """This process's broker client (inbox thread started on first use)."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    from .client import Client
+
+                    self._client = Client(self)
+        return self._client
+
+    @property
+    def results(self) -> ResultStore:
+        if self._results is None:
+            with self._lock:
+                if self._results is None:
+                    self._results = result_store_for(
+                        self.broker_url, self.result_backend, self.conf.namespace,
+                        self.conf.result_expires,
+                    )
+        return self._results
+
+    @property
+    def secret(self) -> bytes | None:
+        """The operator secret; the embedded broker keeps one per user (mode 0600)."""
+        if not self._secret_loaded:
+            if self.conf.secret:
+                self._secret = self.conf.secret.encode()
+            elif self.is_embedded:
+                self._secret = _embedded_secret()
+            else:
+                self._secret = None
+            self._secret_loaded = True
+        return self._secret
+
+    def close(self) -> None:
+        """Stop the inbox thread and close connections."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._results is not None:
+            self._results.close()
+            self._results = None
+
+    # -- tasks ----------
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self, *, base: type[InteractiveTask[Any, Any]], name: str | None = ...,
+        queue: str | None = ..., bind: bool | None = ..., **options: Any,
+    ) -> Callable[[Callable[Concatenate[Any, P], R]], InteractiveTask[P, R]]: ...
+
+    @overload
+    def task(
+        self, *, bind: Literal[True], name: str | None = ..., queue: str | None = ...,
+        **options: Any,
+    ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+
+    @overload
+    def task(
+        self, *, name: str | None = ..., queue: str | None = ...,
+        bind: Literal[False] | None = ..., **options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(  # type: ignore[misc]  # mypy cannot match **options across overloads
+        self, fn: Any = None, /, *, base: Any = None, name: str | None = None,
+        queue: str | None = None, bind: bool | None = None, **options: Any,
+    ) -> Any:
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=, queue=, base=)``.
+
+        ``base=InteractiveTask`` makes it interactive (its first parameter is the running
+        task); ``bind=True`` gives a plain task ``self`` (Celery's form). Other options
+        (``acks_late``, ``time_limit``, ``soft_time_limit``, ``max_retries``,
+        ``rate_limit``) are Celery's. Raises ``TypeError`` for an unknown option.
+        """
+        cls = base or Task
+
+        def decorate(func: Callable[..., Any]) -> Task[Any, Any]:
+            if isinstance(func, type) and issubclass(func, Task):
+                return self.register(func)
+            task: Task[Any, Any] = cls(func, app=self, name=name, queue=queue, bind=bind,
+                                       **options)
+            self.tasks[task.name] = task
+            return task
+
+        if fn is not None:
+            return decorate(fn)
+        return decorate
+
+    def periodic(
+        self, every: float | timedelta | None = None, crontab: str | Schedule | None = None,
+        name: str | None = None, args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None, **options: Any,
+    ) -> PeriodicDecorator:
+        """Send a task periodically under ``itask beat``: ``@app.periodic(every=30)`` or
+        ``@app.periodic(crontab="*/5 * * * *")``, above ``@app.task`` or on a plain function
+        (then registered as a task). ``options`` go to :meth:`send_task`. Raises
+        :class:`ConfigurationError` unless exactly one of ``every`` and ``crontab`` is given.
+        """
+        from .schedules import periodic
+
+        return periodic(self, every=every, crontab=crontab, name=name, args=args,
+                        kwargs=kwargs, **options)
+
+    def register(self, task_class: type[Task[Any, Any]]) -> Task[Any, Any]:
+        """Register a class-form task (a subclass with ``name`` and ``run``)."""
+        task = task_class(app=self)
+        if not task.name:
+            raise ConfigurationError(f"{task_class.__name__} needs a class attribute 'name'")
+        self.tasks[task.name] = task
+        return task
+
+    def _adopt_class_tasks(self) -> None:
+        for cls in list(_class_tasks):
+            if cls.name not in self.tasks and (cls.app is None or cls.app is self):
+                self.register(cls)
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        """The registered task ``name``; raises :class:`UnknownTask`."""
+        task = self.tasks.get(name)
+        if task is None:
+            self._adopt_class_tasks()
+            task = self.tasks.get(name)
+        if task is None:
+            raise UnknownTask(f"no task named {name!r} is registered with app {self.main!r}")
+        return task
+
+    def route(self, name: str) -> str:
+        """The queue for task ``name`` by ``task_routes`` (exact name or glob)."""
+        import fnmatch
+
+        routes = self.conf.task_routes
+        if name in routes:
+            return routes[name]
+        for pattern, queue in routes.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return queue
+        return self.conf.task_default_queue
+
+    def send_task(
+        self,
+        name: str,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        watch: str = "final",
+        priority: int | None = None,
+        **options: Any,
+    ) -> TaskHandle[Any]:
+        """Queue a task by name (it need not be registered here); returns its handle."""
+        client = self.client
+        client.ensure_started()
+        message, token = build_message(
+            name, args, kwargs, queue=queue or self.route(name), reply_to=client.inbox.name,
+            watch=watch, **options,
+        )
+        handle: TaskHandle[Any] = TaskHandle(self, message.id, name=name, token=token,
+                                             starter=True)
+        client.send_task(message, priority=priority)
+        return handle
+
+    # -- finding tasks ----------
+    def attach(self, task_id: str, token: str | None = None, *,
+               timeout: float = 2.0) -> TaskHandle[Any]:
+        """A handle on any task by id: snapshot, then the live tail.
+
+        Looks in the result store first, then asks every worker. A task nobody reports
+        yet (still queued) gives a pending handle that follows it once it starts. Raises
+        :class:`~interactive_tasks.errors.TransportError` when the broker is unreachable.
+        """
+        handle: TaskHandle[Any] = TaskHandle(self, task_id, token=token)
+        handle._expect_snapshot()
+        try:
+            record = self.results.get(task_id)
+            if record is not None:
+                handle._on_snapshot(TaskSnapshot.from_wire(record))
+                return handle
+            self.locate(handle, timeout=timeout)
+        finally:
+            handle._end_snapshot_wait()
+        return handle
+
+    def locate(self, handle: TaskHandle[Any], timeout: float = 2.0) -> bool:
+        """Ask every worker for the task; True when one has it (its snapshot is applied)."""
+        client = self.client
+        message = ControlMessage(
+            verb=Verb.LOCATE, task_id=handle.id, data={"since": 0}, token=handle.token,
+        )
+        replies = client.request(message, None, timeout, many=True,
+                                 until=lambda rs: any(r.get("t") == "snapshot" for r in rs))
+        return any(r.get("t") == "snapshot" for r in replies)
+
+    def find(self, task_id: str, token: str | None = None,
+             timeout: float = 2.0) -> TaskHandle[Any]:
+        """Like :meth:`attach`, but raises :class:`UnknownTask` when nobody knows the id."""
+        handle = self.attach(task_id, token, timeout=timeout)
+        if handle.state.value == "pending" and handle.worker is None:
+            raise unknown_task(task_id)
+        return handle
+
+    def watch(self, handles: list[TaskHandle[Any]]) -> Any:
+        """In Jupyter: one live row per task (needs the ``jupyter`` extra)."""
+        from .widgets import watch
+
+        return watch(handles)
+
+    # -- remote control of workers ----------
+    def _broadcast(self, verb: str, data: Any, timeout: float,
+                   expect: int | None) -> list[dict[str, Any]]:
+        message = ControlMessage(verb=verb, data=data)
+        return self.client.request(
+            message, None, timeout, many=True,
+            until=(lambda rs: len(rs) >= expect) if expect else None,
+        )
+
+    def ping(self, timeout: float = 1.0, expect: int | None = None) -> list[dict[str, Any]]:
+        """Every worker's reply to a ping within ``timeout`` (``{"worker", "ok"}`` each)."""
+        return self._broadcast(Verb.PING, None, timeout, expect)
+
+    def revoke(self, task_ids: list[str] | str, *, terminate: bool = False,
+               tokens: dict[str, str] | None = None, expires: float | None = None,
+               timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Revoke tasks that have not started: every worker refuses them until ``expires``.
+
+        The ids are also kept in the result store, so a worker that starts later (or
+        restarts) refuses them too. ``terminate=True`` also cancels running ones. Needs
+        each task's token (``tokens``) or the operator secret. Returns worker replies.
+        """
+        import time as _time
+
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        until = expires or _time.time() + self.conf.result_expires
+        tokens = dict(tokens or {})
+        self.results.add_revoked(
+            {i: [until, tokens.get(i), self.secret is not None] for i in ids})
+        message = ControlMessage(verb=Verb.REVOKE, data={
+            "ids": ids, "tokens": tokens, "expires": until, "terminate": terminate})
+        return self.client.request(message, None, timeout, many=True, settle=0.2)
+
+    def inspect(self, what: str, timeout: float = 1.0,
+                expect: int | None = None) -> list[dict[str, Any]]:
+        """``active`` | ``registered`` | ``stats`` | ``tasks`` from every worker."""
+        if what not in ("active", "registered", "stats", "tasks"):
+            raise ValueError(f"unknown inspect command {what!r}; "
+                             "use active, registered, stats or tasks")
+        return self._broadcast(Verb.INSPECT, {"what": what}, timeout, expect)
+
+
+def _embedded_secret() -> bytes:
+    """The per-user operator secret of the embedded broker, created on first use."""
+    home = default_home()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = home / "secret"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    value = secrets.token_hex(32).encode()
+    tmp = home / f".secret.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(value)
+    try:
+        os.link(tmp, path)  # first writer wins; others read its value
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return path.read_bytes().strip()
+
+
+def load_app(spec: str) -> App:
+    """Find the app for ``-A module`` or ``-A module:attribute`` (Celery's rules).
+
+    Raises :class:`ConfigurationError` with a one-line reason when the module cannot be
+    imported or holds no :class:`App`.
+    """
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import app module {module_name!r}: {exc}") from exc
+    if attr:
+        app = getattr(module, attr, None)
+        if not isinstance(app, App):
+            raise ConfigurationError(f"{spec!r} is not an interactive_tasks App")
+        return app
+    for candidate in ("app", "celery"):
+        app = getattr(module, candidate, None)
+        if isinstance(app, App):
+            return app
+    apps = [v for v in vars(module).values() if isinstance(v, App)]
+    if len(apps) == 1:
+        return apps[0]
+    raise ConfigurationError(
+        f"module {module_name!r} has {'no' if not apps else 'several'} App; "
+        f"name one with -A {module_name}:<attribute>"
+    )

@@ -1,0 +1,300 @@
+"""Workflows (Celery's canvas): ``chain``, ``group`` and ``chord``.
+
+::
+
+    chain(fetch.s(url), parse.s(), store.s()).delay()      # each result feeds the next
+    group(resize.s(p) for p in paths).delay().results()   # all at once, results gathered
+    chord(group(count.s(f) for f in files), total.s()).delay()   # then one callback
+
+The client numbers every step up front (ids and capability tokens), so the handles exist
+before anything runs. Workers continue the workflow themselves: when a chain step
+succeeds the worker that ran it publishes the next step with the result prepended to its
+arguments; when one fails or is cancelled, the rest end ``revoked`` and never run. A chord's
+callback is published by the worker that finishes the last member, counted atomically in
+the result store (so a chord needs one: Redis or the embedded/file store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from .errors import ConfigurationError, TaskTimeout
+from .handle import TaskHandle
+from .protocol import HEADER_CHAIN, HEADER_CHORD, Event, TaskMessage, TaskSnapshot, TaskState
+from .task import Signature
+
+if TYPE_CHECKING:
+    from .app import App
+
+
+def _step(sig: Signature[Any], app: App, extra_args: tuple[Any, ...] = ()) -> dict[str, Any]:
+    """A step descriptor as carried in message headers; includes its token (client only)."""
+    token = secrets.token_urlsafe(18)
+    options = dict(sig.options)
+    return {
+        "id": options.pop("task_id", None) or str(uuid.uuid4()),
+        "task": sig.task.name,
+        "args": list(extra_args) + list(sig.args),
+        "kwargs": dict(sig.kwargs),
+        "queue": options.pop("queue", None) or sig.task.queue or app.route(sig.task.name),
+        "watch": "all" if sig.task.interactive else "final",
+        "token_digest": codec.token_digest(token),
+        "_token": token,
+    }
+
+
+def _public(step: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in step.items() if not k.startswith("_")}
+
+
+def _message(step: dict[str, Any], reply_to: str, headers: dict[str, Any]) -> TaskMessage:
+    return TaskMessage(
+        id=step["id"], task=step["task"], args=list(step["args"]), kwargs=step["kwargs"],
+        queue=step["queue"], reply_to=reply_to, token_digest=step["token_digest"],
+        created=time.time(), headers=headers, watch=step["watch"],
+    )
+
+
+def _handles(app: App, steps: list[dict[str, Any]]) -> list[TaskHandle[Any]]:
+    return [TaskHandle(app, s["id"], name=s["task"], token=s["_token"], starter=True)
+            for s in steps]
+
+
+def _app_of(sigs: list[Signature[Any]]) -> App:
+    for sig in sigs:
+        if sig.task.app is not None:
+            return sig.task.app
+    raise ConfigurationError("the workflow's tasks are not registered with an app")
+
+
+class chain:
+    """Run signatures one after another, each result prepended to the next one's args."""
+
+    def __init__(self, *tasks: Signature[Any]) -> None:
+        if not tasks:
+            raise ValueError("chain() needs at least one signature")
+        for item in tasks:
+            if not isinstance(item, Signature):
+                raise TypeError(f"chain() takes task signatures (task.s(...)), not "
+                                f"{type(item).__name__}; nesting workflows is not supported")
+        self.tasks = list(tasks)
+
+    def delay(self, *args: Any) -> ChainHandle:
+        return self.apply_async(args)
+
+    start = delay
+
+    def apply_async(self, args: tuple[Any, ...] = ()) -> ChainHandle:
+        app = _app_of(self.tasks)
+        client = app.client
+        client.ensure_started()
+        steps = [_step(sig, app, tuple(args) if i == 0 else ()) for i, sig in
+                 enumerate(self.tasks)]
+        handles = _handles(app, steps)
+        first = steps[0]
+        rest = [_public(s) for s in steps[1:]]
+        client.send_task(_message(first, client.inbox.name, {HEADER_CHAIN: rest}))
+        return ChainHandle(app, handles)
+
+
+class group:
+    """Run signatures in parallel; gather their results in order."""
+
+    def __init__(self, *tasks: Signature[Any] | Iterable[Signature[Any]]) -> None:
+        items = list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Signature) \
+            else list(tasks)
+        for item in items:
+            if not isinstance(item, Signature):
+                raise TypeError(f"group() takes task signatures (task.s(...)), not "
+                                f"{type(item).__name__}; nesting workflows is not supported")
+        self.tasks: list[Signature[Any]] = items  # type: ignore[assignment]
+
+    def delay(self) -> GroupHandle:
+        return self.apply_async()
+
+    def apply_async(self) -> GroupHandle:
+        app = _app_of(self.tasks)
+        client = app.client
+        client.ensure_started()
+        steps = [_step(sig, app) for sig in self.tasks]
+        handles = _handles(app, steps)
+        for s in steps:
+            client.send_task(_message(s, client.inbox.name, {}))
+        return GroupHandle(app, handles)
+
+
+class chord:
+    """A group, then one callback called with the list of the group's results."""
+
+    def __init__(self, header: group | Iterable[Signature[Any]], body: Signature[Any]) -> None:
+        self.header = header if isinstance(header, group) else group(list(header))
+        self.body = body
+
+    def delay(self) -> TaskHandle[Any]:
+        return self.apply_async()
+
+    def apply_async(self) -> TaskHandle[Any]:
+        """Returns the callback's handle; its ``header`` attribute is the group's handle.
+
+        Raises :class:`ConfigurationError` when the app has no shared result store.
+        """
+        app = _app_of([*self.header.tasks, self.body])
+        if not app.results.durable:
+            raise ConfigurationError(
+                "chord needs a result store shared by workers: set result_backend "
+                "(redis:// or file://) when the broker is RabbitMQ")
+        client = app.client
+        client.ensure_started()
+        members = [_step(sig, app) for sig in self.header.tasks]
+        body = _step(self.body, app)
+        chord_id = str(uuid.uuid4())
+        body_public = _public(body)
+        info: dict[str, Any] = {"id": chord_id, "size": len(members),
+                                "members": [m["id"] for m in members], "body": body_public}
+        handles = _handles(app, members)
+        body_handle: TaskHandle[Any] = TaskHandle(app, body["id"], name=body["task"],
+                                                  token=body["_token"], starter=True)
+        body_handle.header = GroupHandle(app, handles)  # type: ignore[attr-defined]
+        body_message = _message(body, client.inbox.name, {})
+        # The body's subscription rides in its own message, published later by a worker;
+        # the members carry the body's reply_to so that worker can set it.
+        body_public["reply_to"] = body_message.reply_to
+        if not members:
+            client.send_task(dataclasses.replace(body_message, args=[[], *body_message.args]))
+            return body_handle
+        for index, member in enumerate(members):
+            client.send_task(_message(member, client.inbox.name,
+                                      {HEADER_CHORD: {**info, "index": index}}))
+        return body_handle
+
+
+class GroupHandle:
+    """Handles of a group's tasks, in order."""
+
+    def __init__(self, app: App, handles: list[TaskHandle[Any]]) -> None:
+        self.app = app
+        self.handles = handles
+
+    def __iter__(self) -> Iterator[TaskHandle[Any]]:
+        return iter(self.handles)
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def ready(self) -> bool:
+        return all(h.ready() for h in self.handles)
+
+    def results(self, timeout: float | None = None) -> list[Any]:
+        """Every result in order; raises the first failure (TaskFailed …) or TaskTimeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = []
+        for handle in self.handles:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            out.append(handle.result(remaining))
+        return out
+
+    get = results
+
+    def cancel(self, grace: float = 5.0) -> None:
+        for handle in self.handles:
+            if not handle.ready():
+                handle.cancel(grace)
+
+
+class ChainHandle:
+    """One handle over a chain's steps: the current step's state, every step's events."""
+
+    def __init__(self, app: App, steps: list[TaskHandle[Any]]) -> None:
+        self.app = app
+        self.steps = steps
+        self.id = steps[-1].id
+        self._cursor = 0
+
+    @property
+    def current(self) -> TaskHandle[Any]:
+        """The first step that has not ended (or the last step)."""
+        for step in self.steps:
+            if not step.ready():
+                return step
+        return self.steps[-1]
+
+    @property
+    def state(self) -> TaskState:
+        for step in self.steps:
+            if step.state is not TaskState.SUCCEEDED:
+                return step.state
+        return TaskState.SUCCEEDED
+
+    @property
+    def progress(self) -> Event | None:
+        return self.current.progress
+
+    def ready(self) -> bool:
+        return self.state.is_final
+
+    def snapshot(self) -> TaskSnapshot:
+        return self.current.snapshot()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Every step's events in order; ends after the last step, or the one that failed."""
+        while self._cursor < len(self.steps):
+            step = self.steps[self._cursor]
+            yield from step.events(timeout)
+            if step.state is not TaskState.SUCCEEDED:
+                return
+            self._cursor += 1
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The last step's value; raises the failure of the step that stopped the chain."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for step in self.steps:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                step.wait(remaining)
+            except TaskTimeout:
+                raise
+            if step.state is not TaskState.SUCCEEDED:
+                return step.result(0)
+        return self.steps[-1].result(0)
+
+    get = result
+
+    def wait(self, timeout: float | None = None) -> TaskState:
+        try:
+            self.result(timeout)
+        except TaskTimeout:
+            raise
+        except Exception:
+            pass
+        return self.state
+
+    def cancel(self, grace: float = 5.0) -> None:
+        """Cancel the running step; the steps after it never start."""
+        current = self.current
+        rest = [s for s in self.steps[self.steps.index(current) + 1:] if not s.ready()]
+        if rest:
+            self.app.revoke([s.id for s in rest], tokens={s.id: s.token for s in rest
+                                                          if s.token})
+        if not current.ready():
+            current.cancel(grace)
+
+    def pause(self, hard: bool = False) -> None:
+        self.current.pause(hard)
+
+    def resume(self) -> None:
+        self.current.resume()
+
+    def send(self, data: Any) -> None:
+        self.current.send(data)
+
+    def answer(self, value: Any) -> None:
+        self.current.answer(value)
+
+    def __repr__(self) -> str:
+        return f"<ChainHandle {len(self.steps)} steps {self.state.value}>"

@@ -1,0 +1,580 @@
+"""The broker side of a client process: publishing, and one inbox consumed by one thread.
+
+Every handle in the process shares one :class:`Client` per app. Its thread owns a kombu
+connection consuming ``<ns>.inbox.<client id>`` and dispatches what arrives: events to the
+handles watching that task, replies and snapshots to whoever waits on their request id,
+worker heartbeats to the liveness table. Publishing uses a second connection guarded by a
+lock, so user threads can publish while the inbox thread blocks in ``drain_events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kombu import Connection, Consumer, Producer, Queue
+
+from . import codec
+from .errors import ProtocolError, TransportError
+from .protocol import ControlMessage, Envelope, Event, TaskMessage, TaskSnapshot
+from .transport import CONTROL_QUEUE_EXPIRES
+
+if TYPE_CHECKING:
+    from .app import App
+
+logger = logging.getLogger("interactive_tasks.client")
+
+#: A client renews its subscriptions this often; workers drop them after 3 × this.
+RENEW_INTERVAL = 10.0
+#: A worker silent for this long is presumed dead by the handles watching its tasks.
+WORKER_SILENCE = 6.0
+
+
+class Watcher(Protocol):
+    """What the client feeds; implemented by :class:`~interactive_tasks.handle.TaskHandle`."""
+
+    task_id: str
+
+    def _on_event(self, event: Event) -> None: ...
+
+    def _on_snapshot(self, snapshot: TaskSnapshot) -> None: ...
+
+    def _on_worker_lost(self, worker: str) -> None: ...
+
+    def _watch_info(self) -> tuple[str | None, int, int, bool, bool]:
+        """(worker, run, seq, final, starter) of the task as this watcher knows it.
+
+        ``starter``: the handle of the client that published the task, whose subscription
+        travels in the task message (``reply_to``) and so needs no locate broadcast.
+        """
+        ...
+
+    @property
+    def token(self) -> str | None: ...
+
+
+class _Waiter:
+    """A request waiting for replies (one, or many for broadcasts)."""
+
+    __slots__ = ("cond", "many", "replies")
+
+    def __init__(self, many: bool) -> None:
+        self.cond = threading.Condition()
+        self.replies: list[dict[str, Any]] = []
+        self.many = many
+
+
+class Client:
+    """One per app and process; created lazily by :attr:`App.client`."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.id = uuid.uuid4().hex[:16]
+        self.inbox: Queue = app.names.inbox_queue(self.id)
+        self._pub_lock = threading.RLock()
+        self._pub_conn: Connection | None = None
+        self._producer: Producer | None = None
+        self._declared: set[str] = set()
+        self._lock = threading.Lock()
+        self._watchers: dict[str, list[weakref.ref[Any]]] = {}
+        self._waiters: dict[str, _Waiter] = {}
+        self._worker_seen: dict[str, float] = {}
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread_error: BaseException | None = None
+        self._pid = 0
+        self._cseq: dict[str, int] = {}
+        self._task_publisher: Any = None
+
+    # -- lifecycle ----------
+    def ensure_started(self, timeout: float = 15.0) -> None:
+        """Start the inbox thread and wait until the inbox is consumed.
+
+        Raises :class:`TransportError` when the broker cannot be reached in ``timeout``.
+        """
+        import os
+
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+                return
+            if self._pid != os.getpid():
+                # After a fork the parent's connections and thread are not ours.
+                self._pub_conn = None
+                self._producer = None
+                self._task_publisher = None
+                self._declared = set()
+            self._pid = os.getpid()
+            self._ready.clear()
+            self._stop.clear()
+            self._thread_error = None
+            self._thread = threading.Thread(
+                target=self._run, name=f"itask-inbox-{self.id[:6]}", daemon=True
+            )
+            self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TransportError(
+                f"cannot reach the broker at {self.app.broker_url_display} "
+                f"(no connection within {timeout:.0f}s)"
+            )
+        if self._thread_error is not None:
+            raise TransportError(
+                f"cannot reach the broker at {self.app.broker_url_display}: "
+                f"{self._thread_error}"
+            )
+
+    def close(self) -> None:
+        """Stop the inbox thread, delete the inbox and close connections."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(5)
+        with self._pub_lock:
+            if self._pub_conn is not None:
+                try:
+                    self._pub_conn.release()
+                except Exception:
+                    pass
+            self._pub_conn = None
+            self._producer = None
+            if self._task_publisher is not None:
+                self._task_publisher.close()
+                self._task_publisher = None
+
+    # -- publishing ----------
+    def _producer_for_publish(self) -> Producer:
+        if self._producer is None:
+            conn = self.app.connection()
+            conn.ensure_connection(max_retries=3, interval_start=0.2, interval_step=0.5)
+            self._pub_conn = conn
+            self._producer = Producer(conn.default_channel)
+        return self._producer
+
+    def publish(
+        self,
+        payload: dict[str, Any],
+        *,
+        routing_key: str,
+        exchange: Any = "",
+        declare: list[Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        priority: int | None = None,
+    ) -> None:
+        """Encode, sign and publish ``payload``.
+
+        Raises ``TypeError`` for data msgpack cannot carry, :class:`ProtocolError` for a
+        payload over ``max_message_size`` and :class:`TransportError` when the broker is
+        unreachable after retries.
+        """
+        body = codec.dumps(payload)
+        self.publish_raw(body, routing_key=routing_key, exchange=exchange, declare=declare,
+                         headers=headers, priority=priority)
+
+    def publish_raw(
+        self,
+        body: bytes,
+        *,
+        routing_key: str,
+        exchange: Any = "",
+        declare: list[Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        priority: int | None = None,
+    ) -> None:
+        limit = self.app.conf.max_message_size
+        if len(body) > limit:
+            from .errors import PayloadTooLarge
+
+            raise PayloadTooLarge(
+                f"message of {len(body)} bytes is over max_message_size={limit}; "
+                "pass a reference (a path or URL) instead of the data"
+            )
+        headers = dict(headers or {})
+        if self.app.secret is not None:
+            headers[codec.SIGNATURE_HEADER] = codec.sign(self.app.secret, body)
+        with self._pub_lock:
+            try:
+                producer = self._producer_for_publish()
+                to_declare = [q for q in declare or () if q.name not in self._declared]
+                producer.publish(
+                    body,
+                    routing_key=routing_key,
+                    exchange=exchange,
+                    content_type=codec.CONTENT_TYPE,
+                    content_encoding="binary",
+                    headers=headers,
+                    declare=to_declare,
+                    priority=priority,
+                    retry=True,
+                    retry_policy={"max_retries": 3, "interval_start": 0.1,
+                                  "interval_step": 0.5},
+                )
+                self._declared.update(q.name for q in to_declare)
+            except ProtocolError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, TypeError):
+                    raise
+                self._producer = None
+                self._declared.clear()
+                raise TransportError(
+                    f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
+                ) from exc
+
+    def send_task(self, message: TaskMessage, priority: int | None = None) -> None:
+        """Publish a task message to its queue (declaring the queue once per process)."""
+        queue = self.app.names.task_queue(message.queue)
+        if priority is None and self._fast_publisher() is not None:
+            self._publish_task_redis(queue.name, codec.dumps(message.to_wire()))
+            return
+        self.publish(message.to_wire(), routing_key=queue.routing_key,
+                     exchange=queue.exchange, declare=[queue], priority=priority)
+
+    def _fast_publisher(self) -> Any:
+        """Redis: a raw publisher (kombu's envelope, one LPUSH), else None."""
+        from .transport.redis_fast import TaskPublisher, is_redis
+
+        if self._task_publisher is None and is_redis(self.app.broker_url):
+            with self._pub_lock:
+                if self._task_publisher is None:
+                    self._task_publisher = TaskPublisher(self.app.broker_url)
+        return self._task_publisher
+
+    def _publish_task_redis(self, queue: str, body: bytes, expire_ms: int | None = None) -> None:
+        from .errors import PayloadTooLarge
+        from .transport.redis_fast import kombu_envelope
+
+        limit = self.app.conf.max_message_size
+        if len(body) > limit:
+            raise PayloadTooLarge(
+                f"message of {len(body)} bytes is over max_message_size={limit}; "
+                "pass a reference (a path or URL) instead of the data")
+        headers = {}
+        if self.app.secret is not None:
+            headers[codec.SIGNATURE_HEADER] = codec.sign(self.app.secret, body)
+        try:
+            self._task_publisher.publish(
+                queue, kombu_envelope(body, queue, codec.CONTENT_TYPE, headers), expire_ms)
+        except Exception as exc:
+            raise TransportError(
+                f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
+            ) from exc
+
+    def next_cseq(self, task_id: str) -> int:
+        """The next control sequence number for ``task_id`` from this client (from 1)."""
+        with self._lock:
+            value = self._cseq.get(task_id, 0) + 1
+            self._cseq[task_id] = value
+            return value
+
+    def send_control(self, message: ControlMessage, worker: str | None) -> None:
+        """Send to one worker's control queue, or to every worker when ``worker`` is None."""
+        if worker is None:
+            exchange = self.app.names.broadcast_exchange
+            self.publish(message.to_wire(), routing_key="", exchange=exchange,
+                         declare=[exchange])
+        else:
+            queue = self.app.names.control_queue(worker)
+            if self._fast_publisher() is not None:
+                # x-expires as kombu would set it: the queue of a worker gone for good
+                # disappears instead of collecting control messages.
+                self._publish_task_redis(queue.name, codec.dumps(message.to_wire()),
+                                         expire_ms=int(CONTROL_QUEUE_EXPIRES * 1000))
+                return
+            self.publish(message.to_wire(), routing_key=queue.routing_key,
+                         exchange=queue.exchange, declare=[queue])
+
+    def request(
+        self,
+        message: ControlMessage,
+        worker: str | None,
+        timeout: float,
+        *,
+        many: bool = False,
+        until: Callable[[list[dict[str, Any]]], bool] | None = None,
+        settle: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Send ``message`` and collect replies addressed to its request id.
+
+        With ``many`` (broadcasts) it gathers replies until ``timeout`` or until
+        ``until(replies)`` is true, or ``settle`` seconds after the first reply; otherwise
+        it returns as soon as one reply arrives. Returns the replies, possibly none.
+        """
+        self.ensure_started()
+        rid = message.rid or uuid.uuid4().hex
+        waiter = _Waiter(many)
+        with self._lock:
+            self._waiters[rid] = waiter
+        try:
+            msg = ControlMessage(
+                verb=message.verb, task_id=message.task_id, data=message.data,
+                sender=self.inbox.name, rid=rid, cseq=message.cseq, token=message.token,
+            )
+            self.send_control(msg, worker)
+            deadline = time.monotonic() + timeout
+            first_reply = float("inf")
+            with waiter.cond:
+                while True:
+                    if waiter.replies and not many:
+                        break
+                    if until is not None and until(waiter.replies):
+                        break
+                    if settle is not None and waiter.replies:
+                        deadline = min(deadline, first_reply + settle)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    waiter.cond.wait(remaining)
+                    if waiter.replies and first_reply == float("inf"):
+                        first_reply = time.monotonic()
+                return list(waiter.replies)
+        finally:
+            with self._lock:
+                self._waiters.pop(rid, None)
+
+    # -- watchers ----------
+    def watch(self, watcher: Watcher) -> None:
+        with self._lock:
+            refs = self._watchers.setdefault(watcher.task_id, [])
+            refs.append(weakref.ref(watcher))
+
+    def unwatch(self, watcher: Watcher) -> None:
+        with self._lock:
+            refs = self._watchers.get(watcher.task_id, [])
+            refs[:] = [r for r in refs if r() is not None and r() is not watcher]
+            if not refs:
+                self._watchers.pop(watcher.task_id, None)
+
+    def _watchers_of(self, task_id: str) -> list[Watcher]:
+        with self._lock:
+            refs = self._watchers.get(task_id)
+            if not refs:
+                return []
+            alive = [w for w in (r() for r in refs) if w is not None]
+            if len(alive) != len(refs):
+                refs[:] = [weakref.ref(w) for w in alive]
+            return alive
+
+    def worker_last_seen(self, worker: str) -> float | None:
+        return self._worker_seen.get(worker)
+
+    def note_worker_alive(self, worker: str) -> None:
+        self._worker_seen[worker] = time.monotonic()
+
+    # -- the inbox thread ----------
+    def _run(self) -> None:
+        from .transport.redis_fast import is_redis
+
+        if is_redis(self.app.broker_url):
+            self._run_redis()
+        else:
+            self._run_kombu()
+
+    def _run_redis(self) -> None:
+        """Redis: the inbox is a plain list read with BRPOP (see transport.redis_fast)."""
+        from .transport.redis_fast import InboxReader, decode_frame
+
+        backoff = 0.2
+        next_housekeeping = time.monotonic() + 1.0
+        secret = self.app.secret
+        while not self._stop.is_set():
+            reader = InboxReader(self.app.broker_url, self.inbox.name)
+            try:
+                reader.ping()
+                if self._ready.is_set():
+                    logger.info("inbox reconnected to %s", self.app.broker_url_display)
+                    self._renew(force=True)
+                self._ready.set()
+                backoff = 0.2
+                while not self._stop.is_set():
+                    for raw in reader.read(0.5):
+                        try:
+                            body = decode_frame(raw, secret)
+                        except ProtocolError as exc:
+                            logger.warning("dropped a malformed inbox message: %s", exc)
+                            continue
+                        self._handle_body(body)
+                    now = time.monotonic()
+                    if now >= next_housekeeping:
+                        next_housekeeping = now + 1.0
+                        self._housekeeping()
+                reader.close(delete=True)
+            except Exception as exc:
+                reader.close(delete=False)
+                if not self._ready.is_set():
+                    self._thread_error = exc
+                    self._ready.set()
+                    return
+                logger.warning("inbox connection lost (%s); reconnecting in %.1fs",
+                               exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _run_kombu(self) -> None:
+        backoff = 0.2
+        next_housekeeping = time.monotonic() + 1.0
+        while not self._stop.is_set():
+            conn = self.app.connection()
+            try:
+                conn.ensure_connection(max_retries=1, interval_start=0, timeout=10)
+                channel = conn.channel()
+                consumer = Consumer(channel, queues=[self.inbox], no_ack=True,
+                                    on_message=self._on_message, accept=None)
+                consumer.consume()
+                if self._ready.is_set():
+                    logger.info("inbox reconnected to %s", self.app.broker_url_display)
+                    self._renew(force=True)
+                self._ready.set()
+                backoff = 0.2
+                while not self._stop.is_set():
+                    try:
+                        conn.drain_events(timeout=0.5)
+                    except TimeoutError:
+                        pass
+                    now = time.monotonic()
+                    if now >= next_housekeeping:
+                        next_housekeeping = now + 1.0
+                        self._housekeeping()
+                try:
+                    # Cancel first: deleting a queue under its own consumer makes the
+                    # broker cancel it mid-close and leaks the socket (py-amqp).
+                    consumer.cancel()
+                    channel.queue_delete(self.inbox.name)
+                except Exception:
+                    pass
+            except Exception as exc:
+                if not self._ready.is_set():
+                    self._thread_error = exc
+                    self._ready.set()
+                    conn.release()
+                    return
+                logger.warning("inbox connection lost (%s); reconnecting in %.1fs",
+                               exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                try:
+                    conn.release()
+                except Exception:
+                    pass
+
+    def _on_message(self, message: Any) -> None:
+        body = message.body
+        if self.app.secret is not None and not codec.verify(
+            self.app.secret, body, (message.headers or {}).get(codec.SIGNATURE_HEADER)
+        ):
+            logger.warning("dropped an unsigned or badly signed inbox message")
+            return
+        self._handle_body(body)
+
+    def _handle_body(self, body: bytes) -> None:
+        """Decode one inbox message and dispatch it; a bad one is logged, never raised."""
+        try:
+            payload = codec.loads(body, self.app.conf.max_message_size)
+            if not isinstance(payload, dict):
+                raise ProtocolError("inbox message is not a map")
+            self._dispatch(payload)
+        except ProtocolError as exc:
+            logger.warning("dropped a malformed inbox message: %s", exc)
+        except Exception:
+            logger.exception("error handling an inbox message")
+
+    def _dispatch(self, payload: dict[str, Any]) -> None:
+        kind = payload.get("t")
+        worker = payload.get("worker")
+        if isinstance(worker, str):
+            self.note_worker_alive(worker)
+        if kind == Envelope.EVENTS:
+            for wire in payload.get("e") or ():
+                event = Event.from_wire(wire)
+                for w in self._watchers_of(event.task_id):
+                    w._on_event(event)
+        elif kind in (Envelope.REPLY, Envelope.SNAPSHOT):
+            if kind == Envelope.SNAPSHOT:
+                snapshot = TaskSnapshot.from_wire(payload.get("snapshot"))
+                for w in self._watchers_of(snapshot.task_id):
+                    w._on_snapshot(snapshot)
+            rid = payload.get("rid")
+            with self._lock:
+                waiter = self._waiters.get(rid) if isinstance(rid, str) else None
+            if waiter is not None:
+                with waiter.cond:
+                    waiter.replies.append(payload)
+                    waiter.cond.notify_all()
+        elif kind == Envelope.HEARTBEAT:
+            pass  # liveness noted above
+        else:
+            raise ProtocolError(f"unknown inbox message type {kind!r}")
+
+    def _housekeeping(self) -> None:
+        self._renew(force=False)
+        self._check_workers()
+
+    _last_renew = 0.0
+
+    def _renew(self, force: bool) -> None:
+        """Re-subscribe to the tasks this process watches before workers expire them.
+
+        One message per worker renews all of its tasks; a task whose worker is not known
+        yet is located by broadcast, unless this client started it (its subscription rides
+        in the task message and begins when a worker takes it).
+        """
+        now = time.monotonic()
+        if not force and now - self._last_renew < RENEW_INTERVAL:
+            return
+        self._last_renew = now
+        with self._lock:
+            task_ids = list(self._watchers)
+        by_worker: dict[str, list[str]] = {}
+        to_locate: list[tuple[str, Watcher, int, int]] = []
+        for task_id in task_ids:
+            for w in self._watchers_of(task_id)[:1]:
+                worker, run, seq, final, starter = w._watch_info()
+                if final:
+                    continue
+                if worker is not None:
+                    by_worker.setdefault(worker, []).append(task_id)
+                elif not starter:
+                    to_locate.append((task_id, w, run, seq))
+        messages = [
+            (ControlMessage(verb="subscribe", task_id=ids[0], data={"renew": ids},
+                            sender=self.inbox.name), worker)
+            for worker, ids in by_worker.items()
+        ] + [
+            (ControlMessage(verb="locate", task_id=task_id, data={"since": seq, "run": run},
+                            sender=self.inbox.name, token=w.token), None)
+            for task_id, w, run, seq in to_locate
+        ]
+        for message, target in messages:
+            try:
+                self.send_control(message, target)
+            except Exception as exc:
+                logger.debug("renewing subscriptions failed: %s", exc)
+
+    def locate_soon(self, task_id: str, token: str | None) -> None:
+        """Broadcast a locate for ``task_id`` without waiting for replies."""
+        msg = ControlMessage(verb="locate", task_id=task_id, data={"since": 0},
+                             sender=self.inbox.name, token=token)
+        try:
+            self.send_control(msg, None)
+        except Exception as exc:
+            logger.debug("locate of %s failed: %s", task_id, exc)
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            task_ids = list(self._watchers)
+        for task_id in task_ids:
+            for w in self._watchers_of(task_id):
+                worker, _run, _seq, final, _starter = w._watch_info()
+                if final or worker is None:
+                    continue
+                seen = self._worker_seen.get(worker)
+                if seen is not None and now - seen > WORKER_SILENCE:
+                    w._on_worker_lost(worker)

@@ -1,0 +1,591 @@
+"""Client-side handles on tasks: state that follows the event stream, and control.
+
+A :class:`TaskHandle` is returned by ``delay()``, ``apply_async()``, ``start()`` and
+``app.attach()``. The client's inbox thread feeds it events; its attributes (``state``,
+``progress``, ``question`` …) follow the stream even when nobody iterates
+:meth:`TaskHandle.events`. Blocking waits (``wait``, ``result``, ``events``) are for
+scripts; ``await handle`` and ``aevents()`` are their asyncio forms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .errors import (
+    ControlError,
+    HardPauseUnsupported,
+    NotAuthorized,
+    TaskCancelled,
+    TaskFailed,
+    TaskFinished,
+    TaskRevoked,
+    TaskTimeout,
+    UnknownTask,
+)
+from .protocol import (
+    STATE_AFTER,
+    ControlMessage,
+    Event,
+    EventKind,
+    TaskSnapshot,
+    TaskState,
+    Verb,
+)
+
+if TYPE_CHECKING:
+    from .app import App
+
+R = TypeVar("R")
+
+#: Events kept for a handle whose ``events()`` nobody iterates (progress coalesces first).
+MAX_BUFFERED_EVENTS = 100_000
+
+_ERRORS_BY_TYPE: dict[str, type[ControlError]] = {
+    "NotAuthorized": NotAuthorized,
+    "TaskFinished": TaskFinished,
+    "HardPauseUnsupported": HardPauseUnsupported,
+    "UnknownTask": ControlError,
+}
+
+
+class TaskHandle(Generic[R]):
+    """A live view of one task, and the way to steer it.
+
+    Attributes follow the task: ``state`` (:class:`TaskState`), ``progress`` (latest
+    progress :class:`Event` or None), ``question`` (pending question dict or None),
+    ``worker`` and ``pid`` (where it runs), ``worker_lost`` (its worker went silent).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        task_id: str,
+        *,
+        name: str = "",
+        token: str | None = None,
+        watch: bool = True,
+        starter: bool = False,
+    ) -> None:
+        self.app = app
+        self.id = task_id
+        self.task_id = task_id
+        self.name = name
+        self._token = token
+        self._cond = threading.Condition()
+        self._state = TaskState.PENDING
+        self._run = 0
+        self._seq = 0
+        self._progress: Event | None = None
+        self._question: dict[str, Any] | None = None
+        self._result: Any = None
+        self._error: dict[str, Any] | None = None
+        self._worker: str | None = None
+        self._pid: int | None = None
+        self._started: float | None = None
+        self._finished: float | None = None
+        self._recent: collections.deque[Event] = collections.deque(maxlen=200)
+        self._buffer: collections.deque[Event] = collections.deque()
+        self._final_event: Event | None = None
+        self.worker_lost = False
+        self._listeners: list[Callable[[TaskHandle[Any]], None]] = []
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._watching = watch
+        self._starter = starter
+        self._early_events: list[Event] | None = None
+        if "ipykernel" in sys.modules:  # a list of handles displays as live rows
+            from .widgets import install_display_hooks
+
+            install_display_hooks()
+        if watch:
+            app.client.watch(self)
+
+    # -- public state ----------
+    @property
+    def token(self) -> str | None:
+        """The capability token that authorises control of this task."""
+        return self._token
+
+    @property
+    def state(self) -> TaskState:
+        return self._state
+
+    @property
+    def progress(self) -> Event | None:
+        return self._progress
+
+    @property
+    def question(self) -> dict[str, Any] | None:
+        return self._question
+
+    @property
+    def worker(self) -> str | None:
+        return self._worker
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def ready(self) -> bool:
+        """Whether the task reached a final state."""
+        return self._state.is_final
+
+    def snapshot(self) -> TaskSnapshot:
+        """The task as this handle knows it now."""
+        with self._cond:
+            return TaskSnapshot(
+                task_id=self.id, name=self.name, state=self._state, seq=self._seq,
+                run=max(self._run, 1), worker=self._worker, pid=self._pid,
+                progress=self._progress, events=tuple(self._recent),
+                question=self._question, result=self._result, error=self._error,
+                started=self._started, finished=self._finished,
+            )
+
+    def add_listener(self, callback: Callable[[TaskHandle[Any]], None]) -> None:
+        """Call ``callback(handle)`` from the inbox thread after every change."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[TaskHandle[Any]], None]) -> None:
+        """Stop calling ``callback``; no error if it was not registered."""
+        try:
+            self._listeners.remove(callback)
+        except ValueError:
+            pass
+
+    # -- feeding (inbox thread) ------------------------------------------------------------
+    def _watch_info(self) -> tuple[str | None, int, int, bool, bool]:
+        return self._worker, self._run, self._seq, self._state.is_final, self._starter
+
+    def _expect_snapshot(self) -> None:
+        """Hold live events until the attach snapshot arrives (see :meth:`_end_snapshot_wait`).
+
+        Another handle in this process may already be subscribed to the task, so live
+        events can reach this one before its snapshot; applied first, they would hide the
+        older events the snapshot carries.
+        """
+        with self._cond:
+            self._early_events = []
+
+    def _end_snapshot_wait(self) -> None:
+        """Apply the live events that came before the snapshot (or instead of one)."""
+        with self._cond:
+            early, self._early_events = self._early_events, None
+            for event in early or ():
+                if self._accept(event):
+                    self._apply(event)
+                    self._push(event)
+            self._cond.notify_all()
+        self._changed()
+
+    def _on_event(self, event: Event) -> None:
+        with self._cond:
+            if self._early_events is not None:
+                self._early_events.append(event)
+                return
+            if not self._accept(event):
+                return
+            self._apply(event)
+            self._push(event)
+            self._cond.notify_all()
+        self._changed()
+
+    def _accept(self, event: Event) -> bool:
+        if self._state.is_final and event.kind != EventKind.REVOKED:
+            return False
+        if event.run < self._run:
+            return False
+        if event.run > self._run:
+            self._run = event.run
+            self._seq = 0
+        return event.seq > self._seq
+
+    def _apply(self, event: Event) -> None:
+        self._seq = event.seq
+        self.worker_lost = False
+        kind = event.kind
+        new_state = STATE_AFTER.get(kind)
+        if new_state is not None:
+            self._state = new_state
+        if kind == EventKind.PROGRESS:
+            self._progress = event
+        elif kind == EventKind.RETRY:
+            # The next attempt may run on another worker: find it again.
+            self._worker = None
+            if not self._starter:
+                self.app.client.locate_soon(self.id, self._token)
+        elif kind == EventKind.STARTED:
+            self._worker = event.worker or self._worker
+            self._pid = event.pid
+            self._started = event.ts
+        elif kind == EventKind.QUESTION:
+            self._question = dict(event.fields)
+        elif kind == EventKind.ANSWERED:
+            self._question = None
+        elif event.is_final:
+            self._question = None
+            self._result = event.result
+            self._error = event.error
+            self._finished = event.ts
+            self._final_event = event
+        if kind != EventKind.PROGRESS:
+            self._recent.append(event)
+
+    def _push(self, event: Event) -> None:
+        buf = self._buffer
+        if (
+            event.kind == EventKind.PROGRESS
+            and buf
+            and buf[-1].kind == EventKind.PROGRESS
+        ):
+            buf[-1] = event  # latest wins, never reordered
+        else:
+            buf.append(event)
+            if len(buf) > MAX_BUFFERED_EVENTS:
+                buf.popleft()
+
+    def _on_snapshot(self, snapshot: TaskSnapshot) -> None:
+        with self._cond:
+            if self._state.is_final:
+                return
+            if snapshot.run < self._run or (
+                snapshot.run == self._run and snapshot.seq < self._seq
+            ):
+                return
+            if snapshot.run > self._run:
+                self._run = snapshot.run
+                self._seq = 0
+            for event in snapshot.events:
+                if event.seq > self._seq:
+                    self._apply(event)
+                    self._push(event)
+            if snapshot.progress is not None and (
+                self._progress is None or snapshot.progress.seq > self._progress.seq
+            ):
+                self._progress = snapshot.progress
+                self._push(snapshot.progress)
+            self._seq = max(self._seq, snapshot.seq)
+            self._state = snapshot.state
+            self.name = self.name or snapshot.name
+            self._worker = snapshot.worker or self._worker
+            self._pid = snapshot.pid or self._pid
+            self._question = snapshot.question
+            self._started = snapshot.started or self._started
+            if snapshot.state.is_final:
+                self._result = snapshot.result
+                self._error = snapshot.error
+                self._finished = snapshot.finished
+                if self._final_event is None:
+                    kind = snapshot.state.value
+                    fields: dict[str, Any] = {"result": snapshot.result}
+                    if snapshot.error:
+                        fields["error"] = snapshot.error
+                    final = Event(self.id, snapshot.seq + 1, kind,
+                                  snapshot.finished or time.time(), fields, snapshot.run)
+                    self._final_event = final
+                    self._push(final)
+            self.worker_lost = False
+            self._cond.notify_all()
+        if self._early_events is not None:
+            self._end_snapshot_wait()
+        else:
+            self._changed()
+
+    def _on_worker_lost(self, worker: str) -> None:
+        with self._cond:
+            if self.worker_lost or self._state.is_final or worker != self._worker:
+                return
+            self.worker_lost = True
+            event = Event(self.id, self._seq, EventKind.WORKER_LOST, time.time(),
+                          {"worker": worker}, self._run)
+            self._recent.append(event)
+            self._buffer.append(event)
+            # Forget the worker so renewals go out as broadcasts and find the task
+            # again when it is delivered to another worker.
+            self._worker = None
+            self._cond.notify_all()
+        self._changed()
+
+    def _changed(self) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(self)
+            except Exception:  # a broken listener must not stop the stream
+                import logging
+
+                logging.getLogger("interactive_tasks.handle").exception("listener failed")
+        if self._async_waiters:
+            for loop, fut in list(self._async_waiters):
+                loop.call_soon_threadsafe(_wake, fut)
+
+    # -- waiting ----------
+    def _poll_result_store(self) -> bool:
+        """Fetch the final record from the result store; True when the task is final."""
+        record = self.app.results.get(self.id)
+        if record is None:
+            return False
+        try:
+            snapshot = TaskSnapshot.from_wire(record)
+        except Exception:
+            return False
+        self._on_snapshot(snapshot)
+        return snapshot.state.is_final
+
+    def wait(self, timeout: float | None = None) -> TaskState:
+        """Block until the task reaches a final state; returns that state.
+
+        Raises :class:`TaskTimeout` after ``timeout`` seconds. In Jupyter this blocks the
+        kernel, so the widget's buttons stop responding until it returns: use
+        ``await handle`` there.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # The result store is the fallback when the final event cannot reach us (attach
+        # from another process after a lost inbox, a client that restarted ...).
+        next_poll = time.monotonic() + (0.5 if self._watching else 0.0)
+        poll_every = 0.5
+        durable = self.app.results.durable
+        with self._cond:
+            while not self._state.is_final:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise TaskTimeout(f"task {self.id} did not finish within {timeout}s "
+                                      f"(state {self._state.value})")
+                if durable and now >= next_poll:
+                    self._cond.release()
+                    try:
+                        done = self._poll_result_store()
+                    finally:
+                        self._cond.acquire()
+                    if done:
+                        break
+                    poll_every = min(poll_every * 1.5, 5.0)
+                    next_poll = time.monotonic() + poll_every
+                    continue
+                limits = [next_poll - now] if durable else [1.0]
+                if deadline is not None:
+                    limits.append(deadline - now)
+                self._cond.wait(max(0.0, min(limits)))
+            return self._state
+
+    def result(self, timeout: float | None = None) -> R:
+        """Wait and return the task's value.
+
+        Raises :class:`TaskFailed` (remote type, message, traceback),
+        :class:`TaskCancelled`, :class:`TaskRevoked` or :class:`TaskTimeout`.
+        """
+        state = self.wait(timeout)
+        if state is TaskState.SUCCEEDED:
+            return self._result
+        if state is TaskState.FAILED:
+            raise TaskFailed.from_error(self.id, self._error)
+        if state is TaskState.CANCELLED:
+            raise TaskCancelled(f"task {self.id} was cancelled")
+        reason = (self._error or {}).get("message", "revoked")
+        raise TaskRevoked(f"task {self.id} was revoked: {reason}")
+
+    get = result  # Celery's name
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Iterate the task's events in order, ending after the final one.
+
+        Continues where this handle's previous iteration stopped. Raises
+        :class:`TaskTimeout` (a ``TimeoutError``) when ``timeout`` seconds pass with no
+        new event.
+        """
+        while True:
+            with self._cond:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not self._buffer:
+                    if self._state.is_final and self._final_event is not None:
+                        return
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TaskTimeout(f"no event from task {self.id} in {timeout}s")
+                    self._cond.wait(1.0 if remaining is None else min(remaining, 1.0))
+                    if not self._buffer and self.app.results.durable and not self._watching:
+                        self._cond.release()
+                        try:
+                            self._poll_result_store()
+                        finally:
+                            self._cond.acquire()
+                event = self._buffer.popleft()
+            yield event
+            if event.is_final:
+                return
+
+    def events_nowait(self) -> list[Event]:
+        """Every buffered event not yet iterated, without blocking."""
+        with self._cond:
+            out = list(self._buffer)
+            self._buffer.clear()
+            return out
+
+    # -- asyncio ----------
+    async def _wait_change(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        entry = (loop, fut)
+        self._async_waiters.append(entry)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._async_waiters.remove(entry)
+
+    async def wait_async(self, timeout: float | None = None) -> TaskState:
+        """``await``-able :meth:`wait`; does not block the event loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        polls = 0
+        while not self._state.is_final:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TaskTimeout(f"task {self.id} did not finish within {timeout}s")
+            try:
+                await self._wait_change(1.0 if remaining is None else min(remaining, 1.0))
+            except asyncio.TimeoutError:
+                polls += 1
+                if self.app.results.durable and polls % 2 == 0:
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(None, self._poll_result_store)
+        return self._state
+
+    async def result_async(self, timeout: float | None = None) -> R:
+        await self.wait_async(timeout)
+        return self.result(0)
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self.result_async().__await__()
+
+    async def aevents(self, timeout: float | None = None) -> AsyncIterator[Event]:
+        """Async form of :meth:`events`."""
+        while True:
+            with self._cond:
+                event = self._buffer.popleft() if self._buffer else None
+                done = self._state.is_final and self._final_event is not None
+            if event is not None:
+                yield event
+                if event.is_final:
+                    return
+                continue
+            if done:
+                return
+            try:
+                await self._wait_change(timeout)
+            except asyncio.TimeoutError:
+                raise TaskTimeout(f"no event from task {self.id} in {timeout}s") from None
+
+    # -- control ----------
+    def send(self, data: Any, *, timeout: float = 5.0) -> None:
+        """Send a control verb (``"pause"``, ``"resume"``, ``"cancel"``) or any message.
+
+        Anything that is not a verb arrives at the task's ``self.receive()``. Raises
+        :class:`NotAuthorized` without a token (or operator secret),
+        :class:`TaskFinished` when the task already ended.
+        """
+        if isinstance(data, str) and data in (Verb.PAUSE, Verb.RESUME, Verb.CANCEL):
+            self._control(data, None, timeout=timeout)
+        else:
+            self._control(Verb.MESSAGE, data, timeout=timeout)
+
+    def pause(self, hard: bool = False, *, timeout: float = 5.0) -> None:
+        """Pause at the next checkpoint, or freeze the child at once with ``hard=True``.
+
+        Raises :class:`HardPauseUnsupported` for ``hard=True`` outside the prefork pool.
+        """
+        self._control(Verb.PAUSE, {"hard": True} if hard else None, timeout=timeout)
+
+    def resume(self, *, timeout: float = 5.0) -> None:
+        self._control(Verb.RESUME, None, timeout=timeout)
+
+    def cancel(self, grace: float = 5.0, *, timeout: float = 5.0) -> None:
+        """Cancel: ``Cancelled`` at the next checkpoint, forced after ``grace`` seconds."""
+        self._control(Verb.CANCEL, {"grace": float(grace)}, timeout=timeout)
+
+    def answer(self, value: Any, *, timeout: float = 5.0) -> None:
+        """Answer the pending question. Raises :class:`ControlError` when none is pending."""
+        qid = (self._question or {}).get("qid")
+        self._control(Verb.ANSWER, {"value": value, "qid": qid}, timeout=timeout)
+
+    def revoke(self, terminate: bool = False) -> None:
+        """Revoke the task if it has not started (Celery's ``revoke``).
+
+        With ``terminate=True`` a running task is cancelled at once. Raises
+        :class:`NotAuthorized` without a token or operator secret.
+        """
+        if self._token is None and self.app.secret is None:
+            raise NotAuthorized(f"no token to revoke task {self.id}")
+        tokens = {self.id: self._token} if self._token else None
+        self.app.revoke([self.id], terminate=terminate, tokens=tokens)
+
+    def _control(self, verb: str, data: Any, *, timeout: float) -> None:
+        """Deliver one task verb and wait for the worker's acknowledgement.
+
+        When the worker is not known yet (the task is queued) the verb is broadcast;
+        every worker holds it and applies it if and when the task reaches it, in the
+        order this client sent it (``cseq``).
+        """
+        if self._state.is_final:
+            raise TaskFinished(f"task {self.id} already ended ({self._state.value})")
+        if self._token is None and self.app.secret is None:
+            raise NotAuthorized(
+                f"no token to control task {self.id}: pass token= to app.attach() "
+                "(or --token), or set the app's operator secret (ITASK_SECRET)"
+            )
+        client = self.app.client
+        client.ensure_started()
+        message = ControlMessage(
+            verb=verb, task_id=self.id, data=data, cseq=client.next_cseq(self.id),
+            token=self._token,
+        )
+        worker = self._worker
+        replies = client.request(message, worker, timeout, many=worker is None,
+                                 until=_has_owner, settle=0.3)
+        owner = [r for r in replies if r.get("ok") is not None and not r.get("pending")]
+        if not replies:
+            if worker is not None:
+                raise ControlError(f"worker {worker} did not acknowledge {verb!r} in {timeout}s")
+            raise ControlError(f"no worker acknowledged {verb!r} for task {self.id}")
+        chosen = owner[0] if owner else replies[0]
+        if not chosen.get("ok"):
+            error = chosen.get("error") or {}
+            exc_type = _ERRORS_BY_TYPE.get(str(error.get("type")), ControlError)
+            raise exc_type(str(error.get("message", f"{verb!r} refused")))
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.name or '?'} {self.id} {self._state.value}>"
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        from .widgets import handle_mimebundle
+
+        return handle_mimebundle(self, **kwargs)
+
+    def __del__(self) -> None:
+        try:
+            if self._watching:
+                self.app.client.unwatch(self)
+        except Exception:
+            pass
+
+
+def _has_owner(replies: list[dict[str, Any]]) -> bool:
+    """A broadcast control is settled when the worker that has the task answered."""
+    return any(not r.get("pending") for r in replies)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def unknown_task(task_id: str) -> UnknownTask:
+    return UnknownTask(
+        f"no task {task_id} is known: no worker runs it and no result is stored "
+        "(it may still be queued, or its result expired)"
+    )

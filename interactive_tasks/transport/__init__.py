@@ -1,0 +1,116 @@
+"""Broker URLs, queue names and connections.
+
+The number of broker queues is fixed by routes, workers and clients, never by tasks
+(DESIGN.md §3): ``<ns>.tasks.<queue>`` per route, ``<ns>.ctl.<worker>`` per worker,
+``<ns>.inbox.<client>`` per client process (with an expiry), one fanout exchange
+``<ns>.bcast`` for requests to every worker, and ``<ns>.dead`` for dead letters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kombu import Exchange, Queue
+from kombu.transport import TRANSPORT_ALIASES
+
+EMBEDDED_SCHEME = "embedded"
+TRANSPORT_ALIASES.setdefault(
+    EMBEDDED_SCHEME, "interactive_tasks.transport.embedded:Transport"
+)
+
+#: How long an unused client inbox lives on the broker.
+INBOX_EXPIRES = 60.0
+#: How long a worker's control queue outlives the worker.
+CONTROL_QUEUE_EXPIRES = INBOX_EXPIRES * 10
+
+
+def default_home() -> Path:
+    """Per-user directory for the embedded broker and result store.
+
+    ``ITASK_HOME`` overrides it; otherwise ``$XDG_STATE_HOME/interactive_tasks`` or
+    ``~/.local/state/interactive_tasks``.
+    """
+    env = os.environ.get("ITASK_HOME")
+    if env:
+        return Path(env).expanduser()
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(state) / "interactive_tasks"
+
+
+def resolve_broker_url(url: str | None) -> str:
+    """The broker URL to use: the argument, then ``ITASK_BROKER_URL``, then embedded."""
+    url = url or os.environ.get("ITASK_BROKER_URL") or ""
+    if not url:
+        return f"{EMBEDDED_SCHEME}://"
+    return url
+
+
+def is_embedded(url: str) -> bool:
+    return url.split("://", 1)[0] == EMBEDDED_SCHEME
+
+
+def embedded_directory(url: str) -> Path:
+    """The directory an ``embedded://[/path]`` URL stores its files in."""
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    if rest.strip("/"):
+        return Path("/" + rest.lstrip("/"))
+    return default_home() / "broker"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Queue and exchange names for one namespace (``namespace`` setting, default ``it``)."""
+
+    namespace: str = "it"
+
+    def task_queue_name(self, queue: str) -> str:
+        return f"{self.namespace}.tasks.{queue}"
+
+    def control_queue_name(self, worker: str) -> str:
+        return f"{self.namespace}.ctl.{worker}"
+
+    def inbox_name(self, client_id: str) -> str:
+        return f"{self.namespace}.inbox.{client_id}"
+
+    @property
+    def dead_letter_name(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def broadcast_exchange(self) -> Exchange:
+        return Exchange(f"{self.namespace}.bcast", type="fanout", durable=False,
+                        auto_delete=False, delivery_mode=1)
+
+    @property
+    def events_exchange(self) -> Exchange:
+        """Monitoring stream: worker heartbeats and task events (Celery's ``-E``)."""
+        return Exchange(f"{self.namespace}.events", type="fanout", durable=False,
+                        auto_delete=False, delivery_mode=1)
+
+    def task_queue(self, queue: str) -> Queue:
+        name = self.task_queue_name(queue)
+        # RabbitMQ honours priority only on queues declared with a maximum (0-9 here,
+        # higher first); Redis uses kombu's priority lists; the embedded broker is FIFO.
+        return Queue(name, routing_key=name, durable=True, max_priority=9)
+
+    def control_queue(self, worker: str) -> Queue:
+        name = self.control_queue_name(worker)
+        return Queue(name, routing_key=name, durable=False, expires=CONTROL_QUEUE_EXPIRES)
+
+    def broadcast_queue(self, worker: str) -> Queue:
+        return Queue(f"{self.namespace}.bcast.{worker}", self.broadcast_exchange,
+                     durable=False, auto_delete=True, expires=INBOX_EXPIRES)
+
+    def inbox_queue(self, client_id: str) -> Queue:
+        name = self.inbox_name(client_id)
+        return Queue(name, routing_key=name, durable=False, expires=INBOX_EXPIRES,
+                     auto_delete=False)
+
+    @property
+    def dead_letter_queue(self) -> Queue:
+        name = self.dead_letter_name
+        return Queue(name, routing_key=name, durable=True)

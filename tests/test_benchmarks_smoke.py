@@ -1,0 +1,57 @@
+"""The benchmark suite runs end to end (tiny sizes, itask only) and reports every workload."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _redis_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_quick_benchmark_reports_every_workload(tmp_path: Path) -> None:
+    if not _redis_up():
+        message = "Redis is not reachable on 127.0.0.1:6379"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: the benchmark smoke test must run)")
+        pytest.skip(message)
+    from benchmarks.workloads import WORKLOADS
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--systems", "itask",
+         "--repeat", "1", "--out", str(tmp_path)],
+        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=140,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(tmp_path.glob("results-*.json"))
+    assert len(files) == 1, list(tmp_path.iterdir())
+    assert files[0].with_suffix(".md").exists()
+    data = json.loads(files[0].read_text())
+    workloads = data["brokers"]["redis"]
+    assert set(workloads) == set(WORKLOADS)
+    for name, entry in workloads.items():
+        itask = entry["systems"]["itask"]
+        value = itask.get("value")
+        assert itask["status"] == "ok", (name, itask.get("errors"))
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, \
+            (name, value)
+    assert "| `throughput` |" in proc.stdout  # the markdown table is printed

@@ -1,0 +1,300 @@
+"""Interactive tasks: every behaviour, over every broker and every pool, real workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from interactive_tasks import (
+    ControlError,
+    HardPauseUnsupported,
+    NotAuthorized,
+    TaskCancelled,
+    TaskFinished,
+    TaskState,
+)
+
+from .conftest import POOLS, ROOT, holds_for, wait_for
+
+
+def kinds(events):
+    return [e.kind for e in events]
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_progress_stream_is_ordered_and_complete(tasks, start_worker, pool):
+    start_worker(pool=pool)
+    handle = tasks.count.start(50)
+    events = list(handle.events(timeout=20))
+    assert events[0].kind == "started"
+    assert events[-1].kind == "succeeded" and events[-1].result == 50
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    progress = [e for e in events if e.kind == "progress"]
+    currents = [e.current for e in progress]
+    assert currents == sorted(currents)  # coalesced maybe, never reordered
+    assert currents[-1] == 50  # the last progress always arrives
+    assert handle.progress.current == 50 and handle.state is TaskState.SUCCEEDED
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_pause_resume_message_and_cancel(tasks, start_worker, broker, pool):
+    start_worker(pool=pool)
+    handle = tasks.steerable.start(100000, 0.005)
+    wait_for(lambda: handle.progress and handle.progress.current >= 3, message="progress")
+
+    handle.pause()
+    wait_for(lambda: handle.state is TaskState.PAUSED, message="paused state")
+    frozen = handle.progress.current
+    holds_for(lambda: handle.progress.current == frozen, 0.3, message="paused progress")
+
+    handle.resume()
+    wait_for(lambda: handle.progress.current > frozen + 2, message="progress after resume")
+
+    handle.send({"hello": 1})
+    handle.send("second")
+    echoes = []
+    for ev in handle.events(timeout=10):
+        if ev.kind == "message":
+            echoes.append(ev.data)
+            if len(echoes) == 2:
+                break
+    assert echoes == [{"echo": {"hello": 1}}, {"echo": "second"}]
+
+    handle.cancel(grace=10)
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=10)
+    assert handle.state is TaskState.CANCELLED
+    seen = [r["what"] for r in broker.records(handle.id)]
+    assert seen[0] == "start" and seen[-1] == "cancelled"
+    assert [r["data"] for r in broker.records(handle.id) if r["what"] == "message"] == [
+        {"hello": 1}, "second"]
+    with pytest.raises(TaskFinished):
+        handle.send("too late")
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_ask_and_answer(tasks, start_worker, broker, pool):
+    start_worker(pool=pool)
+    handle = tasks.asker.start("Your name?")
+    wait_for(lambda: handle.question is not None, message="the question")
+    assert handle.question["prompt"] == "Your name?"
+    handle.answer("Ada")
+    assert handle.result(timeout=10) == "hello Ada"
+    assert handle.question is None
+    assert [r["data"] for r in broker.records(handle.id) if r["what"] == "answer"] == ["Ada"]
+    logs = [e.text for e in handle.snapshot().events if e.kind == "log"]
+    assert "hello Ada" in logs
+
+
+def test_answer_without_question_is_refused(tasks, start_worker):
+    start_worker()
+    handle = tasks.steerable.start(100000, 0.01)
+    wait_for(lambda: handle.state is TaskState.RUNNING, message="running")
+    with pytest.raises(ControlError, match="no pending question"):
+        handle.answer("nobody asked")
+    handle.cancel(grace=0)
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=10)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_control_before_start(tasks, start_worker, broker, pool):
+    """Cancel before start: never runs. Pause before start: starts paused. Messages in order."""
+    w = start_worker(pool=pool, concurrency=1)
+    blocker = tasks.sleep_then.delay(1.5, "done")
+    wait_for(lambda: tasks.app.inspect("active", timeout=0.5, expect=1)[0]["data"],
+             message="the blocker to run")
+
+    never = tasks.steerable.start(5)
+    paused = tasks.steerable.start(3, 0.01)
+    never.cancel()
+    paused.pause()
+    paused.send("m1")
+    paused.send("m2")
+    assert blocker.result(timeout=20) == "done"
+    with pytest.raises(TaskCancelled):
+        never.result(timeout=10)
+    assert broker.records(never.id) == []  # it never ran
+    wait_for(lambda: paused.state is TaskState.PAUSED, message="started paused")
+    assert paused.progress is None  # paused before its first step
+    paused.resume()
+    result = paused.result(timeout=20)
+    assert result["received"] == ["m1", "m2"]
+    assert w.proc.poll() is None
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_forced_cancel_of_task_that_never_checks(tasks, start_worker, broker, pool):
+    w = start_worker(pool=pool, concurrency=1)
+    handle = tasks.spin.start(120)
+    wait_for(lambda: broker.records(handle.id), message="spin to start")
+    started = time.monotonic()
+    handle.cancel(grace=0.2)
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=15)
+    assert time.monotonic() - started < 10
+    assert handle.state is TaskState.CANCELLED
+    # the pool still serves
+    assert tasks.add.delay(1, 1).result(timeout=20) == 2
+    if pool == "prefork":
+        assert "SIGTERM" in w.log()
+
+
+def test_hard_pause_freezes_only_that_child(tasks, start_worker, tmp_path: Path):
+    start_worker(pool="prefork", concurrency=2)
+    beat = tmp_path / "beat"
+    handle = tasks.spin_reporting.start(str(beat), 60)
+    wait_for(lambda: beat.exists() and beat.read_text(), message="spinning")
+    handle.pause(hard=True)
+    wait_for(lambda: handle.state is TaskState.PAUSED, message="hard paused")
+    stat = Path(f"/proc/{handle.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert stat in ("T", "t")
+    # the sibling child keeps working while this one is frozen
+    assert tasks.add.delay(2, 2).result(timeout=10) == 4
+    value = beat.read_text()
+    holds_for(lambda: beat.read_text() == value, 0.3, message="frozen counter")
+    handle.resume()
+    wait_for(lambda: beat.read_text() != value, message="running again")
+    handle.cancel(grace=0)
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=10)
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_hard_pause_is_a_clear_error_outside_prefork(tasks, start_worker, pool):
+    start_worker(pool=pool)
+    handle = tasks.steerable.start(100000, 0.01)
+    wait_for(lambda: handle.state is TaskState.RUNNING, message="running")
+    with pytest.raises(HardPauseUnsupported, match="prefork"):
+        handle.pause(hard=True)
+    handle.cancel(grace=0)
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=10)
+
+
+def test_attach_from_second_process_snapshot_then_tail(tasks, start_worker, broker):
+    start_worker()
+    handle = tasks.asker.start("Who?")
+    wait_for(lambda: handle.question is not None, message="question")
+    # Another process attaches late, sees the pending question, and answers it.
+    code = (
+        "import tests.apps.tasks as t, sys\n"
+        "h = t.app.attach(sys.argv[1], token=sys.argv[2])\n"
+        "assert h.question and h.question['prompt'] == 'Who?', h.question\n"
+        "h.answer('Grace')\n"
+        "print(h.result(timeout=10))\n"
+        "seqs = [e.seq for e in h.snapshot().events]\n"
+        "assert seqs == sorted(set(seqs)), seqs\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, handle.id, handle.token],
+                         env=broker.env(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "hello Grace"
+    assert handle.result(timeout=10) == "hello Grace"
+
+
+def test_many_watchers_each_get_the_full_stream(tasks, start_worker):
+    start_worker()
+    handle = tasks.steerable.start(100, 0.02)
+    handle.send("x")  # before the others attach: they get it from the snapshot's history
+    other = tasks.app.attach(handle.id)
+    third = tasks.app.attach(handle.id)
+    a = list(handle.events(timeout=20))
+    b = list(other.events(timeout=20))
+    c = list(third.events(timeout=20))
+    for events in (a, b, c):
+        assert events[-1].kind == "succeeded"
+        assert [e.data for e in events if e.kind == "message"] == [{"echo": "x"}]
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_prints_and_logging_become_log_events(tasks, start_worker, pool):
+    start_worker(pool=pool)
+    handle = tasks.logs.start()
+    events = list(handle.events(timeout=20))
+    texts = [(e.level, e.text) for e in events if e.kind == "log"]
+    assert ("info", "printed line") in texts
+    assert ("warning", "user.code: logged warning") in texts
+
+
+def test_class_form_task_streams(tasks, start_worker):
+    start_worker()
+    handle = tasks.deploy.start("staging")
+    events = list(handle.events(timeout=20))
+    assert [e.message for e in events if e.kind == "progress"][-1] == "done"
+    assert events[-1].result == "deployed staging"
+
+
+def test_control_needs_the_token(tasks, start_worker, broker):
+    if broker.name == "embedded":
+        pytest.skip("the embedded broker gives the user's own processes operator rights")
+    start_worker(concurrency=2)
+    a = tasks.steerable.start(100000, 0.01)
+    b = tasks.steerable.start(100000, 0.01)
+    wait_for(lambda: a.state is TaskState.RUNNING and b.state is TaskState.RUNNING,
+             message="both running")
+    anonymous = tasks.app.attach(a.id)
+    with pytest.raises(NotAuthorized):
+        anonymous.pause()
+    wrong = tasks.app.attach(a.id, token=b.token)
+    with pytest.raises(NotAuthorized):
+        wrong.cancel()
+    assert a.state is TaskState.RUNNING
+    a.cancel(grace=0)
+    b.cancel(grace=0)
+    for h in (a, b):
+        with pytest.raises(TaskCancelled):
+            h.result(timeout=10)
+
+
+def test_await_handle_and_async_events(tasks, start_worker):
+    import asyncio
+
+    start_worker()
+
+    async def main():
+        handle = tasks.count.start(20)
+        kinds_seen = [ev.kind async for ev in handle.aevents(timeout=20)]
+        again = tasks.count.start(5)
+        return kinds_seen, await again
+
+    seen, value = asyncio.run(main())
+    assert seen[0] == "started" and seen[-1] == "succeeded"
+    assert value == 5
+
+
+def test_time_limit_excludes_paused_time(tasks, start_worker):
+    start_worker()
+    ok = tasks.limited.start(0.6)
+    wait_for(lambda: ok.state is TaskState.RUNNING, message="running")
+    ok.pause()
+    wait_for(lambda: ok.state is TaskState.PAUSED, message="paused")
+    # paused for longer than the 1 s limit: it must not count
+    holds_for(lambda: ok.state is TaskState.PAUSED, 1.0, message="paused")
+    ok.resume()
+    assert ok.result(timeout=20) == "finished"
+
+    over = tasks.limited.start(5)
+    with pytest.raises(Exception) as info:
+        over.result(timeout=20)
+    assert "TimeLimitExceeded" in str(info.value)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_async_def_task(tasks, start_worker, pool):
+    start_worker(pool=pool)
+    handle = tasks.async_steps.start(30)
+    wait_for(lambda: handle.progress is not None, message="progress")
+    handle.send("ping")
+    wait_for(lambda: handle.question is not None, 20, message="the question")
+    handle.answer("Ada")
+    result = handle.result(timeout=20)
+    assert result["answer"] == "Ada"
+    assert result["got"] == ["ping"]
+    assert handle.progress.current == 30

@@ -1,0 +1,200 @@
+"""Celery's task options and workflows, against real workers (issue: task options)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+
+from interactive_tasks import TaskFailed, TaskRevoked, TaskState
+
+from .conftest import wait_for
+
+
+def test_retry_with_countdown_streams_retry_events(tasks, start_worker, tmp_path: Path):
+    start_worker()
+    counter = tmp_path / "count"
+    handle = tasks.flaky.apply_async((str(counter), 2), watch="all")
+    assert handle.result(timeout=30) == 3
+    events = handle.snapshot().events
+    retries = [e for e in events if e.kind == "retry"]
+    # the retry events of earlier runs arrived before the runs that replaced them
+    assert counter.read_text() == "3"
+    assert handle.state is TaskState.SUCCEEDED
+    assert [e.fields["attempt"] for e in retries][-1:] == [3]
+    assert all("attempt" in e.fields["error"]["message"] for e in retries)
+
+
+def test_autoretry_gives_up_after_max_retries(tasks, start_worker, tmp_path: Path):
+    start_worker()
+    counter = tmp_path / "count"
+    handle = tasks.auto_flaky.delay(str(counter))
+    with pytest.raises(TaskFailed) as info:
+        handle.result(timeout=30)
+    assert info.value.remote_type == "ConnectionError"
+    assert counter.read_text() == "3"  # the first run and two retries
+
+
+def test_countdown_and_expires(tasks, start_worker):
+    start_worker()
+    started = time.time()
+    handle = tasks.add.apply_async((1, 2), countdown=1.0)
+    assert handle.result(timeout=20) == 3
+    assert time.time() - started >= 1.0
+    expired = tasks.add.apply_async((1, 2), expires=time.time() - 1)
+    with pytest.raises(TaskRevoked, match="expired"):
+        expired.result(timeout=20)
+    assert expired.state is TaskState.REVOKED
+
+
+def test_revoke_before_start_and_across_restart(tasks, start_worker, tmp_path: Path):
+    w = start_worker(concurrency=1)
+    blocker = tasks.sleep_then.delay(1.0, "done")
+    queued = tasks.add.delay(1, 1)
+    wait_for(lambda: blocker.state is not TaskState.PENDING
+             or tasks.app.inspect("active", timeout=0.5, expect=1)[0]["data"],
+             message="blocker running")
+    queued.revoke()
+    with pytest.raises(TaskRevoked):
+        queued.result(timeout=20)
+    assert blocker.result(timeout=20) == "done"
+
+    # revoked while no worker runs: a worker started afterwards still refuses it
+    w.stop()
+    later = tasks.add.delay(2, 2)
+    later.revoke()
+    start_worker(concurrency=1)
+    with pytest.raises(TaskRevoked, match="revoked"):
+        later.result(timeout=20)
+    assert tasks.add.delay(3, 3).result(timeout=20) == 6
+
+
+def test_rate_limit_spaces_starts(tasks, start_worker):
+    start_worker(concurrency=2)
+    handles = [tasks.limited_rate.delay() for _ in range(4)]
+    stamps = sorted(h.result(timeout=30) for h in handles)
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert min(gaps) >= 0.18, gaps  # 5/s: one start every 0.2 s
+
+
+def test_routing_to_queues(tasks, start_worker):
+    start_worker(concurrency=1, extra_args=["-Q", "io,cpu"], name="io@test")
+    handle = tasks.add.apply_async((5, 5), queue="io")
+    assert handle.result(timeout=20) == 10
+    tasks.app.configure(task_routes={"tests.apps.tasks.whoami": "cpu"})
+    assert tasks.app.route("tests.apps.tasks.whoami") == "cpu"
+    assert tasks.whoami.delay().result(timeout=20)["hostname"] == "io@test"
+
+
+def test_chain_group_chord(tasks, start_worker, broker):
+    from interactive_tasks import chain, chord, group
+
+    start_worker(concurrency=2)
+    flow = chain(tasks.add.s(1, 2), tasks.double.s(), tasks.stepper.s(3, 0.01))
+    handle = flow.delay()
+    kinds = [e.kind for e in handle.events(timeout=30)]
+    assert handle.result(timeout=30) == 7  # (1+2)*2 = 6, stepper adds 1
+    assert "progress" in kinds  # the interactive step streamed to the chain's handle
+    assert kinds[-1] == "succeeded"
+
+    g = group(tasks.double.s(i) for i in range(5)).delay()
+    assert g.results(timeout=30) == [0, 2, 4, 6, 8]
+
+    if broker.name != "amqp" or broker.result_backend:
+        body = chord(group(tasks.double.s(i) for i in range(4)), tasks.total.s()).delay()
+        assert body.result(timeout=30) == 12
+        failing = chord([tasks.double.s(1), tasks.fail.s("bad")], tasks.total.s()).delay()
+        with pytest.raises(TaskFailed, match="chord member"):
+            failing.result(timeout=30)
+
+
+def test_failed_or_cancelled_chain_stops(tasks, start_worker, broker):
+    from interactive_tasks import chain
+
+    start_worker(concurrency=2)
+    stopped = chain(tasks.fail.s("first"), tasks.double.s()).delay()
+    with pytest.raises(TaskFailed):
+        stopped.result(timeout=30)
+    with pytest.raises(TaskRevoked, match="chain stopped"):
+        stopped.steps[1].result(timeout=30)
+
+    long = chain(tasks.stepper.s(1, 1000, 0.02), tasks.stepper.s(), tasks.stepper.s()).delay()
+    wait_for(lambda: long.progress is not None, message="first step running")
+    long.cancel(grace=0)
+    assert long.steps[0].wait(30) is TaskState.CANCELLED
+    for step in long.steps[1:]:
+        assert step.wait(30) in (TaskState.REVOKED,)
+        assert broker.records(step.id) == []  # never ran
+
+
+def test_acks_early_when_asked(tasks, start_worker):
+    start_worker()
+    assert tasks.early_ack.delay(0.1).result(timeout=20) == "done"
+
+
+def test_soft_time_limit_interrupts_plain_task_in_prefork(tasks, start_worker):
+    start_worker(pool="prefork")
+    assert tasks.soft_limited_plain.delay(5).result(timeout=20) == "cleaned up"
+    assert tasks.soft_limited_plain.delay(0.05).result(timeout=20) == "finished"
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_hard_time_limit_fails_the_task_in_every_pool(tasks, start_worker, pool):
+    start_worker(pool=pool)
+    with pytest.raises(TaskFailed) as info:
+        tasks.limited.delay(5).result(timeout=20)
+    assert info.value.remote_type == "TimeLimitExceeded"
+
+
+def test_expires_while_waiting_for_a_slot(tasks, start_worker):
+    start_worker(concurrency=1)
+    blocker = tasks.sleep_then.delay(1.5, "done")
+    late = tasks.add.apply_async((1, 1), expires=0.5)
+    with pytest.raises(TaskRevoked, match="expired"):
+        late.result(timeout=20)
+    assert blocker.result(timeout=20) == "done"
+
+
+def test_cancel_during_a_retrying_run_ends_cancelled(tasks, start_worker):
+    start_worker()
+    handle = tasks.retry_forever.apply_async(watch="all")
+    wait_for(lambda: handle.state is TaskState.RUNNING, message="running")
+    handle.cancel(grace=10)
+    assert handle.wait(20) is TaskState.CANCELLED
+
+
+def test_bad_options_fail_at_declaration(tasks):
+    with pytest.raises(ValueError, match="bad rate_limit"):
+        tasks.app.task(rate_limit="ten per second")(lambda: None)
+    with pytest.raises(TypeError, match="unknown task option 'delay'"):
+        tasks.app.task(delay=1)(lambda: None)
+    with pytest.raises(ValueError, match="is reserved"):
+        tasks.add.apply_async((1, 2), headers={"itask-chain": []})
+
+
+def test_eta_headers_and_priority_reach_the_task(tasks, start_worker):
+    from datetime import datetime, timedelta, timezone
+
+    start_worker()
+    when = datetime.now(timezone.utc) + timedelta(seconds=1)
+    handle = tasks.show_request.apply_async(eta=when, headers={"tenant": "acme"}, priority=5)
+    info = handle.result(timeout=20)
+    assert info["headers"] == {"tenant": "acme"}
+    assert info["eta"] == pytest.approx(when.timestamp(), abs=0.01)
+    assert info["started"] >= when.timestamp()
+
+
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_priority_orders_waiting_tasks_on_rabbitmq(tasks, start_worker):
+    start_worker(concurrency=1, extra_env={"ITASK_TEST_SETTINGS": '{"prefetch_multiplier": 1}'})
+    blocker = tasks.sleep_then.delay(1.0, "done")
+    wait_for(lambda: tasks.app.inspect("active", timeout=0.5, expect=1)[0]["data"],
+             message="blocker running")
+    low = [tasks.show_request.apply_async(priority=0) for _ in range(3)]
+    high = tasks.show_request.apply_async(priority=9)
+    assert blocker.result(timeout=20) == "done"
+    started = {h.id: h.result(timeout=20)["started"] for h in [*low, high]}
+    # with one message prefetched (a low one), the high one runs before the other lows
+    assert sorted(started, key=started.get).index(high.id) <= 1

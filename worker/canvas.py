@@ -1,0 +1,114 @@
+"""Continuing workflows on the worker: the next chain step, a chord's callback.
+
+Called after a task's final state is recorded. A chain step carries the steps after it
+(``headers[HEADER_CHAIN]``); a chord member carries the chord (``headers[HEADER_CHORD]``: id, size,
+member ids and the callback). See :mod:`interactive_tasks.canvas` for the client side.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from interactive_tasks.errors import ProtocolError
+from interactive_tasks.protocol import (
+    HEADER_CHAIN,
+    HEADER_CHORD,
+    EventKind,
+    TaskMessage,
+    TaskSnapshot,
+    TaskState,
+)
+
+if TYPE_CHECKING:
+    from .main import Worker
+
+logger = logging.getLogger("interactive_tasks.worker")
+
+
+def _step_message(step: object, args_prefix: list[Any], reply_to: str | None,
+                  headers: dict[str, Any]) -> TaskMessage:
+    if not isinstance(step, dict):
+        raise ProtocolError("workflow step is not a map")
+    wire = {"id": step.get("id"), "task": step.get("task"),
+            "args": [*args_prefix, *(step.get("args") or [])],
+            "kwargs": step.get("kwargs") or {}, "queue": step.get("queue"),
+            "reply_to": step.get("reply_to", reply_to), "token": step.get("token_digest"),
+            "headers": headers, "watch": step.get("watch")}
+    return TaskMessage.from_wire(wire)
+
+
+def _stop(worker: Worker, steps: list[Any], reply_to: str | None, reason: str) -> None:
+    """End the steps that will never run as ``revoked``, so their handles finish too."""
+    for step in steps:
+        if isinstance(step, dict) and isinstance(step.get("id"), str):
+            worker.relay.send_final_direct(
+                step["id"], str(step.get("task", "?")), step.get("reply_to", reply_to),
+                EventKind.REVOKED,
+                {"error": {"type": "TaskRevoked", "message": reason, "traceback": ""}},
+                store=True)
+
+
+def after_finish(worker: Worker, message: TaskMessage, kind: str,
+                 fields: dict[str, Any]) -> None:
+    """Publish what comes next in the task's workflow, if it is part of one.
+
+    Also called for a step rejected on arrival (unknown task, too many deliveries), so
+    the rest of its workflow ends instead of waiting for ever.
+    """
+    headers = message.headers
+    try:
+        chain = headers.get(HEADER_CHAIN)
+        if isinstance(chain, list) and chain:
+            _continue_chain(worker, message, kind, fields, chain)
+        chord = headers.get(HEADER_CHORD)
+        if isinstance(chord, dict):
+            _chord_member_done(worker, chord)
+    except ProtocolError as exc:
+        logger.error("task %s: cannot continue its workflow: %s", message.id, exc.reason)
+
+
+def _continue_chain(worker: Worker, message: TaskMessage, kind: str, fields: dict[str, Any],
+                    chain: list[Any]) -> None:
+    reply_to = message.reply_to
+    if kind != EventKind.SUCCEEDED:
+        _stop(worker, chain, reply_to,
+              f"chain stopped: step {message.task} ({message.id}) ended {kind}")
+        return
+    rest = chain[1:]
+    message = _step_message(chain[0], [fields.get("result")], reply_to,
+                            {HEADER_CHAIN: rest} if rest else {})
+    worker.publish_task(message)
+
+
+def _chord_member_done(worker: Worker, chord: dict[str, Any]) -> None:
+    chord_id, size = chord.get("id"), chord.get("size")
+    members, body = chord.get("members"), chord.get("body")
+    if not (isinstance(chord_id, str) and isinstance(size, int) and isinstance(members, list)):
+        raise ProtocolError("chord header is malformed")
+    # The member's own result must be readable before we count it.
+    worker.relay.flush()
+    results = worker.app.results
+    if results.chord_incr(chord_id) < size:
+        return
+    results.chord_forget(chord_id)
+    values, failure = [], None
+    for member_id in members:
+        stored = results.get(member_id) if isinstance(member_id, str) else None
+        snap = TaskSnapshot.from_wire(stored) if stored else None
+        if snap is None or snap.state is not TaskState.SUCCEEDED:
+            error = (snap.error if snap else None) or {}
+            failure = (f"chord member {member_id} ended "
+                       f"{snap.state.value if snap else 'without a result'}: "
+                       f"{error.get('type', '')} {error.get('message', '')}".strip())
+            break
+        values.append(snap.result)
+    reply_to = body.get("reply_to") if isinstance(body, dict) else None
+    if failure is not None:
+        if isinstance(body, dict) and isinstance(body.get("id"), str):
+            worker.relay.send_final_direct(
+                body["id"], str(body.get("task", "?")), reply_to, EventKind.FAILED,
+                {"error": {"type": "ChordError", "message": failure, "traceback": ""}},
+                store=True)
+        return
+    worker.publish_task(_step_message(body, [values], reply_to, {}))

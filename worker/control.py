@@ -1,0 +1,373 @@
+"""Control in: requests from clients to tasks and to the worker itself.
+
+:class:`ControlRouter` takes every message from the worker's control queue and from the
+broadcast exchange: task verbs (pause, resume, cancel, message, answer) after checking the
+capability token or signature, reads (locate, subscribe, unsubscribe) that add watchers,
+and worker requests (ping, inspect, revoke). Task verbs for a task this worker does not
+hold yet are kept (``held``) and applied in the order each client sent them if it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from interactive_tasks import codec
+from interactive_tasks.errors import ProtocolError
+from interactive_tasks.protocol import (
+    READ_VERBS,
+    TASK_VERBS,
+    ControlMessage,
+    Envelope,
+    EventKind,
+    TaskState,
+    Verb,
+)
+
+from .records import HeldControl, Subscriber, TaskRecord
+
+if TYPE_CHECKING:
+    from .main import Worker
+
+logger = logging.getLogger("interactive_tasks.worker")
+
+#: control held for a task this worker does not have yet is dropped after this long
+HELD_CONTROL_TTL = 300.0
+
+
+class ControlRouter:
+    """Applies control messages to the worker's tasks; one per worker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def on_message(self, message: Any) -> None:
+        w = self.worker
+        signed = w.app.secret is not None and w._verify(message)
+        try:
+            if w.app.secret is not None and not signed:
+                raise ProtocolError("control message is unsigned or its signature is wrong")
+            ctl = ControlMessage.from_wire(w._decode(message))
+        except ProtocolError as exc:
+            logger.warning("refused control message: %s", exc.reason)
+            sender = None
+            try:
+                raw = codec.loads(message.body)
+                sender = raw.get("sender") if isinstance(raw, dict) else None
+                rid = raw.get("rid") if isinstance(raw, dict) else None
+            except Exception:
+                rid = None
+            if isinstance(sender, str) and (w.app.secret is None or signed):
+                self.reply(sender, rid if isinstance(rid, str) else None, False,
+                           error=("ProtocolError", exc.reason))
+            return
+        try:
+            self.handle(ctl, signed)
+        except Exception as exc:  # a bug here must not take the worker down
+            logger.exception("error handling control %s", ctl.verb)
+            if ctl.sender:
+                self.reply(ctl.sender, ctl.rid, False, error=("ControlError", str(exc)))
+
+    def reply(self, inbox: str, rid: str | None, ok: bool, *, data: Any = None,
+               error: tuple[str, str] | None = None, pending: bool = False) -> None:
+        w = self.worker
+        payload: dict[str, Any] = {"t": Envelope.REPLY, "rid": rid, "ok": ok,
+                                   "worker": w.hostname}
+        if data is not None:
+            payload["data"] = data
+        if pending:
+            payload["pending"] = True
+        if error is not None:
+            payload["error"] = {"type": error[0], "message": error[1]}
+        w.relay.publish_inbox(inbox, payload)
+
+    def handle(self, ctl: ControlMessage, signed: bool) -> None:
+        w = self.worker
+        verb = ctl.verb
+        if verb == Verb.PING:
+            if ctl.sender:
+                self.reply(ctl.sender, ctl.rid, True, data={"pong": True})
+            return
+        if verb == Verb.REVOKE:
+            self.revoke(ctl, signed)
+            return
+        if verb == Verb.INSPECT:
+            if ctl.sender:
+                what = (ctl.data or {}).get("what") if isinstance(ctl.data, dict) else None
+                self.reply(ctl.sender, ctl.rid, True, data=self.inspect(str(what)))
+            return
+        assert ctl.task_id is not None or verb == Verb.LOCATE
+        task_id = ctl.task_id or ""
+        record = w.records.get(task_id) or w.finished.get(task_id)
+        if verb in READ_VERBS:
+            self.handle_read(ctl, record, signed)
+            return
+        if verb in TASK_VERBS:
+            held = HeldControl(verb, ctl.data, ctl.sender, ctl.rid, ctl.cseq, ctl.token,
+                               signed, time.monotonic() + HELD_CONTROL_TTL)
+            if record is None:
+                # Not here (yet): keep it in case the task reaches this worker.
+                w.held.setdefault(task_id, []).append(held)
+                if ctl.sender:
+                    self.reply(ctl.sender, ctl.rid, True, pending=True)
+                return
+            self.apply_task_control(record, held)
+
+    def authorized(self, record: TaskRecord, held: HeldControl) -> bool:
+        if held.signed:
+            return True
+        return codec.token_matches(held.token, record.message.token_digest)
+
+    def apply_task_control(self, record: TaskRecord, held: HeldControl) -> None:
+        w = self.worker
+        sender = held.sender
+
+        def reply(ok: bool, error: tuple[str, str] | None = None) -> None:
+            if sender:
+                self.reply(sender, held.rid, ok, error=error)
+
+        if not self.authorized(record, held):
+            logger.warning("refused %s for task %s from %s: wrong or missing token",
+                           held.verb, record.id, sender)
+            reply(False, ("NotAuthorized", f"not authorised to {held.verb} task {record.id}: "
+                                           "wrong or missing token"))
+            return
+        if sender and held.cseq:
+            last = record.last_cseq.get(sender, 0)
+            if held.cseq <= last:
+                reply(True)  # a copy we already applied (broadcast and direct)
+                return
+            record.last_cseq[sender] = held.cseq
+        if record.is_final:
+            reply(False, ("TaskFinished", f"task {record.id} already ended "
+                                          f"({record.state.value})"))
+            return
+        verb, data = held.verb, held.data
+        started = record.slot is not None
+        if verb == Verb.PAUSE:
+            hard = isinstance(data, dict) and bool(data.get("hard"))
+            if hard and not w.pool.supports_hard_pause:
+                reply(False, ("HardPauseUnsupported",
+                              f"hard pause needs the prefork pool (this worker runs "
+                              f"--pool {w.pool.name}); a soft pause works everywhere"))
+                return
+            if not started:
+                record.start_paused = True
+            elif hard:
+                if not record.slot.hard_paused:
+                    w.pool.hard_pause(record.slot)
+                    w.relay.emit(record, EventKind.PAUSED, {"hard": True})
+            else:
+                w._send_ctl(record, Verb.PAUSE, None)
+        elif verb == Verb.RESUME:
+            if not started:
+                record.start_paused = False
+            elif record.slot.hard_paused:
+                frozen = time.monotonic() - record.slot.hard_paused_at
+                w.pool.hard_resume(record.slot)
+                w.relay.emit(record, EventKind.RESUMED, {"hard": True})
+                # the child could not see the freeze: tell it, for its soft time limit
+                w._send_ctl(record, Verb.RESUME, {"frozen": frozen})
+            else:
+                w._send_ctl(record, Verb.RESUME, None)
+        elif verb == Verb.CANCEL:
+            self.cancel(record, data)
+        elif verb == Verb.MESSAGE:
+            if started:
+                w._send_ctl(record, Verb.MESSAGE, data)
+            else:
+                record.early_messages.append((Verb.MESSAGE, data))
+        elif verb == Verb.ANSWER:
+            question = record.question
+            qid = data.get("qid") if isinstance(data, dict) else None
+            if question is None:
+                reply(False, ("ControlError", f"task {record.id} has no pending question"))
+                return
+            if qid and qid != question.get("qid"):
+                reply(False, ("ControlError", "that question was already answered"))
+                return
+            value = data.get("value") if isinstance(data, dict) else data
+            w._send_ctl(record, Verb.ANSWER, {"qid": question.get("qid"), "value": value})
+        reply(True)
+
+    def cancel(self, record: TaskRecord, data: Any) -> None:
+        w = self.worker
+        grace = 5.0
+        if isinstance(data, dict) and isinstance(data.get("grace"), (int, float)):
+            grace = max(0.0, float(data["grace"]))
+        record.cancel_requested = True
+        if record.slot is None:
+            try:
+                w.ready.remove(record)
+            except ValueError:
+                pass
+            w._finish(record, EventKind.CANCELLED, {"before_start": True})
+            return
+        if record.slot.hard_paused:
+            w.pool.hard_resume(record.slot)
+        w._send_ctl(record, Verb.CANCEL, None)
+        assert w.hub is not None
+        if grace <= 0:
+            self.force(record, 1)
+        else:
+            record.timers.append(w.hub.call_later(grace, self.force, record, 1))
+
+    def force(self, record: TaskRecord, stage: int) -> None:
+        w = self.worker
+        slot = record.slot
+        # Check the task↔slot map first so a signal never hits the next task.
+        if record.is_final or slot is None or slot.task_id != record.id:
+            return
+        what = w.pool.force_stop(slot, stage)
+        logger.info("forcing task %s to stop: %s", record.id, what)
+        if stage == 1 and w.hub is not None:
+            record.timers.append(w.hub.call_later(1.0, self.force, record, 2))
+
+    def handle_read(self, ctl: ControlMessage, record: TaskRecord | None,
+                     signed: bool) -> None:
+        w = self.worker
+        sender = ctl.sender
+        if not sender:
+            return
+        if ctl.verb == Verb.UNSUBSCRIBE:
+            if record is not None:
+                record.subscribers.pop(sender, None)
+            return
+        if record is not None and not w.app.conf.read_only_attach and not signed and \
+                not codec.token_matches(ctl.token, record.message.token_digest):
+            self.reply(sender, ctl.rid, False,
+                       error=("NotAuthorized", "attach needs the task's token here"))
+            return
+        ttl = w.app.conf.subscription_ttl
+        renew = ctl.data.get("renew") if isinstance(ctl.data, dict) else None
+        if ctl.verb == Verb.SUBSCRIBE and isinstance(renew, list):
+            expires = time.monotonic() + ttl
+            for task_id in renew:
+                held = w.records.get(task_id) if isinstance(task_id, str) else None
+                if held is None:
+                    continue
+                sub = held.subscribers.get(sender)
+                if sub is None and w.app.conf.read_only_attach:
+                    # Dropped while the client was away: take it back, with a snapshot so
+                    # the client learns what it missed (its handle skips what it has).
+                    held.subscribers[sender] = Subscriber(sender, expires, True)
+                    w.relay.flush()
+                    w.relay.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": None,
+                                                   "worker": w.hostname,
+                                                   "snapshot": held.snapshot().to_wire()})
+                elif sub is not None and sub.expires != float("inf"):
+                    sub.expires = expires
+            return
+        if record is None:
+            if ctl.task_id:
+                subs = w.held_subscribers.setdefault(ctl.task_id, {})
+                subs[sender] = Subscriber(sender, time.monotonic() + ttl, True)
+            if ctl.verb == Verb.SUBSCRIBE:
+                self.reply(sender, ctl.rid, False,
+                           error=("UnknownTask", f"task {ctl.task_id} is not on {w.hostname}"))
+            return
+        sub = record.subscribers.get(sender)
+        if sub is not None and ctl.verb == Verb.SUBSCRIBE and ctl.rid is None:
+            sub.expires = time.monotonic() + ttl  # a renewal
+            sub.everything = True
+            return
+        record.subscribers[sender] = Subscriber(sender, time.monotonic() + ttl, True)
+        # Snapshot and live tail are ordered on one queue: pending batched events are
+        # flushed first so the snapshot never precedes an event it does not include.
+        w.relay.flush()
+        w.relay.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": ctl.rid,
+                                  "worker": w.hostname,
+                                  "snapshot": record.snapshot().to_wire()})
+
+    def revoke(self, ctl: ControlMessage, signed: bool) -> None:
+        """Refuse the ids from now on (until they expire); stop the queued ones here."""
+        w = self.worker
+        data = ctl.data if isinstance(ctl.data, dict) else {}
+        ids = [i for i in data.get("ids") or () if isinstance(i, str)]
+        raw_tokens = data.get("tokens")
+        tokens: dict[str, Any] = raw_tokens if isinstance(raw_tokens, dict) else {}
+        expires = data.get("expires")
+        if not isinstance(expires, (int, float)):
+            expires = time.time() + w.app.conf.result_expires
+        terminate = bool(data.get("terminate"))
+        handled, refused = [], []
+        for task_id in ids:
+            entry = [float(expires), tokens.get(task_id), signed]
+            w.revoked[task_id] = entry
+            record = w.records.get(task_id)
+            if record is None or record.is_final:
+                continue
+            if not self.revoke_applies(entry, record):
+                refused.append(task_id)
+                continue
+            handled.append(task_id)
+            if record.slot is None:
+                try:
+                    w.ready.remove(record)
+                except ValueError:
+                    pass
+                w._finish(record, EventKind.REVOKED,
+                          {"error": {"type": "TaskRevoked", "message": "revoked",
+                                     "traceback": ""}})
+            elif terminate:
+                self.cancel(record, {"grace": 0})
+        if refused:
+            logger.warning("refused to revoke %s: wrong or missing token", ", ".join(refused))
+        if ctl.sender:
+            self.reply(ctl.sender, ctl.rid, True, data={"revoked": handled,
+                                                        "refused": refused})
+
+    def revoke_applies(self, entry: list[Any], record: TaskRecord) -> bool:
+        """A revoke counts when it was signed or carried the task's token."""
+        if entry[0] < time.time():
+            return False
+        return bool(entry[2]) or codec.token_matches(entry[1], record.message.token_digest)
+
+    # -- introspection ----------
+    def inspect(self, what: str) -> Any:
+        w = self.worker
+        if what == "registered":
+            return sorted(w.app.tasks)
+        if what == "active":
+            return [r.summary() for r in w.records.values() if r.slot is not None]
+        if what == "tasks":
+            running = [r.summary() for r in w.records.values()]
+            recent = [r.summary() for r in list(w.finished.values())[-50:]]
+            return running + recent
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        w = self.worker
+        children = []
+        for slot in w.slots:
+            record = w.records.get(slot.task_id) if slot.task_id else None
+            state = "idle"
+            if slot.hard_paused:
+                state = "stopped"
+            elif record is not None:
+                state = "paused" if record.state is TaskState.PAUSED else "busy"
+            children.append({"pid": slot.pid, "state": state, "task_id": slot.task_id,
+                             "task": record.name if record else None})
+        return {
+            "worker": w.hostname, "hostname": socket.gethostname(), "pid": os.getpid(),
+            "pool": w.pool.name, "concurrency": w.concurrency, "children": children,
+            "processed": w.processed,
+            "active": sum(1 for r in w.records.values() if r.slot is not None),
+            "reserved": len(w.ready), "uptime": time.time() - w.started_at,
+            "broker": w.app.broker_url_display, "queues": w.queue_names,
+            "online": True, "rss_kb": _rss_kb(),
+        }
+
+
+def _rss_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,854 @@
+"""The worker: one event loop that consumes tasks and control, and relays to pool slots.
+
+Everything runs on one thread, on a :class:`kombu.asynchronous.Hub` (the loop Celery uses):
+broker sockets (or the embedded transport's poll timer), every slot's channel, and timers
+(subscription expiry, heartbeats, forced cancel, time limits). Because one thread owns
+all state there are no locks, and an event read from a slot is numbered, stored and
+published in the same step.
+
+Flow of a task: message → validated (else dead letter) → :class:`TaskRecord` → free slot
+(``["run", job]``) → events (``["ev", ...]``) numbered and batched per subscriber inbox →
+``["done", ...]`` → result stored → message acked → slot freed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from kombu import Consumer, Producer
+from kombu.asynchronous import Hub
+
+from interactive_tasks import codec
+from interactive_tasks.app import App
+from interactive_tasks.errors import ProtocolError, TransportError
+from interactive_tasks.protocol import (
+    HEADER_CHAIN,
+    HEADER_CHORD,
+    HEADER_DELIVERIES,
+    EventKind,
+    TaskMessage,
+    TaskState,
+    Verb,
+)
+from interactive_tasks.task import parse_rate
+
+from .canvas import after_finish
+from .control import ControlRouter
+from .ipc import ChannelClosed
+from .pools.base import Pool, PoolSlot
+from .records import HeldControl, Subscriber, TaskRecord
+from .relay import Relay
+
+logger = logging.getLogger("interactive_tasks.worker")
+
+#: finished records kept in memory for late attach/locate
+FINISHED_KEPT = 1000
+#: a control that arrives ahead of an earlier one from the same sender waits this long
+REORDER_WAIT = 1.0
+
+
+def make_pool(name: str, app: App, concurrency: int, hostname: str,
+              max_tasks_per_child: int | None) -> Pool:
+    """The pool class for ``--pool NAME``; raises ValueError for an unknown name."""
+    if name == "prefork":
+        from .pools.prefork import PreforkPool
+
+        return PreforkPool(app, concurrency, hostname, max_tasks_per_child)
+    if name == "threads":
+        from .pools.threads import ThreadsPool
+
+        return ThreadsPool(app, concurrency, hostname, max_tasks_per_child)
+    if name == "solo":
+        from .pools.threads import SoloPool
+
+        return SoloPool(app, 1, hostname, max_tasks_per_child)
+    if name == "gevent":
+        try:
+            import gevent  # noqa: F401
+        except ImportError:
+            raise ValueError("--pool gevent needs gevent: pip install "
+                             '"interactive_tasks[gevent]"') from None
+        from .pools.gevent import GeventPool
+
+        return GeventPool(app, concurrency, hostname, max_tasks_per_child)
+    raise ValueError(f"unknown pool {name!r}; choose prefork, threads, solo or gevent")
+
+
+class TokenBucket:
+    """Celery-style rate limit: ``"10/s"``, ``"100/m"``, ``"1000/h"`` starts per worker."""
+
+    def __init__(self, per_second: float) -> None:
+        self.interval = 1.0 / per_second
+        self.next_free = time.monotonic()
+
+    @classmethod
+    def parse(cls, spec: str) -> TokenBucket:
+        """Raises ValueError for a malformed spec."""
+        return cls(parse_rate(spec))
+
+    def take(self) -> float:
+        """0 when a start is allowed now (and taken), else the seconds to wait."""
+        now = time.monotonic()
+        if now >= self.next_free:
+            self.next_free = max(now, self.next_free) + self.interval
+            return 0.0
+        return self.next_free - now
+
+
+def _error(type_: str, message: str) -> dict[str, Any]:
+    return {"type": type_, "message": message, "traceback": ""}
+
+
+class Worker:
+    """A worker node. ``Worker(app, hostname="w1@host").run()`` blocks until shutdown."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        hostname: str | None = None,
+        pool: str = "prefork",
+        concurrency: int | None = None,
+        queues: list[str] | None = None,
+        max_tasks_per_child: int | None = None,
+        shutdown_timeout: float | None = None,
+    ) -> None:
+        self.app = app
+        self.hostname = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
+        self.concurrency = 1 if pool == "solo" else (concurrency or os.cpu_count() or 1)
+        self.pool = make_pool(pool, app, self.concurrency, self.hostname, max_tasks_per_child)
+        self.queue_names = queues or [app.conf.task_default_queue]
+        self.shutdown_timeout = (
+            app.conf.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
+        )
+        self.slots: list[PoolSlot] = []
+        self.records: dict[str, TaskRecord] = {}
+        self.finished: collections.OrderedDict[str, TaskRecord] = collections.OrderedDict()
+        self.ready: collections.deque[TaskRecord] = collections.deque()
+        self.held: dict[str, list[HeldControl]] = {}
+        self.held_subscribers: dict[str, dict[str, Subscriber]] = {}
+        self.processed = 0
+        self.started_at = time.time()
+        self._stopping = False
+        self._stop_deadline: float | None = None
+        self._terminate = False
+        self.hub: Hub | None = None
+        self.connection: Any = None
+        self.producer: Producer | None = None
+        self.task_consumer: Consumer | None = None
+        self._exit_code = 0
+        self.control = ControlRouter(self)
+        self.relay = Relay(self)
+        #: revoked task ids -> [expires (epoch), token | None, signed]
+        self.revoked: dict[str, list[Any]] = {}
+        self._buckets: dict[str, TokenBucket | None] = {}
+        self._rate_timer = False
+        self._spawn_failures = 0
+
+    # -- lifecycle ----------
+    def run(self) -> int:
+        """Start the pool, connect, and serve until SIGTERM/SIGINT. Returns the exit code."""
+        self._install_signals()
+        app = self.app
+        self.app._adopt_class_tasks()
+        logger.info("worker %s starting: pool=%s concurrency=%d queues=%s broker=%s",
+                    self.hostname, self.pool.name, self.concurrency,
+                    ",".join(self.queue_names), app.broker_url_display)
+        if app.is_embedded:
+            logger.info("embedded broker files: %s", app.embedded_directory)
+        try:
+            self.revoked.update(app.results.revoked())
+        except Exception as exc:
+            logger.warning("could not load revoked task ids: %s", exc)
+        for index in range(self.concurrency):
+            self.slots.append(self.pool.spawn(index))
+        backoff = 0.5
+        recoverable: tuple[type[BaseException], ...] = (
+            TransportError, *self._connection_errors())
+        try:
+            while not self._terminate:
+                try:
+                    self._serve_connected()
+                    break
+                except recoverable as exc:
+                    if self._terminate or (self._stopping and not self.records):
+                        break
+                    logger.warning("broker connection lost (%s); reconnecting in %.1fs",
+                                   exc, backoff)
+                    self._teardown_connection()
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            self._shutdown_pool()
+            self._teardown_connection()
+        logger.info("worker %s stopped", self.hostname)
+        return self._exit_code
+
+    def _connection_errors(self) -> tuple[type[BaseException], ...]:
+        conn = self.app.connection()
+        return tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
+
+    def _install_signals(self) -> None:
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._stopping:
+                logger.warning("second signal: stopping now, running tasks will be "
+                               "delivered again")
+                self._terminate = True
+            else:
+                logger.info("%s: warm shutdown, finishing running tasks (up to %.0fs); "
+                            "send again to stop now", signal.Signals(signum).name,
+                            self.shutdown_timeout)
+                self._stopping = True
+                self._stop_deadline = time.monotonic() + self.shutdown_timeout
+            if self.hub is not None:
+                self.hub.call_soon(self._check_stop)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def _serve_connected(self) -> None:
+        app = self.app
+        names = app.names
+        self.hub = hub = Hub()
+        conn = app.connection()
+        try:
+            conn.ensure_connection(max_retries=1, timeout=10)
+        except Exception as exc:
+            raise TransportError(f"cannot reach the broker at {app.broker_url_display}: "
+                                 f"{exc}") from exc
+        self.connection = conn
+        self.producer = Producer(conn.channel())
+        self.relay.reset()
+        task_channel = conn.channel()
+        task_queues = [names.task_queue(q) for q in self.queue_names]
+        self.task_consumer = Consumer(
+            task_channel, queues=task_queues, on_message=self._on_task_message,
+            accept=None, prefetch_count=self.concurrency * app.conf.prefetch_multiplier,
+        )
+        control_consumer = Consumer(
+            conn.channel(),
+            queues=[names.control_queue(self.hostname), names.broadcast_queue(self.hostname)],
+            on_message=self.control.on_message, accept=None, no_ack=True,
+        )
+        dead = names.dead_letter_queue
+        dead.bind(self.producer.channel).declare()
+        if not self._stopping:
+            self.task_consumer.consume()
+        control_consumer.consume()
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        for slot in self.slots:
+            if not slot.closed:
+                hub.add_reader(slot.sock, self._on_slot_readable, slot)
+        hub.call_repeatedly(app.conf.worker_heartbeat, self.relay.heartbeat)
+        hub.call_repeatedly(1.0, self.relay.expire)
+        hub.call_repeatedly(0.1, self._check_limits)
+        self.relay.publish_monitor({"t": "worker-online", "worker": self.hostname,
+                                    "ts": time.time()})
+        logger.info("worker %s ready", self.hostname)
+        self._dispatch()
+        loop = hub.create_loop()
+        while not self._terminate:
+            if self._stopping and self._check_stop():
+                break
+            next(loop)
+        self.relay.flush()
+        self.relay.publish_monitor({"t": "worker-offline", "worker": self.hostname,
+                                    "ts": time.time()})
+
+    def _teardown_connection(self) -> None:
+        hub, self.hub = self.hub, None
+        if hub is not None:
+            try:
+                hub.close()
+            except Exception:
+                pass
+        conn, self.connection = self.connection, None
+        self.producer = None
+        self.task_consumer = None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:
+                pass
+
+    def _check_stop(self) -> bool:
+        """During warm shutdown: stop consuming, give back queued tasks, wait for running."""
+        if not self._stopping:
+            return False
+        if self.task_consumer is not None and self.task_consumer.queues:
+            try:
+                self.task_consumer.cancel()
+            except Exception:
+                pass
+            while self.ready:
+                record = self.ready.popleft()
+                self._requeue(record)
+        running = [r for r in self.records.values() if r.slot is not None]
+        if not running:
+            return True
+        if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+            logger.warning("shutdown timeout: %d task(s) still running will be delivered "
+                           "again", len(running))
+            self._terminate = True
+            return True
+        return False
+
+    def _requeue(self, record: TaskRecord) -> None:
+        self.records.pop(record.id, None)
+        try:
+            record.kombu_message.reject(requeue=True)
+        except Exception as exc:
+            logger.warning("could not requeue task %s: %s", record.id, exc)
+
+    def _shutdown_pool(self) -> None:
+        live = [s for s in self.slots if not s.closed]
+        if self._terminate:
+            self.pool.terminate(live)
+        else:
+            self.pool.stop(live, 5.0)
+
+    # -- broker input: tasks -------------------------------------------------------------------
+    def _verify(self, message: Any) -> bool:
+        secret = self.app.secret
+        if secret is None:
+            return True
+        return codec.verify(secret, message.body,
+                            (message.headers or {}).get(codec.SIGNATURE_HEADER))
+
+    def _decode(self, message: Any) -> Any:
+        content_type = message.content_type
+        body = message.body
+        if content_type == codec.PICKLE_CONTENT_TYPE:
+            if not self.app.conf.allow_pickle:
+                raise ProtocolError("pickle is refused (set allow_pickle=True to accept it)",
+                                    body)
+            return codec.pickle_loads(body)
+        if content_type not in (codec.CONTENT_TYPE, None, ""):
+            raise ProtocolError(f"unsupported content type {content_type!r}", body)
+        return codec.loads(body, self.app.conf.max_message_size)
+
+    def _on_task_message(self, message: Any) -> None:
+        try:
+            if not self._verify(message):
+                raise ProtocolError("message is unsigned or its signature is wrong "
+                                    "(the sender lacks the app's secret)", message.body)
+            payload = self._decode(message)
+            task_message = TaskMessage.from_wire(payload)
+        except ProtocolError as exc:
+            reply_to = None
+            try:
+                candidate = codec.loads(message.body)
+                if isinstance(candidate, dict) and isinstance(candidate.get("reply_to"), str):
+                    reply_to = candidate
+            except Exception:
+                pass
+            self._dead_letter(message, exc.reason)
+            if reply_to is not None and isinstance(reply_to.get("id"), str) and \
+                    self._verify(message):
+                self.relay.send_final_direct(reply_to["id"], str(reply_to.get("task", "?")),
+                                             reply_to["reply_to"], EventKind.FAILED,
+                                             {"error": _error("ProtocolError", exc.reason)})
+            return
+        try:
+            self._accept_task(task_message, message)
+        except Exception as exc:  # a message we cannot handle must not stop the worker
+            logger.exception("could not accept task %s", task_message.id)
+            if task_message.id not in self.records:
+                self._dead_letter(message, f"could not accept the task: {exc!r}")
+
+    def _accept_task(self, msg: TaskMessage, message: Any) -> None:
+        existing = self.records.get(msg.id)
+        if existing is not None and not existing.is_final:
+            # The broker delivered it again (reconnect); the newest delivery is the one
+            # to acknowledge when it ends.
+            logger.info("task %s delivered again while it runs here; keeping one run", msg.id)
+            existing.duplicates.append(message)
+            return
+        try:
+            task = self.app.get_task(msg.task)
+        except Exception as exc:
+            self._reject_task(msg, message, str(exc), "UnknownTask")
+            return
+        raw_deliveries = msg.headers.get(HEADER_DELIVERIES, 1)
+        delivery = raw_deliveries if isinstance(raw_deliveries, int) and raw_deliveries > 0 \
+            else 1
+        if (message.delivery_info or {}).get("redelivered") or getattr(
+                message, "redelivered", False):
+            delivery += 1
+            stored = self._stored_final(msg.id)
+            if stored:
+                logger.info("task %s was already finished; not running it again", msg.id)
+                message.ack()
+                return
+        if delivery > self.app.conf.max_deliveries:
+            reason = (f"delivered {delivery} times without finishing "
+                      f"(max_deliveries={self.app.conf.max_deliveries})")
+            self._reject_task(msg, message, reason, "WorkerLost")
+            return
+        record = TaskRecord(msg, message, task.interactive, self.app.conf.event_history,
+                            delivery=delivery, run=msg.retries + delivery)
+        record.worker = self.hostname
+        record.time_limit = task.time_limit  # type: ignore[attr-defined]
+        record.soft_time_limit = task.soft_time_limit  # type: ignore[attr-defined]
+        now = time.monotonic()
+        if msg.reply_to:
+            # A starter that only wants the result keeps its subscription for the task's
+            # life: one message at the end. Streaming subscriptions expire unless renewed.
+            everything = msg.watch == "all"
+            expires = now + self.app.conf.subscription_ttl if everything else float("inf")
+            record.subscribers[msg.reply_to] = Subscriber(msg.reply_to, expires, everything)
+        for sub in self.held_subscribers.pop(msg.id, {}).values():
+            record.subscribers.setdefault(sub.inbox, sub)
+        self.records[msg.id] = record
+        self.relay.task_event("task-received", record)
+        if msg.expires is not None and msg.expires < time.time():
+            self._finish(record, EventKind.REVOKED,
+                         {"error": _error("TaskRevoked", "expired before it started")})
+            return
+        revoked = self.revoked.get(msg.id)
+        if revoked is not None and self.control.revoke_applies(revoked, record):
+            self._finish(record, EventKind.REVOKED,
+                         {"error": _error("TaskRevoked", "revoked before it started")})
+            return
+        for held in sorted(self.held.pop(msg.id, []), key=lambda h: (h.sender or "", h.cseq)):
+            self.control.apply_task_control(record, held)
+        if record.is_final:
+            return
+        if msg.eta is not None and msg.eta > time.time():
+            assert self.hub is not None
+            # kombu's timer runs on the monotonic clock: convert the wall-clock ETA.
+            delay = max(0.0, msg.eta - time.time())
+            record.timers.append(self.hub.call_later(delay, self._eta_due, record))
+            return
+        self.ready.append(record)
+        self._dispatch()
+
+    def _reject_task(self, msg: TaskMessage, message: Any, reason: str, type_: str) -> None:
+        """A valid message we will not run: dead letter, a final ``failed`` for its
+        watchers and result, and the end of any workflow it belongs to."""
+        self._dead_letter(message, reason)
+        fields = {"error": _error(type_, reason)}
+        self.relay.send_final_direct(msg.id, msg.task, msg.reply_to, EventKind.FAILED,
+                                     fields, store=True)
+        if HEADER_CHAIN in msg.headers or HEADER_CHORD in msg.headers:
+            after_finish(self, msg, EventKind.FAILED, fields)
+
+    def _eta_due(self, record: TaskRecord) -> None:
+        if record.is_final or record.id not in self.records:
+            return
+        self.ready.append(record)
+        self._dispatch()
+
+    def _stored_final(self, task_id: str) -> bool:
+        try:
+            record = self.app.results.get(task_id)
+        except Exception:
+            return False
+        return bool(record and TaskState(record.get("state", "pending")).is_final)
+
+    def _dead_letter(self, message: Any, reason: str) -> None:
+        """Keep a rejected message on the dead-letter queue, ack the original, log why."""
+        logger.error("rejected message from %s: %s",
+                     (message.delivery_info or {}).get("routing_key", "?"), reason)
+        try:
+            assert self.producer is not None
+            dead = self.app.names.dead_letter_queue
+            self.producer.publish(
+                message.body, routing_key=dead.routing_key, exchange="",
+                content_type=message.content_type or "application/octet-stream",
+                content_encoding=message.content_encoding or "binary",
+                headers={"itask-reason": reason, "itask-worker": self.hostname,
+                         "itask-queue": (message.delivery_info or {}).get("routing_key")},
+            )
+        except Exception as exc:
+            logger.error("could not dead-letter the message (%s); requeueing it", exc)
+            message.reject(requeue=True)
+            return
+        message.ack()
+
+    def _dead_letter_record(self, record: TaskRecord, reason: str) -> None:
+        """Dead-letter a task we hold a record of (its message may be acked already)."""
+        if record.kombu_message is not None:
+            self._dead_letter(record.kombu_message, reason)
+            record.kombu_message = None
+            return
+        logger.error("dead-lettered task %s: %s", record.id, reason)
+        assert self.producer is not None
+        dead = self.app.names.dead_letter_queue
+        self.producer.publish(codec.dumps(record.message.to_wire()),
+                              routing_key=dead.routing_key, exchange="",
+                              content_type=codec.CONTENT_TYPE, content_encoding="binary",
+                              headers={"itask-reason": reason, "itask-worker": self.hostname,
+                                       "itask-queue": self.app.names.task_queue_name(
+                                           record.message.queue)})
+
+    # -- dispatch to the pool ----------
+    def _free_slot(self) -> PoolSlot | None:
+        for slot in self.slots:
+            if slot.ready and slot.task_id is None and not slot.closed and not slot.retiring:
+                return slot
+        return None
+
+    def _dispatch(self) -> None:
+        """Start ready tasks on free slots, in order, honouring per-task rate limits."""
+        if not self.ready:
+            return
+        held_back: list[TaskRecord] = []
+        wait = None
+        while self.ready:
+            slot = self._free_slot()
+            if slot is None:
+                break
+            record = self.ready.popleft()
+            if record.is_final or record.id not in self.records:
+                continue
+            expires = record.message.expires
+            if expires is not None and expires < time.time():
+                self._finish(record, EventKind.REVOKED,
+                             {"error": _error("TaskRevoked", "expired before it started")})
+                continue
+            bucket = self._bucket(record.name)
+            delay = bucket.take() if bucket is not None else 0.0
+            if delay > 0:
+                held_back.append(record)
+                wait = delay if wait is None else min(wait, delay)
+                continue
+            self._start_on(record, slot)
+        self.ready.extendleft(reversed(held_back))
+        if wait is not None and self.hub is not None and not self._rate_timer:
+            self._rate_timer = True
+            self.hub.call_later(wait, self._rate_wakeup)
+
+    def _rate_wakeup(self) -> None:
+        self._rate_timer = False
+        self._dispatch()
+
+    def _acks_late(self, name: str) -> bool:
+        task = self.app.tasks.get(name)
+        option = getattr(task, "acks_late", None)
+        return self.app.conf.acks_late if option is None else bool(option)
+
+    def _bucket(self, name: str) -> TokenBucket | None:
+        if name not in self._buckets:
+            task = self.app.tasks.get(name)
+            limit = getattr(task, "rate_limit", None)
+            self._buckets[name] = TokenBucket.parse(limit) if limit else None
+        return self._buckets[name]
+
+    def _start_on(self, record: TaskRecord, slot: PoolSlot) -> None:
+        msg = record.message
+        job = {
+            "id": msg.id, "task": msg.task, "args": msg.args, "kwargs": msg.kwargs,
+            "retries": msg.retries, "delivery": record.delivery, "headers": msg.headers,
+            "paused": record.start_paused, "eta": msg.eta, "expires": msg.expires,
+            "soft_time_limit": getattr(record, "soft_time_limit", None),
+        }
+        slot.task_id = record.id
+        record.slot = slot
+        record.pid = slot.pid
+        record.started = time.time()
+        record.run_started_mono = time.monotonic()
+        try:
+            slot.writer.write(["run", job])
+            for verb, data in record.early_messages:
+                slot.writer.write(["ctl", record.id, verb, data])
+            record.early_messages.clear()
+        except ChannelClosed:
+            pass  # noticed by the reader; the slot's death handling takes over
+        self._watch_writer(slot)
+        self.relay.emit(record, EventKind.STARTED, {"worker": self.hostname, "pid": slot.pid})
+        if not self._acks_late(record.name) and record.kombu_message is not None:
+            self.relay.pending_acks.append(record.kombu_message)
+            record.kombu_message = None
+        if record.cancel_requested:
+            self._send_ctl(record, Verb.CANCEL, None)
+
+    def _watch_writer(self, slot: PoolSlot) -> None:
+        if slot.writer.pending and self.hub is not None:
+            self.hub.add_writer(slot.sock, self._on_slot_writable, slot)
+
+    def _on_slot_writable(self, slot: PoolSlot) -> None:
+        try:
+            done = slot.writer.flush()
+        except ChannelClosed:
+            done = True
+        if done and self.hub is not None:
+            self.hub.remove_writer(slot.sock)
+
+    def _send_ctl(self, record: TaskRecord, verb: str, data: Any) -> None:
+        slot = record.slot
+        if slot is None:
+            return
+        try:
+            slot.writer.write(["ctl", record.id, verb, data])
+        except ChannelClosed:
+            return
+        self._watch_writer(slot)
+
+    # -- pool input ----------
+    def _on_slot_readable(self, slot: PoolSlot) -> None:
+        try:
+            data = slot.sock.recv(1 << 18)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._on_slot_closed(slot)
+            return
+        try:
+            frames = slot.reader.feed(data)
+        except (ChannelClosed, ProtocolError) as exc:
+            logger.error("pool slot %d sent garbage (%s); replacing it", slot.index, exc)
+            self.pool.force_stop(slot, 2)
+            return
+        for frame in frames:
+            self._on_frame(slot, frame)
+
+    def _on_frame(self, slot: PoolSlot, frame: list[Any]) -> None:
+        op = frame[0]
+        if op == "ev":
+            _, task_id, kind, fields, ts = frame
+            record = self.records.get(task_id)
+            if record is not None and record.slot is slot:
+                self.relay.emit(record, kind, fields, ts)
+        elif op == "done":
+            _, task_id, kind, fields, ts = frame
+            record = self.records.get(task_id)
+            slot.task_id = None
+            slot.tasks_run += 1
+            if record is not None and record.slot is slot:
+                record.slot = None
+                if kind == EventKind.RETRY and not record.cancel_requested:
+                    self._retry(record, fields)
+                else:
+                    self._finish(record, kind, fields, ts)
+            self._maybe_recycle(slot)
+            self._dispatch()
+        elif op == "ready":
+            slot.ready = True
+            slot.pid = int(frame[1])
+            self._dispatch()
+
+    def _maybe_recycle(self, slot: PoolSlot) -> None:
+        limit = self.pool.max_tasks_per_child
+        if limit and self.pool.separate_processes and slot.tasks_run >= limit:
+            slot.retiring = True
+            try:
+                slot.writer.write(["stop"])
+            except ChannelClosed:
+                pass
+            self._watch_writer(slot)
+
+    def _on_slot_closed(self, slot: PoolSlot) -> None:
+        if slot.closed:
+            return
+        slot.closed = True
+        if self.hub is not None:
+            self.hub.remove(slot.sock)
+        how = self.pool.reap(slot)
+        try:
+            slot.sock.close()
+        except OSError:
+            pass
+        task_id = slot.task_id
+        slot.task_id = None
+        record = self.records.get(task_id) if task_id else None
+        if record is not None:
+            record.slot = None
+            self._on_task_lost(record, how, slot)
+        elif not slot.retiring and not self._stopping:
+            logger.warning("pool slot %d (pid %d) %s while idle; replacing it",
+                           slot.index, slot.pid, how)
+        if not self._stopping or self.ready:
+            # A slot that dies before it could take any work, again and again (a broken
+            # import, say), is replaced with growing delays instead of in a tight loop.
+            # One that dies running a task (a forced cancel, a crash) is replaced at once.
+            young = record is None and (not slot.ready or (
+                time.monotonic() - slot.spawned < 1.0 and slot.tasks_run == 0))
+            self._spawn_failures = self._spawn_failures + 1 if young else 0
+            delay = min(0.1 * 2 ** self._spawn_failures, 10.0) if young else 0.0
+            if delay and self.hub is not None:
+                logger.warning("pool slot %d died %d time(s) right after start; "
+                               "retrying in %.1fs", slot.index, self._spawn_failures, delay)
+                self.hub.call_later(delay, self._replace, slot)
+            else:
+                self._replace(slot)
+
+    def _replace(self, slot: PoolSlot) -> None:
+        if self._terminate or slot not in self.slots:
+            return
+        new = self.pool.spawn(slot.index)
+        self.slots[self.slots.index(slot)] = new
+        if self.hub is not None:
+            self.hub.add_reader(new.sock, self._on_slot_readable, new)
+
+    def _on_task_lost(self, record: TaskRecord, how: str, slot: PoolSlot) -> None:
+        if record.cancel_requested:
+            logger.info("task %s cancelled: %s", record.id, how)
+            self._finish(record, EventKind.CANCELLED, {"forced": True})
+            return
+        if record.kill_reason:
+            self._finish(record, EventKind.FAILED,
+                         {"error": _error("TimeLimitExceeded", record.kill_reason)})
+            return
+        reason = f"pool process {slot.pid} {how} while running task {record.id}"
+        logger.error("%s", reason)
+        # Also while stopping: a SIGTERM sent to the whole process group (a service
+        # manager) kills pool children mid-task; their tasks go back to the queue.
+        if self.app.conf.reject_on_worker_lost:
+            if record.delivery >= self.app.conf.max_deliveries:
+                reason += (f"; delivered {record.delivery} times "
+                           f"(max_deliveries={self.app.conf.max_deliveries}): dead-lettered")
+                self._dead_letter_record(record, reason)
+                self._finish(record, EventKind.FAILED, {"error": _error("WorkerLost", reason)})
+                return
+            self.relay.emit(record, EventKind.WORKER_LOST, {"reason": reason, "redelivered": True})
+            self._redeliver(record)
+            return
+        self._finish(record, EventKind.FAILED, {"error": _error("WorkerLost", reason)})
+
+    def _superseded(self, record: TaskRecord) -> bool:
+        """Whether another worker already recorded this task's end (Redis only).
+
+        A task that ran longer than Redis's visibility timeout may have been delivered
+        again (this worker was frozen, say) and finished elsewhere: its stale run must not
+        report a second final state nor overwrite the result. Shorter runs need no look.
+        """
+        if not self.app.broker_url.startswith(("redis://", "rediss://")):
+            return False
+        options = self.app.conf.broker_transport_options
+        timeout = float(options.get("visibility_timeout", 3600))
+        if time.time() - record.received < timeout:
+            return False
+        try:
+            stored = self.app.results.get(record.id)
+        except Exception:
+            return False
+        if not stored or not TaskState(stored.get("state", "pending")).is_final:
+            return False
+        return int(stored.get("run") or 0) > record.run or stored.get("worker") != self.hostname
+
+    def publish_task(self, message: TaskMessage) -> None:
+        """Publish a task message (signed when the app has a secret) to its queue."""
+        body = codec.dumps(message.to_wire())
+        queue = self.app.names.task_queue(message.queue)
+        headers = {}
+        if self.app.secret is not None:
+            headers[codec.SIGNATURE_HEADER] = codec.sign(self.app.secret, body)
+        assert self.producer is not None
+        self.producer.publish(body, routing_key=queue.routing_key, exchange="",
+                              content_type=codec.CONTENT_TYPE, content_encoding="binary",
+                              headers=headers, declare=[queue])
+
+    def _retry(self, record: TaskRecord, fields: dict[str, Any]) -> None:
+        """The task asked to run again: tell watchers, publish it with a countdown."""
+        countdown = float(fields.get("countdown") or 0.0)
+        retries = int(fields.get("retries") or record.message.retries + 1)
+        self.relay.emit(record, EventKind.RETRY, {**fields, "attempt": retries + 1})
+        logger.info("task %s retry %d in %.3gs", record.id, retries, countdown)
+        self._republish(record, deliveries=1, retries=retries, eta=time.time() + countdown)
+
+    def _redeliver(self, record: TaskRecord) -> None:
+        """Publish the task again with its delivery count, then ack this copy."""
+        self._republish(record, deliveries=record.delivery + 1)
+
+    def _republish(self, record: TaskRecord, *, deliveries: int, retries: int | None = None,
+                   eta: float | None = None) -> None:
+        msg = record.message
+        headers = dict(msg.headers)
+        headers[HEADER_DELIVERIES] = deliveries
+        wire = msg.to_wire()
+        wire["headers"] = headers
+        if retries is not None:
+            wire["retries"] = retries
+        if eta is not None:
+            wire["eta"] = eta
+        self.publish_task(TaskMessage.from_wire(wire))
+        # Watchers follow the task to its next delivery (if it comes back here; others
+        # locate it again). Held subscriptions expire like any other.
+        until = time.monotonic() + self.app.conf.subscription_ttl
+        held = self.held_subscribers.setdefault(record.id, {})
+        for sub in record.subscribers.values():
+            held[sub.inbox] = Subscriber(sub.inbox, min(sub.expires, until), sub.everything)
+        self.records.pop(record.id, None)
+        self._cancel_timers(record)
+        if record.kombu_message is not None:  # None: acked at start (acks_late=False)
+            record.kombu_message.ack()
+            record.kombu_message = None
+
+    # -- events out ----------
+    def _finish(self, record: TaskRecord, kind: str, fields: dict[str, Any],
+                ts: float | None = None) -> None:
+        if record.is_final:
+            return
+        if self._superseded(record):
+            logger.warning("task %s already finished elsewhere after this worker lost it "
+                           "(visibility timeout); dropping this stale run %d",
+                           record.id, record.run)
+            self._cancel_timers(record)
+            if record.kombu_message is not None:
+                self.relay.pending_acks.append(record.kombu_message)
+                record.kombu_message = None
+            self.records.pop(record.id, None)
+            self.relay.schedule_flush()
+            return
+        self._cancel_timers(record)
+        if record.kill_reason and kind in (EventKind.CANCELLED, EventKind.FAILED):
+            # the hard time limit forced it (in a threads pool, through a cancel)
+            kind, fields = EventKind.FAILED, {
+                "error": _error("TimeLimitExceeded", record.kill_reason)}
+        elif kind in (EventKind.FAILED, EventKind.RETRY) and record.cancel_requested:
+            kind, fields = EventKind.CANCELLED, {}
+        self.relay.emit(record, kind, fields, ts)
+        self.processed += 1
+        self.relay.pending_results.append((record.id, record.final_record()))
+        if record.kombu_message is not None:
+            self.relay.pending_acks.append(record.kombu_message)
+            record.kombu_message = None
+        self.relay.pending_acks.extend(record.duplicates)
+        record.duplicates.clear()
+        self.records.pop(record.id, None)
+        self.finished[record.id] = record
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+        self.relay.schedule_flush()
+        if HEADER_CHAIN in record.message.headers or HEADER_CHORD in record.message.headers:
+            try:
+                after_finish(self, record.message, kind, fields)
+            except Exception:  # the task's own result is safe; log the workflow failure
+                logger.exception("task %s: continuing its workflow failed", record.id)
+
+    def _cancel_timers(self, record: TaskRecord) -> None:
+        for tref in record.timers:
+            try:
+                tref.cancel()
+            except Exception:
+                pass
+        record.timers.clear()
+
+    # -- timers ----------
+    def _check_limits(self) -> None:
+        now = time.monotonic()
+        for record in list(self.records.values()):
+            limit = getattr(record, "time_limit", None)
+            if limit is None or record.slot is None or record.kill_reason:
+                continue
+            if record.slot.hard_paused:
+                continue
+            if record.running_time(now) > limit:
+                record.kill_reason = (f"hard time limit of {limit}s exceeded "
+                                      "(paused time not counted)")
+                logger.error("task %s: %s; killing its pool process", record.id,
+                             record.kill_reason)
+                if self.pool.separate_processes:
+                    self.control.force(record, 2)
+                else:
+                    self.control.force(record, 1)
+

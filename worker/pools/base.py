@@ -1,0 +1,126 @@
+"""The execution pool contract.
+
+A pool owns *slots*. Every slot, whatever the pool, talks to the worker over its own
+socketpair with the framing of :mod:`..ipc` and runs :class:`..child.Slot` on the other
+end — in a billiard child process (prefork) or in a thread of the worker (threads, solo).
+The worker loop therefore handles every pool the same way; pools differ only in how a
+slot is started, forced to stop, frozen and replaced.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from interactive_tasks.app import App
+
+from ..ipc import FrameReader, FrameWriter
+
+
+@dataclass(eq=False)
+class PoolSlot:
+    """The worker's side of one slot."""
+
+    index: int
+    pid: int
+    sock: socket.socket
+    handle: Any = None  # the billiard Process or the Thread
+    reader: FrameReader = field(default_factory=FrameReader)
+    writer: FrameWriter = field(init=False)
+    ready: bool = False
+    task_id: str | None = None
+    tasks_run: int = 0
+    retiring: bool = False
+    hard_paused: bool = False
+    hard_paused_at: float = 0.0
+    closed: bool = False
+    spawned: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.sock.setblocking(False)
+        self.writer = FrameWriter(self.sock)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def busy(self) -> bool:
+        return self.task_id is not None
+
+
+class Pool(abc.ABC):
+    """Starts, stops and forces slots. Implementations: prefork, threads, solo."""
+
+    name: str = "base"
+    #: whether SIGSTOP/SIGCONT of one slot is possible without freezing others
+    supports_hard_pause = False
+    #: whether slots are separate processes (a dead slot can be replaced)
+    separate_processes = False
+
+    def __init__(self, app: App, concurrency: int, hostname: str,
+                 max_tasks_per_child: int | None = None) -> None:
+        self.app = app
+        self.concurrency = concurrency
+        self.hostname = hostname
+        self.max_tasks_per_child = max_tasks_per_child
+
+    @abc.abstractmethod
+    def spawn(self, index: int) -> PoolSlot:
+        """Start slot ``index`` and return the worker's end of its channel."""
+
+    @abc.abstractmethod
+    def force_stop(self, slot: PoolSlot, stage: int) -> str:
+        """Force the slot's task to end. ``stage`` 1 is gentle, 2 is final.
+
+        Returns a description of what was done, for the log.
+        """
+
+    def hard_pause(self, slot: PoolSlot) -> None:
+        """Freeze the slot at once. Raises HardPauseUnsupported where impossible."""
+        from interactive_tasks.errors import HardPauseUnsupported
+
+        raise HardPauseUnsupported(
+            f"hard pause needs the prefork pool (this worker runs --pool {self.name}); "
+            "use a soft pause, which takes effect at the task's next checkpoint"
+        )
+
+    def hard_resume(self, slot: PoolSlot) -> None:
+        return None
+
+    def reap(self, slot: PoolSlot) -> str:
+        """Collect a slot whose channel closed; returns how it ended."""
+        return "closed"
+
+    def stop(self, slots: list[PoolSlot], timeout: float) -> None:
+        """Ask every slot to stop after its current job and wait up to ``timeout``."""
+        for slot in slots:
+            try:
+                slot.writer.write(["stop"])
+            except Exception:
+                pass
+
+    def terminate(self, slots: list[PoolSlot]) -> None:
+        """Stop every slot now."""
+        self.stop(slots, 0)
+
+    def _socketpair(self) -> tuple[socket.socket, socket.socket]:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (parent, child):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        os.set_inheritable(child.fileno(), True)
+        return parent, child
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` from /proc (``T`` = stopped), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    return data.rsplit(b")", 1)[1].split()[0].decode()

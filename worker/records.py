@@ -1,0 +1,161 @@
+"""The worker's memory of each task: state, ring buffer of events, subscribers, controls.
+
+One :class:`TaskRecord` per task the worker holds (queued here, running, or recently
+finished). Attach is one step in the worker loop: :meth:`TaskRecord.snapshot` carries the
+sequence number it covers and the live tail continues from there — no gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from interactive_tasks.protocol import (
+    STATE_AFTER,
+    Event,
+    EventKind,
+    TaskMessage,
+    TaskSnapshot,
+    TaskState,
+)
+
+
+@dataclass
+class Subscriber:
+    inbox: str
+    expires: float  # monotonic
+    everything: bool  # False: the final event only
+
+
+@dataclass
+class HeldControl:
+    """A control message waiting for its task (or for an earlier one from its sender)."""
+
+    verb: str
+    data: Any
+    sender: str | None
+    rid: str | None
+    cseq: int
+    token: str | None
+    signed: bool
+    expires: float
+
+
+@dataclass(eq=False)
+class TaskRecord:
+    message: TaskMessage
+    kombu_message: Any
+    interactive: bool
+    history_size: int
+    delivery: int = 1
+    #: run number in events: retries + deliveries, so it grows with each new attempt
+    run: int = 1
+    state: TaskState = TaskState.PENDING
+    seq: int = 0
+    slot: Any = None
+    worker: str | None = None
+    pid: int | None = None
+    progress: Event | None = None
+    question: dict[str, Any] | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    received: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    subscribers: dict[str, Subscriber] = field(default_factory=dict)
+    start_paused: bool = False
+    early_messages: list[tuple[str, Any]] = field(default_factory=list)
+    cancel_requested: bool = False
+    cancel_stage: int = 0
+    kill_reason: str | None = None
+    last_cseq: dict[str, int] = field(default_factory=dict)
+    # running time excluding pauses, for time limits
+    run_started_mono: float | None = None
+    paused_since: float | None = None
+    paused_total: float = 0.0
+    timers: list[Any] = field(default_factory=list)
+    #: further deliveries of the same task that arrived while it ran (acked with it)
+    duplicates: list[Any] = field(default_factory=list)
+    history: collections.deque[Event] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.history = collections.deque(maxlen=self.history_size)
+
+    @property
+    def id(self) -> str:
+        return self.message.id
+
+    @property
+    def name(self) -> str:
+        return self.message.task
+
+    @property
+    def is_final(self) -> bool:
+        return self.state.is_final
+
+    def running_time(self, now: float) -> float:
+        if self.run_started_mono is None:
+            return 0.0
+        paused = self.paused_total
+        if self.paused_since is not None:
+            paused += now - self.paused_since
+        return now - self.run_started_mono - paused
+
+    def make_event(self, kind: str, fields: dict[str, Any], ts: float | None = None) -> Event:
+        """Number the next event and fold it into the record's state."""
+        self.seq += 1
+        event = Event(self.id, self.seq, kind, ts or time.time(), fields, self.run)
+        new_state = STATE_AFTER.get(kind)
+        if new_state is not None:
+            self.state = new_state
+        now = time.monotonic()
+        if kind == EventKind.PROGRESS:
+            self.progress = event
+            return event
+        if kind == EventKind.PAUSED and self.paused_since is None:
+            self.paused_since = now
+        elif kind in (EventKind.RESUMED, *_FINAL) and self.paused_since is not None:
+            self.paused_total += now - self.paused_since
+            self.paused_since = None
+        if kind == EventKind.QUESTION:
+            self.question = dict(fields)
+        elif kind == EventKind.ANSWERED:
+            self.question = None
+        elif kind in _FINAL:
+            self.question = None
+            self.finished = event.ts
+            self.result = fields.get("result")
+            self.error = fields.get("error")
+        self.history.append(event)
+        return event
+
+    def snapshot(self) -> TaskSnapshot:
+        return TaskSnapshot(
+            task_id=self.id, name=self.name, state=self.state, seq=self.seq,
+            run=self.run, worker=self.worker, pid=self.pid, progress=self.progress,
+            events=tuple(self.history), question=self.question, result=self.result,
+            error=self.error, received=self.received, started=self.started,
+            finished=self.finished, interactive=self.interactive,
+        )
+
+    def final_record(self) -> dict[str, Any]:
+        """What the result store keeps: the final snapshot without the event history."""
+        wire = self.snapshot().to_wire()
+        wire["events"] = [e.to_wire() for e in list(self.history)[-20:]]
+        return wire
+
+    def summary(self) -> dict[str, Any]:
+        """One line of ``itask ls`` / ``inspect active``."""
+        return {
+            "id": self.id, "name": self.name, "state": self.state.value,
+            "worker": self.worker, "pid": self.pid,
+            "progress": self.progress.to_wire() if self.progress else None,
+            "received": self.received, "started": self.started, "finished": self.finished,
+            "args": self.message.args, "kwargs": self.message.kwargs,
+            "interactive": self.interactive, "question": self.question,
+        }
+
+
+_FINAL = (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED, EventKind.REVOKED)
