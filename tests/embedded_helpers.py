@@ -80,3 +80,16 @@ def reserve_and_hang(url: str, queue: str, out: Any) -> None:
         assert second is not None
         out.put([first.payload, second.payload])
         threading.Event().wait()
+
+
+def rename_in(directory: str, producer_id: int, count: int) -> None:
+    """Rename ``count`` message files into ``directory`` one by one, as a publisher does."""
+    import os
+
+    from interactive_tasks.transport.embedded_files import new_stem
+
+    tmp = os.path.join(directory, f".tmp-{producer_id}")
+    for _ in range(count):
+        with open(tmp, "wb") as f:
+            f.write(b"{}")
+        os.rename(tmp, os.path.join(directory, new_stem() + ".msg"))

@@ -23,10 +23,13 @@ from interactive_tasks.transport.embedded import (
     process_start_time,
     safe_name,
 )
+from interactive_tasks.transport.embedded_files import producer_of
+from interactive_tasks.transport.embedded_store import store_for
 from tests.embedded_helpers import (
     bind_fanout,
     consume_until_stopped,
     produce,
+    rename_in,
     reserve_and_hang,
     task_queue,
 )
@@ -186,6 +189,32 @@ def test_single_producer_order_across_processes(
     proc.join(10)
     assert proc.exitcode == 0
     assert seen == list(range(2000))
+
+
+def test_listing_never_skips_a_producers_earlier_message(
+    tmp_path: Path, start: Callable[..., Any]
+) -> None:
+    # readdir is not a snapshot (ext4 returns hash order): a file renamed in mid-read can be
+    # missed while a later one is returned. Every listing must still hold, per producer, a
+    # prefix of what it published, or consumers would take its messages out of order.
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    writers = [start(rename_in, str(qdir), p, 5000) for p in range(2)]
+    store = store_for(str(tmp_path))
+    listings = gappy = 0
+    while any(w.exitcode is None for w in writers) or listings < 20:
+        names = store.list_ready(str(qdir))
+        listings += 1
+        per_producer: dict[str, list[str]] = {}
+        for name in names:
+            per_producer.setdefault(producer_of(name), []).append(name)
+        for mine in per_producer.values():
+            counters = [int(n[30:42]) for n in mine]
+            if counters != list(range(1, len(counters) + 1)):
+                gappy += 1
+    assert all(w.exitcode == 0 for w in writers)
+    assert len(store.list_ready(str(qdir))) == 10_000
+    assert gappy == 0, f"{gappy} of {listings} listings skipped an earlier message"
 
 
 def test_no_loss_with_concurrent_producers_and_consumers(

@@ -41,6 +41,8 @@ logger = logging.getLogger("interactive_tasks.worker.child")
 #: after a hard pause the soft limit waits up to this many 50 ms steps for the worker's
 #: note of how long the child was frozen
 SOFT_LIMIT_GRACE_STEPS = 10
+#: a SIGALRM handled this much after it fell due means the process was stopped (or starved)
+ALARM_LATE = 0.05
 
 
 class SlotRuntime:
@@ -63,6 +65,7 @@ class SlotRuntime:
         self._soft_limit = soft_time_limit
         self._soft_fired = False
         self._soft_grace_left = SOFT_LIMIT_GRACE_STEPS
+        self._alarm_due = 0.0
         #: set by SIGCONT (a hard pause ended), cleared by the worker's "frozen" note
         self._continued = False
 
@@ -153,14 +156,17 @@ class SlotRuntime:
         def on_alarm(signum: int, frame: Any) -> None:
             if self._soft_fired or self._soft_limit is None:
                 return
+            late = time.monotonic() - self._alarm_due > ALARM_LATE
             remaining = self._soft_limit - self.running_time()
-            if remaining <= 0 and self._continued and self._soft_grace_left > 0:
+            if remaining <= 0 and (self._continued or late) and self._soft_grace_left > 0:
                 # Continued after a hard pause and the worker's note of how long we were
-                # frozen has not arrived yet: look again shortly.
+                # frozen has not arrived yet: look again shortly. A SIGALRM that fell due
+                # while we were stopped is handled before on_continue runs (Python runs
+                # pending handlers in signal-number order), so lateness tells us too.
                 self._soft_grace_left -= 1
                 remaining = 0.05
             if remaining > 0:  # paused meanwhile: the limit moved
-                signal.setitimer(signal.ITIMER_REAL, remaining)
+                self._set_alarm(remaining)
                 return
             self._soft_fired = True
             raise SoftTimeLimitExceeded(
@@ -171,8 +177,12 @@ class SlotRuntime:
 
         signal.signal(signal.SIGALRM, on_alarm)
         signal.signal(signal.SIGCONT, on_continue)
-        signal.setitimer(signal.ITIMER_REAL, self._soft_limit)
+        self._set_alarm(self._soft_limit)
         return True
+
+    def _set_alarm(self, seconds: float) -> None:
+        self._alarm_due = time.monotonic() + seconds
+        signal.setitimer(signal.ITIMER_REAL, seconds)
 
     def disarm_soft_limit(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)

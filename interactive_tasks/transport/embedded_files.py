@@ -27,6 +27,7 @@ __all__ = [
     "owner_alive",
     "parse_owner",
     "process_start_time",
+    "producer_of",
     "returned_name",
     "safe_name",
     "write_atomic",
@@ -149,6 +150,11 @@ _clock = _Clock()
 def new_stem() -> str:
     """A message stem, ``<time_ns>-<pid>-<counter>``, after every one this process made."""
     return _clock.stem()
+
+
+def producer_of(name: str) -> str:
+    """The pid part of message ``name``: messages with the same one sort in publish order."""
+    return name[21:29]
 
 
 def returned_name(name: str) -> str:

@@ -86,6 +86,7 @@ from interactive_tasks.transport.embedded_files import (
     new_stem,
     owner_alive,
     parse_owner,
+    producer_of,
     returned_name,
     safe_name,
     write_atomic,
@@ -111,6 +112,10 @@ def _dumps(obj: dict[str, Any]) -> bytes:
 
 def _loads(data: bytes) -> Any:
     return json.loads(data.decode("utf-8"))
+
+
+def _ready_names(qdir: str) -> list[str]:
+    return sorted(n for n in os.listdir(qdir) if n.endswith(MSG) and n[0] != ".")
 
 
 @dataclass
@@ -272,8 +277,35 @@ class Store:
         return dir_version(self.queue_path(queue))
 
     def list_ready(self, qdir: str) -> list[str]:
-        """Names of the ready messages in queue directory ``qdir``, in delivery order."""
-        return sorted(n for n in os.listdir(qdir) if n.endswith(MSG) and n[0] != ".")
+        """Names of the ready messages in queue directory ``qdir``, in delivery order.
+
+        ``readdir`` is not a snapshot: a file renamed in while the directory is being read
+        can be missed while a later one is returned (ext4 walks its hash order), which
+        would hand one producer's messages out of order. So unless the directory provably
+        did not change during the read, read it again and add the late arrivals that sort
+        before a listed message of the same producer: each was renamed in before that one,
+        so before the second read began, and the second read returns it.
+
+        Raises FileNotFoundError if ``qdir`` does not exist.
+        """
+        before = dir_version(qdir)
+        names = _ready_names(qdir)
+        if before is not None and before[1]:
+            after = dir_version(qdir)
+            if after is not None and after[0] == before[0]:
+                return names
+        newest: dict[str, str] = {}
+        for name in names:
+            producer = producer_of(name)
+            if name > newest.get(producer, ""):
+                newest[producer] = name
+        listed = set(names)
+        late = [
+            name
+            for name in _ready_names(qdir)
+            if name not in listed and name < newest.get(producer_of(name), "")
+        ]
+        return sorted(names + late) if late else names
 
     def claim(self, queue: str, name: str) -> tuple[str, bytes] | None:
         """Reserve message ``name`` for this process: ``(reserved name, bytes)`` or None."""
