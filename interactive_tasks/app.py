@@ -334,7 +334,7 @@ class App:
             watch=watch, **options,
         )
         handle: TaskHandle[Any] = TaskHandle(self, message.id, name=name, token=token,
-                                             starter=True)
+                                             starter=True, streaming=watch == "all")
         client.send_task(message, priority=priority)
         return handle
 

@@ -62,7 +62,8 @@ def _message(step: dict[str, Any], reply_to: str, headers: dict[str, Any]) -> Ta
 
 
 def _handles(app: App, steps: list[dict[str, Any]]) -> list[TaskHandle[Any]]:
-    return [TaskHandle(app, s["id"], name=s["task"], token=s["_token"], starter=True)
+    return [TaskHandle(app, s["id"], name=s["task"], token=s["_token"], starter=True,
+                       streaming=s["watch"] == "all")
             for s in steps]
 
 
@@ -159,7 +160,8 @@ class chord:
                                 "members": [m["id"] for m in members], "body": body_public}
         handles = _handles(app, members)
         body_handle: TaskHandle[Any] = TaskHandle(app, body["id"], name=body["task"],
-                                                  token=body["_token"], starter=True)
+                                                  token=body["_token"], starter=True,
+                                                  streaming=body["watch"] == "all")
         body_handle.header = GroupHandle(app, handles)  # type: ignore[attr-defined]
         body_message = _message(body, client.inbox.name, {})
         # The body's subscription rides in its own message, published later by a worker;

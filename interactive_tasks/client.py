@@ -21,7 +21,7 @@ from kombu import Connection, Consumer, Producer, Queue
 
 from . import codec
 from .errors import ProtocolError, TransportError
-from .protocol import ControlMessage, Envelope, Event, TaskMessage, TaskSnapshot
+from .protocol import ControlMessage, Envelope, Event, TaskMessage, TaskSnapshot, Verb
 from .transport import CONTROL_QUEUE_EXPIRES
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class Watcher(Protocol):
     def _on_snapshot(self, snapshot: TaskSnapshot) -> None: ...
 
     def _on_worker_lost(self, worker: str) -> None: ...
+
+    def _check_resync(self, now: float) -> None: ...
 
     def _watch_info(self) -> tuple[str | None, int, int, bool, bool]:
         """(worker, run, seq, final, starter) of the task as this watcher knows it.
@@ -230,11 +232,14 @@ class Client:
     def send_task(self, message: TaskMessage, priority: int | None = None) -> None:
         """Publish a task message to its queue (declaring the queue once per process)."""
         queue = self.app.names.task_queue(message.queue)
-        if priority is None and self._fast_publisher() is not None:
-            self._publish_task_redis(queue.name, codec.dumps(message.to_wire()))
+        fast = self._fast_publisher()
+        if priority is None and fast is not None:
+            self._publish_task_redis(queue.name, codec.dumps(message.to_wire()), bell=True)
             return
         self.publish(message.to_wire(), routing_key=queue.routing_key,
                      exchange=queue.exchange, declare=[queue], priority=priority)
+        if fast is not None:  # kombu published it (a priority list): wake a worker
+            self._publish_task_redis(queue.name, None, bell=True)
 
     def _fast_publisher(self) -> Any:
         """Redis: a raw publisher (kombu's envelope, one LPUSH), else None."""
@@ -246,21 +251,28 @@ class Client:
                     self._task_publisher = TaskPublisher(self.app.broker_url)
         return self._task_publisher
 
-    def _publish_task_redis(self, queue: str, body: bytes, expire_ms: int | None = None) -> None:
+    def _publish_task_redis(self, queue: str, body: bytes | None,
+                            expire_ms: int | None = None, bell: bool = False) -> None:
+        """Raw LPUSH of ``body`` in kombu's envelope (None: only ring the bell).
+
+        Raises PayloadTooLarge and TransportError.
+        """
         from .errors import PayloadTooLarge
         from .transport.redis_fast import kombu_envelope
 
-        limit = self.app.conf.max_message_size
-        if len(body) > limit:
-            raise PayloadTooLarge(
-                f"message of {len(body)} bytes is over max_message_size={limit}; "
-                "pass a reference (a path or URL) instead of the data")
-        headers = {}
-        if self.app.secret is not None:
-            headers[codec.SIGNATURE_HEADER] = codec.sign(self.app.secret, body)
+        envelope = None
+        if body is not None:
+            limit = self.app.conf.max_message_size
+            if len(body) > limit:
+                raise PayloadTooLarge(
+                    f"message of {len(body)} bytes is over max_message_size={limit}; "
+                    "pass a reference (a path or URL) instead of the data")
+            headers = {}
+            if self.app.secret is not None:
+                headers[codec.SIGNATURE_HEADER] = codec.sign(self.app.secret, body)
+            envelope = kombu_envelope(body, queue, codec.CONTENT_TYPE, headers)
         try:
-            self._task_publisher.publish(
-                queue, kombu_envelope(body, queue, codec.CONTENT_TYPE, headers), expire_ms)
+            self._task_publisher.publish(queue, envelope, expire_ms, bell)
         except Exception as exc:
             raise TransportError(
                 f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
@@ -566,12 +578,29 @@ class Client:
         except Exception as exc:
             logger.debug("locate of %s failed: %s", task_id, exc)
 
+    def resync(self, task_id: str, worker: str | None, token: str | None) -> None:
+        """Ask for a fresh snapshot of ``task_id`` (a watcher missed events); no waiting.
+
+        Its worker if known, else every worker by broadcast; the snapshot comes to the
+        inbox like an attach's.
+        """
+        if worker is None:
+            self.locate_soon(task_id, token)
+            return
+        msg = ControlMessage(verb=Verb.SUBSCRIBE, task_id=task_id, sender=self.inbox.name,
+                             rid=uuid.uuid4().hex, token=token)
+        try:
+            self.send_control(msg, worker)
+        except Exception as exc:
+            logger.debug("resync of %s failed: %s", task_id, exc)
+
     def _check_workers(self) -> None:
         now = time.monotonic()
         with self._lock:
             task_ids = list(self._watchers)
         for task_id in task_ids:
             for w in self._watchers_of(task_id):
+                w._check_resync(now)
                 worker, _run, _seq, final, _starter = w._watch_info()
                 if final or worker is None:
                     continue

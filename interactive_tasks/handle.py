@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import sys
 import threading
 import time
@@ -43,8 +44,12 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
+logger = logging.getLogger("interactive_tasks.handle")
+
 #: Events kept for a handle whose ``events()`` nobody iterates (progress coalesces first).
 MAX_BUFFERED_EVENTS = 100_000
+#: After a gap in the stream, live events are held this long for the worker's snapshot.
+RESYNC_WAIT = 3.0
 
 _ERRORS_BY_TYPE: dict[str, type[ControlError]] = {
     "NotAuthorized": NotAuthorized,
@@ -71,6 +76,7 @@ class TaskHandle(Generic[R]):
         token: str | None = None,
         watch: bool = True,
         starter: bool = False,
+        streaming: bool = True,
     ) -> None:
         self.app = app
         self.id = task_id
@@ -98,6 +104,9 @@ class TaskHandle(Generic[R]):
         self._watching = watch
         self._starter = starter
         self._early_events: list[Event] | None = None
+        #: every event is sent to us (not only the final one), so a skipped seq is a loss
+        self._streaming = streaming
+        self._resync_deadline: float | None = None
         if "ipykernel" in sys.modules:  # a list of handles displays as live rows
             from .widgets import install_display_hooks
 
@@ -179,6 +188,7 @@ class TaskHandle(Generic[R]):
         """Apply the live events that came before the snapshot (or instead of one)."""
         with self._cond:
             early, self._early_events = self._early_events, None
+            self._resync_deadline = None
             for event in early or ():
                 if self._accept(event):
                     self._apply(event)
@@ -193,10 +203,31 @@ class TaskHandle(Generic[R]):
                 return
             if not self._accept(event):
                 return
-            self._apply(event)
-            self._push(event)
-            self._cond.notify_all()
-        self._changed()
+            if self._streaming and event.covers_from > self._seq + 1:
+                # Events were lost on the way (a broker connection dropped with them in
+                # flight, a worker's resend buffer overflowed): hold this one and the
+                # next until the worker's snapshot fills the gap.
+                self._early_events = [event]
+                self._resync_deadline = time.monotonic() + RESYNC_WAIT
+                resync = True
+            else:
+                self._apply(event)
+                self._push(event)
+                self._cond.notify_all()
+                resync = False
+        if resync:
+            logger.info("task %s: events %d-%d missed; asking for a snapshot", self.id,
+                        self._seq + 1, event.covers_from - 1)
+            self.app.client.resync(self.id, self._worker, self._token)
+        else:
+            self._changed()
+
+    def _check_resync(self, now: float) -> None:
+        """Give up waiting for a resync snapshot after ``RESYNC_WAIT``: apply what came."""
+        deadline = self._resync_deadline
+        if deadline is not None and now >= deadline:
+            logger.warning("task %s: no snapshot came to fill a gap in its events", self.id)
+            self._end_snapshot_wait()
 
     def _accept(self, event: Event) -> bool:
         if self._state.is_final and event.kind != EventKind.REVOKED:

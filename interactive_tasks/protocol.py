@@ -304,6 +304,10 @@ class Event:
     ``fields`` and exposed as properties (``current``, ``total``, ``message`` for progress;
     ``data`` for message; ``level``, ``text`` for log; ``prompt`` for question; ``worker``,
     ``pid`` for started; ``result`` for succeeded; ``error`` for failed).
+
+    ``first`` is set on a progress event that stands for earlier ones the worker
+    coalesced away (latest progress wins): the lowest ``seq`` it covers. A watcher that
+    sees an event whose ``covers_from`` is past its next expected ``seq`` missed events.
     """
 
     task_id: str
@@ -312,6 +316,12 @@ class Event:
     ts: float
     fields: Mapping[str, Any] = field(default_factory=dict)
     run: int = 1
+    first: int = 0
+
+    @property
+    def covers_from(self) -> int:
+        """The lowest sequence number this event accounts for (itself, or coalesced ones)."""
+        return self.first or self.seq
 
     # -- kind-specific views ---------------------------------------------------------
     @property
@@ -363,13 +373,18 @@ class Event:
         return self.kind in FINAL_KINDS
 
     def to_wire(self) -> list[Any]:
-        return [self.task_id, self.seq, self.kind, self.ts, dict(self.fields), self.run]
+        wire = [self.task_id, self.seq, self.kind, self.ts, dict(self.fields), self.run]
+        if self.first:
+            wire.append(self.first)
+        return wire
 
     @classmethod
     def from_wire(cls, w: object) -> Event:
-        if not isinstance(w, (list, tuple)) or len(w) != 6:
-            raise ProtocolError("event is not a 6-item list")
-        task_id, seq, kind, ts, fields, run = w
+        """Raises ProtocolError for anything but a 6-item list (7 with ``first``)."""
+        if not isinstance(w, (list, tuple)) or len(w) not in (6, 7):
+            raise ProtocolError("event is not a 6- or 7-item list")
+        task_id, seq, kind, ts, fields, run = w[:6]
+        first = w[6] if len(w) == 7 else 0
         if not (
             isinstance(task_id, str)
             and isinstance(seq, int)
@@ -377,9 +392,10 @@ class Event:
             and isinstance(ts, _NUMBER)
             and isinstance(fields, dict)
             and isinstance(run, int)
+            and isinstance(first, int)
         ):
             raise ProtocolError("event has fields of the wrong types")
-        return cls(task_id, seq, kind, float(ts), fields, run)
+        return cls(task_id, seq, kind, float(ts), fields, run, first)
 
     def __repr__(self) -> str:
         extra = ", ".join(f"{k}={v!r}" for k, v in self.fields.items())

@@ -41,6 +41,19 @@ def test_progress_stream_is_ordered_and_complete(tasks, start_worker, pool):
     assert handle.progress.current == 50 and handle.state is TaskState.SUCCEEDED
 
 
+def test_coalesced_progress_flood_is_not_taken_for_lost_events(tasks, start_worker, caplog):
+    # 20,000 progress events in a burst: the worker coalesces most of them, and each one
+    # it sends says which seqs it covers, so the handle never asks for a resync snapshot.
+    start_worker()
+    with caplog.at_level("INFO", logger="interactive_tasks.handle"):
+        handle = tasks.count.start(20_000)
+        events = list(handle.events(timeout=60))
+    assert events[-1].kind == "succeeded" and handle.progress.current == 20_000
+    seqs = [e.seq for e in events]
+    assert seqs[-1] > len(seqs), "nothing was coalesced: this test no longer tests that"
+    assert not [r for r in caplog.records if r.name == "interactive_tasks.handle"]
+
+
 @pytest.mark.parametrize("pool", POOLS)
 def test_pause_resume_message_and_cancel(tasks, start_worker, broker, pool):
     start_worker(pool=pool)

@@ -635,6 +635,7 @@ ALLOWED_KEYS = {
     "_kombu.binding.<ns>.bcast",     # bindings of the broadcast exchange (one per worker)
     "_kombu.binding.<ns>.events",    # bindings of the monitoring exchange
     "<ns>.tasks.default",            # the task queue, while it holds messages
+    "<ns>.tasks.default\x06\x16bell",  # its bell for idle workers, while it rings
     "<ns>.ctl.<worker>",             # the worker's control queue, while it holds messages
     "<ns>.inbox.<client>",           # this client's inbox, while it holds messages
     "<ns>.dead",                     # dead letters, if any

@@ -37,6 +37,8 @@ from interactive_tasks.protocol import (
     Verb,
 )
 from interactive_tasks.task import parse_rate
+from interactive_tasks.transport.redis_fast import is_redis
+from interactive_tasks.transport.redis_fetch import TaskFetcher
 
 from .canvas import after_finish
 from .control import ControlRouter
@@ -142,6 +144,7 @@ class Worker:
         self.connection: Any = None
         self.producer: Producer | None = None
         self.task_consumer: Consumer | None = None
+        self.fetcher: TaskFetcher | None = None
         self._exit_code = 0
         self.control = ControlRouter(self)
         self.relay = Relay(self)
@@ -227,10 +230,21 @@ class Worker:
         self.relay.reset()
         task_channel = conn.channel()
         task_queues = [names.task_queue(q) for q in self.queue_names]
-        self.task_consumer = Consumer(
-            task_channel, queues=task_queues, on_message=self._on_task_message,
-            accept=None, prefetch_count=self.concurrency * app.conf.prefetch_multiplier,
-        )
+        prefetch = self.concurrency * app.conf.prefetch_multiplier
+        if is_redis(app.broker_url):
+            # Our own fetch: kombu's BRPOP loses a message when the worker dies before
+            # recording it unacked (see transport.redis_fetch).
+            for queue in task_queues:
+                queue.bind(task_channel).declare()
+            task_channel.basic_qos(0, prefetch, False)
+            self.fetcher = TaskFetcher(app.broker_url, task_channel,
+                                       [q.name for q in task_queues],
+                                       self._on_task_message, self._dead_letter)
+        else:
+            self.task_consumer = Consumer(
+                task_channel, queues=task_queues, on_message=self._on_task_message,
+                accept=None, prefetch_count=prefetch,
+            )
         control_consumer = Consumer(
             conn.channel(),
             queues=[names.control_queue(self.hostname), names.broadcast_queue(self.hostname)],
@@ -238,7 +252,7 @@ class Worker:
         )
         dead = names.dead_letter_queue
         dead.bind(self.producer.channel).declare()
-        if not self._stopping:
+        if not self._stopping and self.task_consumer is not None:
             self.task_consumer.consume()
         control_consumer.consume()
         conn.transport.register_with_event_loop(conn.connection, hub)
@@ -252,10 +266,15 @@ class Worker:
                                     "ts": time.time()})
         logger.info("worker %s ready", self.hostname)
         self._dispatch()
+        fetcher = self.fetcher
+        if fetcher is not None and not self._stopping:
+            fetcher.register(hub)
         loop = hub.create_loop()
         while not self._terminate:
             if self._stopping and self._check_stop():
                 break
+            if fetcher is not None:
+                fetcher.pump()
             next(loop)
         self.relay.flush()
         self.relay.publish_monitor({"t": "worker-offline", "worker": self.hostname,
@@ -271,6 +290,9 @@ class Worker:
         conn, self.connection = self.connection, None
         self.producer = None
         self.task_consumer = None
+        fetcher, self.fetcher = self.fetcher, None
+        if fetcher is not None:
+            fetcher.close()
         if conn is not None:
             try:
                 conn.release()
@@ -281,6 +303,8 @@ class Worker:
         """During warm shutdown: stop consuming, give back queued tasks, wait for running."""
         if not self._stopping:
             return False
+        if self.fetcher is not None and not self.fetcher.stopped:
+            self.fetcher.stop()
         if self.task_consumer is not None and self.task_consumer.queues:
             try:
                 self.task_consumer.cancel()
@@ -746,6 +770,8 @@ class Worker:
         self.producer.publish(body, routing_key=queue.routing_key, exchange="",
                               content_type=codec.CONTENT_TYPE, content_encoding="binary",
                               headers=headers, declare=[queue])
+        if self.fetcher is not None:
+            self.fetcher.ring_for(queue.name)
 
     def _retry(self, record: TaskRecord, fields: dict[str, Any]) -> None:
         """The task asked to run again: tell watchers, publish it with a countdown."""

@@ -101,7 +101,10 @@ class Relay:
             box = self.outbox.setdefault(sub.inbox, [])
             if is_progress and box and box[-1][2] == EventKind.PROGRESS and \
                     box[-1][0] == record.id:
-                box[-1] = wire  # coalesce: latest progress wins, never reordered
+                # Coalesce: latest progress wins, never reordered. It says which seq it
+                # covers from, so the watcher can tell this skip from a lost event.
+                replaced = box[-1]
+                box[-1] = [*wire[:6], replaced[6] if len(replaced) > 6 else replaced[1]]
             else:
                 box.append(wire)
         self.schedule_flush()

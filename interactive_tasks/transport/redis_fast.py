@@ -80,8 +80,11 @@ class TaskPublisher:
                                            single_connection_client=True)
         self._lock = threading.Lock()
 
-    def publish(self, queue: str, envelope: bytes, expire_ms: int | None = None) -> None:
-        """``LPUSH`` (and ``PEXPIRE`` for queues declared with an expiry).
+    def publish(self, queue: str, envelope: bytes | None, expire_ms: int | None = None,
+                bell: bool = False) -> None:
+        """``LPUSH`` (and ``PEXPIRE`` for queues declared with an expiry); with ``bell``,
+        ring the task queue's bell for idle workers (``redis_fetch``). ``envelope`` None
+        only rings.
 
         Raises ``redis.RedisError``.
         """
@@ -89,20 +92,27 @@ class TaskPublisher:
 
         with self._lock:
             try:
-                self._push(queue, envelope, expire_ms)
+                self._push(queue, envelope, expire_ms, bell)
             except (redis.ConnectionError, redis.TimeoutError):
                 # The server dropped this idle connection (a restart, a CLIENT KILL):
                 # LPUSH is safe to repeat once on a fresh connection.
                 self._redis.connection.disconnect()  # type: ignore[union-attr]
-                self._push(queue, envelope, expire_ms)
+                self._push(queue, envelope, expire_ms, bell)
 
-    def _push(self, queue: str, envelope: bytes, expire_ms: int | None) -> None:
-        if expire_ms is None:
+    def _push(self, queue: str, envelope: bytes | None, expire_ms: int | None,
+              bell: bool) -> None:
+        if expire_ms is None and not bell and envelope is not None:
             self._redis.lpush(queue, envelope)
             return
+        from .redis_fetch import ring
+
         pipe = self._redis.pipeline(transaction=False)
-        pipe.lpush(queue, envelope)
-        pipe.pexpire(queue, expire_ms)
+        if envelope is not None:
+            pipe.lpush(queue, envelope)
+        if expire_ms is not None:
+            pipe.pexpire(queue, expire_ms)
+        if bell:
+            ring(pipe, queue)
         pipe.execute()
 
     def close(self) -> None:

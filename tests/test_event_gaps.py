@@ -1,0 +1,94 @@
+"""A watcher that misses events (lost in flight on a dropped broker connection) asks the
+worker for a snapshot and shows the whole stream; coalesced progress is not a gap."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from interactive_tasks import App
+from interactive_tasks.handle import RESYNC_WAIT, TaskHandle
+from interactive_tasks.protocol import Event, EventKind, TaskSnapshot, TaskState
+
+
+class RecordingClient:
+    def __init__(self) -> None:
+        self.resyncs: list[tuple[str, str | None, str | None]] = []
+
+    def resync(self, task_id: str, worker: str | None, token: str | None) -> None:
+        self.resyncs.append((task_id, worker, token))
+
+
+@pytest.fixture
+def client() -> RecordingClient:
+    return RecordingClient()
+
+
+def handle_with(client: RecordingClient, *, streaming: bool = True) -> TaskHandle[Any]:
+    app = App("gaps-unit", broker="embedded:///nonexistent-gaps-unit")
+    app._client = client  # type: ignore[assignment]
+    return TaskHandle(app, "t1", name="job", token="tok", watch=False, streaming=streaming)
+
+
+def ev(seq: int, kind: str, first: int = 0, **fields: Any) -> Event:
+    return Event("t1", seq, kind, 1000.0 + seq, fields, 1, first)
+
+
+def test_event_wire_carries_the_coalesced_range() -> None:
+    plain = ev(3, EventKind.PROGRESS, current=3)
+    coalesced = ev(5, EventKind.PROGRESS, first=3, current=5)
+    assert len(plain.to_wire()) == 6 and Event.from_wire(plain.to_wire()) == plain
+    assert Event.from_wire(coalesced.to_wire()) == coalesced
+    assert coalesced.covers_from == 3 and plain.covers_from == 3
+
+
+def test_coalesced_progress_is_not_a_gap(client: RecordingClient) -> None:
+    h = handle_with(client)
+    h._on_event(ev(1, EventKind.STARTED, worker="w1", pid=7))
+    h._on_event(ev(4, EventKind.PROGRESS, first=2, current=4))
+    assert client.resyncs == []
+    assert h.seq == 4 and h.progress is not None and h.progress.current == 4
+
+
+def test_a_gap_asks_its_worker_for_a_snapshot_and_holds_events_until_it_lands(
+        client: RecordingClient) -> None:
+    h = handle_with(client)
+    h._on_event(ev(1, EventKind.STARTED, worker="w1", pid=7))
+    h._on_event(ev(4, EventKind.MESSAGE, data="late"))  # 2 and 3 were lost
+    h._on_event(ev(5, EventKind.MESSAGE, data="later"))
+    assert client.resyncs == [("t1", "w1", "tok")]
+    assert h.seq == 1  # held, not applied past the gap
+    h._on_snapshot(TaskSnapshot(
+        task_id="t1", name="job", state=TaskState.RUNNING, seq=4, run=1, worker="w1",
+        events=(ev(1, EventKind.STARTED, worker="w1", pid=7), ev(2, EventKind.LOG, text="x"),
+                ev(3, EventKind.MESSAGE, data="lost"), ev(4, EventKind.MESSAGE, data="late")),
+    ))
+    kinds = [(e.seq, e.kind) for e in h._buffer]
+    assert kinds == [(1, "started"), (2, "log"), (3, "message"), (4, "message"), (5, "message")]
+    assert h.seq == 5
+
+
+def test_a_gap_before_the_worker_is_known_locates_the_task(client: RecordingClient) -> None:
+    h = handle_with(client)
+    h._on_event(ev(2, EventKind.PROGRESS, current=1))  # "started" lost in flight
+    assert client.resyncs == [("t1", None, "tok")]
+    assert h.state is TaskState.PENDING
+
+
+def test_without_a_snapshot_the_held_events_apply_after_the_wait(
+        client: RecordingClient) -> None:
+    h = handle_with(client)
+    h._on_event(ev(1, EventKind.STARTED, worker="w1", pid=7))
+    h._on_event(ev(3, EventKind.SUCCEEDED, result=42))
+    h._check_resync(time.monotonic())
+    assert not h.ready()
+    h._check_resync(time.monotonic() + RESYNC_WAIT + 0.1)
+    assert h.ready() and h.state is TaskState.SUCCEEDED and h.result(0) == 42
+
+
+def test_a_final_only_handle_never_resyncs(client: RecordingClient) -> None:
+    h = handle_with(client, streaming=False)
+    h._on_event(ev(9, EventKind.SUCCEEDED, result="done"))
+    assert client.resyncs == [] and h.result(0) == "done"
