@@ -251,6 +251,28 @@ class Client:
                     self._task_publisher = TaskPublisher(self.app.broker_url)
         return self._task_publisher
 
+    def _publish_control_redis(self, queue: str, body: bytes) -> None:
+        """A raw frame (``redis_fast.encode_frame``) on a worker's control list.
+
+        Raises PayloadTooLarge and TransportError.
+        """
+        from .errors import PayloadTooLarge
+        from .transport.redis_fast import encode_frame
+
+        limit = self.app.conf.max_message_size
+        if len(body) > limit:
+            raise PayloadTooLarge(f"control message of {len(body)} bytes is over "
+                                  f"max_message_size={limit}")
+        try:
+            # x-expires as kombu would set it: the list of a worker gone for good
+            # disappears instead of collecting control messages.
+            self._task_publisher.publish(queue, encode_frame(body, self.app.secret),
+                                         int(CONTROL_QUEUE_EXPIRES * 1000))
+        except Exception as exc:
+            raise TransportError(
+                f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
+            ) from exc
+
     def _publish_task_redis(self, queue: str, body: bytes | None,
                             expire_ms: int | None = None, bell: bool = False) -> None:
         """Raw LPUSH of ``body`` in kombu's envelope (None: only ring the bell).
@@ -294,10 +316,7 @@ class Client:
         else:
             queue = self.app.names.control_queue(worker)
             if self._fast_publisher() is not None:
-                # x-expires as kombu would set it: the queue of a worker gone for good
-                # disappears instead of collecting control messages.
-                self._publish_task_redis(queue.name, codec.dumps(message.to_wire()),
-                                         expire_ms=int(CONTROL_QUEUE_EXPIRES * 1000))
+                self._publish_control_redis(queue.name, codec.dumps(message.to_wire()))
                 return
             self.publish(message.to_wire(), routing_key=queue.routing_key,
                          exchange=queue.exchange, declare=[queue])

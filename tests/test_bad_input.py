@@ -107,3 +107,34 @@ def test_unsigned_messages_refused_when_a_secret_is_set(tasks, start_worker, bro
     letters = dead_letters(tasks.app, 1)
     assert "signature" in letters[0].headers["itask-reason"]
     assert "unsigned" in w.log()
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_garbage_and_kombu_envelopes_on_the_redis_control_list(tasks, start_worker,
+                                                               monkeypatch):
+    """The control list holds raw frames; garbage there is refused with a log line, and a
+    control message in kombu's envelope (a kombu publisher) is still served."""
+    import redis
+
+    from interactive_tasks.transport.redis_fast import kombu_envelope
+
+    w = start_worker()
+    app = tasks.app
+    client = app.client
+    client.ensure_started()
+    key = app.names.control_queue(w.name).name
+    r = redis.Redis.from_url(app.broker_url)
+    try:
+        r.lpush(key, b"\x07not a frame")
+        wait_for(lambda: "refused control message: inbox frame has an unknown format"
+                 in w.log(), message="garbage refused")
+
+        def publish_as_kombu(queue: str, body: bytes) -> None:
+            r.lpush(queue, kombu_envelope(body, queue, codec.CONTENT_TYPE, {}))
+
+        monkeypatch.setattr(client, "_publish_control_redis", publish_as_kombu)
+        replies = client.request(ControlMessage(verb="ping"), w.name, 5)
+        assert replies and replies[0]["ok"] is True and replies[0]["data"] == {"pong": True}
+        assert tasks.add.delay(2, 5).result(timeout=20) == 7
+    finally:
+        r.close()

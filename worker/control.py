@@ -9,10 +9,12 @@ hold yet are kept (``held``) and applied in the order each client sent them if i
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from interactive_tasks import codec
@@ -26,6 +28,7 @@ from interactive_tasks.protocol import (
     TaskState,
     Verb,
 )
+from interactive_tasks.transport.redis_fast import decode_frame, kombu_body
 
 from .records import HeldControl, Subscriber, TaskRecord
 
@@ -45,17 +48,40 @@ class ControlRouter:
         self.worker = worker
 
     def on_message(self, message: Any) -> None:
+        """A control message from kombu (broadcasts; the control queue off Redis)."""
         w = self.worker
         signed = w.app.secret is not None and w._verify(message)
+        self._on_control(message.body, signed, lambda: w._decode(message))
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        """Raw frames from the control list on Redis (``redis_fast.encode_frame``)."""
+        w = self.worker
+        secret = w.app.secret
+        limit = w.app.conf.max_message_size
+        for raw in frames:
+            try:
+                if raw[:1] == b"{":  # in kombu's envelope (a kombu publisher)
+                    body, signature = kombu_body(raw)
+                    signed = secret is not None and codec.verify(secret, body, signature)
+                else:
+                    body = decode_frame(raw, secret)
+                    signed = secret is not None
+            except ProtocolError as exc:
+                logger.warning("refused control message: %s", exc.reason)
+                continue
+            self._on_control(body, signed, functools.partial(codec.loads, body, limit))
+
+    def _on_control(self, body: bytes, signed: bool, decode: Callable[[], Any]) -> None:
+        w = self.worker
         try:
             if w.app.secret is not None and not signed:
                 raise ProtocolError("control message is unsigned or its signature is wrong")
-            ctl = ControlMessage.from_wire(w._decode(message))
+            ctl = ControlMessage.from_wire(decode())
         except ProtocolError as exc:
             logger.warning("refused control message: %s", exc.reason)
             sender = None
             try:
-                raw = codec.loads(message.body)
+                raw = codec.loads(body)
                 sender = raw.get("sender") if isinstance(raw, dict) else None
                 rid = raw.get("rid") if isinstance(raw, dict) else None
             except Exception:

@@ -37,7 +37,7 @@ from interactive_tasks.protocol import (
     Verb,
 )
 from interactive_tasks.task import parse_rate
-from interactive_tasks.transport.redis_fast import is_redis
+from interactive_tasks.transport.redis_fast import ListReader, is_redis
 from interactive_tasks.transport.redis_fetch import TaskFetcher
 
 from .canvas import after_finish
@@ -145,6 +145,7 @@ class Worker:
         self.producer: Producer | None = None
         self.task_consumer: Consumer | None = None
         self.fetcher: TaskFetcher | None = None
+        self.control_reader: ListReader | None = None
         self._exit_code = 0
         self.control = ControlRouter(self)
         self.relay = Relay(self)
@@ -245,9 +246,17 @@ class Worker:
                 task_channel, queues=task_queues, on_message=self._on_task_message,
                 accept=None, prefetch_count=prefetch,
             )
+        control_queues = [names.broadcast_queue(self.hostname)]
+        if is_redis(app.broker_url):
+            # A plain list of raw frames, read on this loop: no kombu envelope to build
+            # and parse on the latency path of every pause, resume and message.
+            self.control_reader = ListReader(app.broker_url,
+                                             names.control_queue(self.hostname).name,
+                                             self.control.on_frames)
+        else:
+            control_queues.insert(0, names.control_queue(self.hostname))
         control_consumer = Consumer(
-            conn.channel(),
-            queues=[names.control_queue(self.hostname), names.broadcast_queue(self.hostname)],
+            conn.channel(), queues=control_queues,
             on_message=self.control.on_message, accept=None, no_ack=True,
         )
         dead = names.dead_letter_queue
@@ -256,6 +265,8 @@ class Worker:
             self.task_consumer.consume()
         control_consumer.consume()
         conn.transport.register_with_event_loop(conn.connection, hub)
+        if self.control_reader is not None:
+            self.control_reader.register(hub)
         for slot in self.slots:
             if not slot.closed:
                 hub.add_reader(slot.sock, self._on_slot_readable, slot)
@@ -293,6 +304,9 @@ class Worker:
         fetcher, self.fetcher = self.fetcher, None
         if fetcher is not None:
             fetcher.close()
+        reader, self.control_reader = self.control_reader, None
+        if reader is not None:
+            reader.close()
         if conn is not None:
             try:
                 conn.release()

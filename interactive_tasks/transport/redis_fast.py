@@ -68,6 +68,105 @@ def kombu_envelope(body: bytes, queue: str, content_type: str,
     }).encode()
 
 
+def kombu_body(raw: bytes) -> tuple[bytes, Any]:
+    """``(body, signature header)`` of a message in kombu's Redis envelope.
+
+    Raises ProtocolError for anything else.
+    """
+    import base64
+    import binascii
+    import json
+
+    try:
+        envelope = json.loads(raw)
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            data = base64.b64decode(body)
+        else:
+            data = body.encode() if isinstance(body, str) else bytes(body)
+        headers = envelope.get("headers") or {}
+        return data, headers.get("itask-sig")
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        raise ProtocolError(f"not a kombu message: {exc}") from exc
+
+
+class ListReader:
+    """Reads a Redis list on the worker's event loop (kombu's Hub), without blocking it.
+
+    ``BLMPOP`` (Redis 7; ``BRPOP`` before) is sent and its socket watched by the loop;
+    ``on_items(frames)`` gets everything popped, oldest first. For lists whose items
+    need no acknowledgement (control messages). Errors of the connection propagate
+    from the loop's reader callback.
+    """
+
+    def __init__(self, url: str, key: str, on_items: Any, wait: float = 1.0) -> None:
+        import redis
+
+        self.key = key
+        self.on_items = on_items
+        self.wait = wait
+        self._blmpop = True
+        self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=None,
+                                           single_connection_client=True,
+                                           health_check_interval=0)
+        self._hub: Any = None
+        self._fd: int | None = None
+
+    def register(self, hub: Any) -> None:
+        self._hub = hub
+        self._send()
+
+    def _send(self) -> None:
+        conn = self._redis.connection
+        assert conn is not None and self._hub is not None
+        if self._blmpop:
+            conn.send_command("BLMPOP", self.wait, 1, self.key, "RIGHT", "COUNT", 256)
+        else:
+            conn.send_command("BRPOP", self.key, self.wait)
+        sock = conn._sock
+        assert sock is not None
+        if self._fd != sock.fileno():
+            self._unwatch()
+            self._fd = sock.fileno()
+            self._hub.add_reader(self._fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        import redis
+
+        conn = self._redis.connection
+        assert conn is not None
+        try:
+            reply: Any = conn.read_response()
+        except redis.ResponseError:
+            if not self._blmpop:
+                raise
+            self._blmpop = False  # a server before Redis 7
+            reply = None
+        try:
+            if reply:  # BLMPOP: [key, [items]]; BRPOP: [key, item]
+                items = reply[1] if self._blmpop else [reply[1]]
+                self.on_items([bytes(item) for item in items])
+        finally:
+            if self._hub is not None:
+                self._send()
+
+    def _unwatch(self) -> None:
+        if self._fd is not None and self._hub is not None:
+            try:
+                self._hub.remove_reader(self._fd)
+            except Exception:
+                pass
+        self._fd = None
+
+    def close(self) -> None:
+        self._unwatch()
+        self._hub = None
+        try:
+            self._redis.close()
+        except Exception:
+            pass
+
+
 class TaskPublisher:
     """The client side of publishing to task and control queues: one ``LPUSH``."""
 

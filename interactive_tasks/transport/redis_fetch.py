@@ -17,7 +17,9 @@ published without a bell (kombu's restores, publishers other than ours) is fetch
 poll every :data:`POLL_INTERVAL` seconds.
 
 The fetcher runs on the worker's event loop (kombu's Hub), like kombu's own consumer: the
-``BRPOP`` is sent without waiting and its socket is watched by the loop.
+``BRPOP`` is sent without waiting and its socket is watched by the loop. It also restores
+the messages of dead workers after the visibility timeout (kombu's ``restore_visible``),
+which kombu does only for channels its own consumers use.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class TaskFetcher:
                                             health_check_interval=0)
         self._script = self._redis.register_script(FETCH_SCRIPT)
         self._hub: Any = None
+        self._restore_timer: Any = None
         self._fd: int | None = None
         self._waiting = False  # a BRPOP on the bells is in flight
         self._want = True  # fetch at the next chance (a bell rang, or the last fetch was full)
@@ -132,8 +135,24 @@ class TaskFetcher:
 
     # -- the loop ---------
     def register(self, hub: Any) -> None:
+        """Start on ``hub``: fetch, wait for bells, restore the messages of dead workers.
+
+        kombu restores them only from a channel that consumes a queue with its own
+        consumer, and this worker has none on Redis.
+        """
         self._hub = hub
+        options = self.channel.connection.client.transport_options
+        interval = options.get("unacked_restore_interval") or 10.0
+        self._restore_timer = hub.call_repeatedly(interval, self._restore)
         self.pump()
+
+    def _restore(self) -> None:
+        channel = self.channel
+        try:
+            self.qos.restore_visible(num=channel.unacked_restore_limit,
+                                     interval=channel.unacked_restore_throttle)
+        except channel.connection_errors:
+            logger.debug("restoring unacked messages failed; next time", exc_info=True)
 
     def stop(self) -> None:
         """Fetch nothing more (warm shutdown); an in-flight wait is left to time out."""
@@ -142,6 +161,9 @@ class TaskFetcher:
 
     def close(self) -> None:
         self.stop()
+        if self._restore_timer is not None:
+            self._restore_timer.cancel()
+            self._restore_timer = None
         for client in (self._waiter, self._redis):
             try:
                 client.close()
