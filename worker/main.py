@@ -232,7 +232,8 @@ class Worker:
         task_channel = conn.channel()
         task_queues = [names.task_queue(q) for q in self.queue_names]
         prefetch = self.concurrency * app.conf.prefetch_multiplier
-        if is_redis(app.broker_url):
+        on_redis = is_redis(app.broker_url)
+        if on_redis:
             # Our own fetch: kombu's BRPOP loses a message when the worker dies before
             # recording it unacked (see transport.redis_fetch).
             for queue in task_queues:
@@ -247,7 +248,7 @@ class Worker:
                 accept=None, prefetch_count=prefetch,
             )
         control_queues = [names.broadcast_queue(self.hostname)]
-        if is_redis(app.broker_url):
+        if on_redis:
             # A plain list of raw frames, read on this loop: no kombu envelope to build
             # and parse on the latency path of every pause, resume and message.
             self.control_reader = ListReader(app.broker_url,

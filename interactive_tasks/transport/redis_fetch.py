@@ -3,7 +3,7 @@
 kombu's Redis consumer takes a message with ``BRPOP`` and records it as unacknowledged in
 a second round trip; a worker killed (SIGKILL, OOM) between the two loses the message for
 good: it is in no list, hash or index any more. Measured here: 1 of 3,000 tasks lost to 48
-SIGKILLs under load (``tests/test_reliability.py`` has the case).
+SIGKILLs under load (``python -m benchmarks.kill``); none since.
 
 :class:`TaskFetcher` takes messages with one Lua script that pops them *and* records them
 in kombu's unacked hash and index, atomically on the server, in the exact format kombu's
