@@ -107,6 +107,9 @@ class TaskHandle(Generic[R]):
         #: every event is sent to us (not only the final one), so a skipped seq is a loss
         self._streaming = streaming
         self._resync_deadline: float | None = None
+        #: when ``wait`` next asks the result store, and how far apart (it backs off)
+        self._next_store_poll: float | None = None
+        self._store_poll_every = 0.5
         if "ipykernel" in sys.modules:  # a list of handles displays as live rows
             from .widgets import install_display_hooks
 
@@ -379,9 +382,10 @@ class TaskHandle(Generic[R]):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         # The result store is the fallback when the final event cannot reach us (attach
-        # from another process after a lost inbox, a client that restarted ...).
-        next_poll = time.monotonic() + (0.5 if self._watching else 0.0)
-        poll_every = 0.5
+        # from another process after a lost inbox, a client that restarted ...). Its
+        # schedule lives on the handle, so a loop of short waits still gets there.
+        if self._next_store_poll is None:
+            self._next_store_poll = time.monotonic() + (0.5 if self._watching else 0.0)
         durable = self.app.results.durable
         with self._cond:
             while not self._state.is_final:
@@ -389,6 +393,7 @@ class TaskHandle(Generic[R]):
                 if deadline is not None and now >= deadline:
                     raise TaskTimeout(f"task {self.id} did not finish within {timeout}s "
                                       f"(state {self._state.value})")
+                next_poll = self._next_store_poll
                 if durable and now >= next_poll:
                     self._cond.release()
                     try:
@@ -397,8 +402,8 @@ class TaskHandle(Generic[R]):
                         self._cond.acquire()
                     if done:
                         break
-                    poll_every = min(poll_every * 1.5, 5.0)
-                    next_poll = time.monotonic() + poll_every
+                    self._store_poll_every = min(self._store_poll_every * 1.5, 5.0)
+                    self._next_store_poll = time.monotonic() + self._store_poll_every
                     continue
                 limits = [next_poll - now] if durable else [1.0]
                 if deadline is not None:

@@ -92,3 +92,23 @@ def test_a_final_only_handle_never_resyncs(client: RecordingClient) -> None:
     h = handle_with(client, streaming=False)
     h._on_event(ev(9, EventKind.SUCCEEDED, result="done"))
     assert client.resyncs == [] and h.result(0) == "done"
+
+
+def test_a_loop_of_short_waits_still_falls_back_to_the_result_store(tmp_path: Any) -> None:
+    # The final event never reaches this handle (lost with its inbox); the result store
+    # has it. Each wait() used to restart the store's schedule, so short waits never got
+    # there.
+    from interactive_tasks import TaskTimeout
+
+    app = App("gaps-store", broker="embedded:///nonexistent-gaps-store",
+              result_backend=f"file://{tmp_path}")
+    app.results.put("t9", TaskSnapshot(task_id="t9", name="job", state=TaskState.SUCCEEDED,
+                                       seq=3, result="from the store").to_wire())
+    h: TaskHandle[Any] = TaskHandle(app, "t9", name="job", watch=True)
+    deadline = time.monotonic() + 5
+    while not h.ready() and time.monotonic() < deadline:
+        try:
+            h.wait(timeout=0.05)
+        except TaskTimeout:
+            pass
+    assert h.ready() and h.result(0) == "from the store"
