@@ -702,6 +702,8 @@ class Worker:
         if record is not None:
             record.slot = None
             self._on_task_lost(record, how, slot)
+            # Tell its watchers now: spawning the replacement below forks (milliseconds).
+            self.relay.flush()
         elif not slot.retiring and not self._stopping:
             logger.warning("pool slot %d (pid %d) %s while idle; replacing it",
                            slot.index, slot.pid, how)
