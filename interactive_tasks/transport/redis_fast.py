@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import Any
 
+from .. import codec
 from ..errors import ProtocolError
 
 INBOX_EXPIRES_MS = 60_000
@@ -85,44 +87,43 @@ def kombu_body(raw: bytes) -> tuple[bytes, Any]:
         else:
             data = body.encode() if isinstance(body, str) else bytes(body)
         headers = envelope.get("headers") or {}
-        return data, headers.get("itask-sig")
+        return data, headers.get(codec.SIGNATURE_HEADER)
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         raise ProtocolError(f"not a kombu message: {exc}") from exc
 
 
-class ListReader:
-    """Reads a Redis list on the worker's event loop (kombu's Hub), without blocking it.
+class HubCommand:
+    """One blocking Redis command at a time on its own connection, its reply read by the
+    worker's event loop (kombu's Hub) when the socket turns readable — how kombu runs its
+    own ``BRPOP``.
 
-    ``BLMPOP`` (Redis 7; ``BRPOP`` before) is sent and its socket watched by the loop;
-    ``on_items(frames)`` gets everything popped, oldest first. For lists whose items
-    need no acknowledgement (control messages). Errors of the connection propagate
-    from the loop's reader callback.
+    ``on_reply(reply)`` gets each reply, or the ``redis.ResponseError`` the server sent
+    instead. The socket stays watched while the callback sends the next command at once;
+    otherwise it is let go until the next :meth:`send`. Connection errors propagate from
+    the loop's reader callback.
     """
 
-    def __init__(self, url: str, key: str, on_items: Any, wait: float = 1.0) -> None:
+    def __init__(self, url: str, on_reply: Callable[[Any], None]) -> None:
         import redis
 
-        self.key = key
-        self.on_items = on_items
-        self.wait = wait
-        self._blmpop = True
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=None,
                                            single_connection_client=True,
                                            health_check_interval=0)
+        self._on_reply = on_reply
         self._hub: Any = None
         self._fd: int | None = None
+        #: a command was sent and its reply is not read yet
+        self.in_flight = False
+        self.closed = False
 
-    def register(self, hub: Any) -> None:
+    def attach(self, hub: Any) -> None:
         self._hub = hub
-        self._send()
 
-    def _send(self) -> None:
+    def send(self, *args: Any) -> None:
         conn = self._redis.connection
         assert conn is not None and self._hub is not None
-        if self._blmpop:
-            conn.send_command("BLMPOP", self.wait, 1, self.key, "RIGHT", "COUNT", 256)
-        else:
-            conn.send_command("BRPOP", self.key, self.wait)
+        conn.send_command(*args)
+        self.in_flight = True
         sock = conn._sock
         assert sock is not None
         if self._fd != sock.fileno():
@@ -135,20 +136,35 @@ class ListReader:
 
         conn = self._redis.connection
         assert conn is not None
+        self.in_flight = False
         try:
-            reply: Any = conn.read_response()
-        except redis.ResponseError:
-            if not self._blmpop:
-                raise
-            self._blmpop = False  # a server before Redis 7
-            reply = None
-        try:
-            if reply:  # BLMPOP: [key, [items]]; BRPOP: [key, item]
-                items = reply[1] if self._blmpop else [reply[1]]
-                self.on_items([bytes(item) for item in items])
+            try:
+                reply: Any = conn.read_response()
+            except redis.ResponseError as exc:
+                reply = exc
+            self._on_reply(reply)
         finally:
-            if self._hub is not None:
-                self._send()
+            if not self.in_flight:
+                self._unwatch()
+
+    def abandon(self) -> None:
+        """Stop watching; a reply still due is dropped with the connection (it would be
+        read as the next command's)."""
+        self._unwatch()
+        if self.in_flight:
+            self.in_flight = False
+            conn = self._redis.connection
+            if conn is not None:
+                conn.disconnect()
+
+    def close(self) -> None:
+        self.abandon()
+        self.closed = True
+        self._hub = None
+        try:
+            self._redis.close()
+        except Exception:
+            pass
 
     def _unwatch(self) -> None:
         if self._fd is not None and self._hub is not None:
@@ -158,13 +174,49 @@ class ListReader:
                 pass
         self._fd = None
 
-    def close(self) -> None:
-        self._unwatch()
-        self._hub = None
+
+class ListReader:
+    """Reads a Redis list on the worker's event loop (kombu's Hub), without blocking it.
+
+    ``BLMPOP`` (Redis 7; ``BRPOP`` before) is kept in flight on a :class:`HubCommand`;
+    ``on_items(frames)`` gets everything popped, oldest first. For lists whose items
+    need no acknowledgement (control messages). Errors of the connection propagate
+    from the loop's reader callback.
+    """
+
+    def __init__(self, url: str, key: str, on_items: Callable[[list[bytes]], None],
+                 wait: float = 1.0) -> None:
+        self.key = key
+        self.on_items = on_items
+        self.wait = wait
+        self._blmpop = True
+        self._command = HubCommand(url, self._on_reply)
+
+    def register(self, hub: Any) -> None:
+        self._command.attach(hub)
+        self._send()
+
+    def _send(self) -> None:
+        if self._blmpop:
+            self._command.send("BLMPOP", self.wait, 1, self.key, "RIGHT", "COUNT", 256)
+        else:
+            self._command.send("BRPOP", self.key, self.wait)
+
+    def _on_reply(self, reply: Any) -> None:
         try:
-            self._redis.close()
-        except Exception:
-            pass
+            if isinstance(reply, Exception):
+                if not self._blmpop:
+                    raise reply
+                self._blmpop = False  # a server before Redis 7
+            elif reply:  # BLMPOP: [key, [items]]; BRPOP: [key, item]
+                items = reply[1] if self._blmpop else [reply[1]]
+                self.on_items([bytes(item) for item in items])
+        finally:
+            if not self._command.closed:
+                self._send()
+
+    def close(self) -> None:
+        self._command.close()
 
 
 class TaskPublisher:

@@ -33,6 +33,8 @@ from typing import Any
 
 from kombu.transport import virtual
 
+from .redis_fast import HubCommand
+
 logger = logging.getLogger("interactive_tasks.worker")
 
 #: the bell list of a queue; kombu's priority lists are ``<queue>\x06\x16<digit>``
@@ -121,14 +123,10 @@ class TaskFetcher:
         self.on_message = on_message
         self.on_garbage = on_garbage
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
-        self._waiter = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=None,
-                                            single_connection_client=True,
-                                            health_check_interval=0)
+        self._bell_wait = HubCommand(url, self._on_bell)  # BRPOP on the bells
         self._script = self._redis.register_script(FETCH_SCRIPT)
         self._hub: Any = None
         self._restore_timer: Any = None
-        self._fd: int | None = None
-        self._waiting = False  # a BRPOP on the bells is in flight
         self._want = True  # fetch at the next chance (a bell rang, or the last fetch was full)
         self._next_poll = 0.0
         self.stopped = False
@@ -141,6 +139,7 @@ class TaskFetcher:
         consumer, and this worker has none on Redis.
         """
         self._hub = hub
+        self._bell_wait.attach(hub)
         options = self.channel.connection.client.transport_options
         interval = options.get("unacked_restore_interval") or 10.0
         self._restore_timer = hub.call_repeatedly(interval, self._restore)
@@ -157,18 +156,18 @@ class TaskFetcher:
     def stop(self) -> None:
         """Fetch nothing more (warm shutdown); an in-flight wait is left to time out."""
         self.stopped = True
-        self._unwatch()
+        self._bell_wait.abandon()
 
     def close(self) -> None:
         self.stop()
         if self._restore_timer is not None:
             self._restore_timer.cancel()
             self._restore_timer = None
-        for client in (self._waiter, self._redis):
-            try:
-                client.close()
-            except Exception:
-                pass
+        self._bell_wait.close()
+        try:
+            self._redis.close()
+        except Exception:
+            pass
 
     def room(self) -> int:
         """How many more messages the prefetch count allows."""
@@ -194,8 +193,8 @@ class TaskFetcher:
             self._want = got >= room  # full: more may be waiting
             if self._want or self.stopped:
                 return
-        if not self._waiting and self._hub is not None:
-            self._wait_for_bell()
+        if not self._bell_wait.in_flight and self._hub is not None:
+            self._bell_wait.send("BRPOP", *self.bells, POLL_INTERVAL)
 
     def ring_for(self, queue: str) -> None:
         """Wake a worker waiting on ``queue`` (after a publish that rang no bell).
@@ -232,40 +231,11 @@ class TaskFetcher:
             self.on_message(message)
         return len(flat) // 2
 
-    def _wait_for_bell(self) -> None:
-        conn = self._waiter.connection
-        assert conn is not None
-        conn.send_command("BRPOP", *self.bells, POLL_INTERVAL)
-        self._waiting = True
-        sock = conn._sock
-        assert sock is not None
-        self._fd = sock.fileno()
-        self._hub.add_reader(self._fd, self._on_bell)
-
-    def _on_bell(self) -> None:
-        conn = self._waiter.connection
-        assert conn is not None
-        try:
-            conn.read_response()
-        finally:
-            self._waiting = False
-            self._unwatch()
+    def _on_bell(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            raise reply
         self._want = True  # a bell, or the wait timed out: look
         self.pump()
-
-    def _unwatch(self) -> None:
-        if self._fd is not None and self._hub is not None:
-            try:
-                self._hub.remove_reader(self._fd)
-            except Exception:
-                pass
-        self._fd = None
-        if self._waiting:
-            # The reply of the abandoned BRPOP would be read as the next command's.
-            self._waiting = False
-            conn = self._waiter.connection
-            if conn is not None:
-                conn.disconnect()
 
 
 def payload_tag(raw: bytes) -> str:
