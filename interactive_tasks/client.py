@@ -9,6 +9,8 @@ lock, so user threads can publish while the inbox thread blocks in ``drain_event
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -92,6 +94,7 @@ class Client:
         self._thread_error: BaseException | None = None
         self._pid = 0
         self._cseq: dict[str, int] = {}
+        self._rids = itertools.count(1)
         self._task_publisher: Any = None
 
     # -- lifecycle ----------
@@ -108,7 +111,10 @@ class Client:
             if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
                 return
             if self._pid != os.getpid():
-                # After a fork the parent's connections and thread are not ours.
+                # After a fork the parent's connections, thread and inbox are not ours.
+                if self._pid:
+                    self.id = uuid.uuid4().hex[:16]
+                    self.inbox = self.app.names.inbox_queue(self.id)
                 self._pub_conn = None
                 self._producer = None
                 self._task_publisher = None
@@ -300,6 +306,10 @@ class Client:
                 f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
             ) from exc
 
+    def new_rid(self) -> str:
+        """A request id unique among this client's requests (replies come to its inbox)."""
+        return f"{self.id}.{next(self._rids)}"
+
     def next_cseq(self, task_id: str) -> int:
         """The next control sequence number for ``task_id`` from this client (from 1)."""
         with self._lock:
@@ -314,10 +324,11 @@ class Client:
             self.publish(message.to_wire(), routing_key="", exchange=exchange,
                          declare=[exchange])
         else:
-            queue = self.app.names.control_queue(worker)
             if self._fast_publisher() is not None:
-                self._publish_control_redis(queue.name, codec.dumps(message.to_wire()))
+                self._publish_control_redis(self.app.names.control_queue_name(worker),
+                                            codec.dumps(message.to_wire()))
                 return
+            queue = self.app.names.control_queue(worker)
             self.publish(message.to_wire(), routing_key=queue.routing_key,
                          exchange=queue.exchange, declare=[queue])
 
@@ -338,16 +349,14 @@ class Client:
         it returns as soon as one reply arrives. Returns the replies, possibly none.
         """
         self.ensure_started()
-        rid = message.rid or uuid.uuid4().hex
+        rid = message.rid or self.new_rid()
         waiter = _Waiter(many)
         with self._lock:
             self._waiters[rid] = waiter
         try:
-            msg = ControlMessage(
-                verb=message.verb, task_id=message.task_id, data=message.data,
-                sender=self.inbox.name, rid=rid, cseq=message.cseq, token=message.token,
-            )
-            self.send_control(msg, worker)
+            if message.sender != self.inbox.name or message.rid != rid:
+                message = dataclasses.replace(message, sender=self.inbox.name, rid=rid)
+            self.send_control(message, worker)
             deadline = time.monotonic() + timeout
             first_reply = float("inf")
             with waiter.cond:
@@ -415,8 +424,10 @@ class Client:
         next_housekeeping = time.monotonic() + 1.0
         secret = self.app.secret
         while not self._stop.is_set():
-            reader = InboxReader(self.app.broker_url, self.inbox.name)
+            reader: InboxReader | None = None
             try:
+                # connects at once (one connection of its own), so inside the try
+                reader = InboxReader(self.app.broker_url, self.inbox.name)
                 reader.ping()
                 if self._ready.is_set():
                     logger.info("inbox reconnected to %s", self.app.broker_url_display)
@@ -437,7 +448,8 @@ class Client:
                         self._housekeeping()
                 reader.close(delete=True)
             except Exception as exc:
-                reader.close(delete=False)
+                if reader is not None:
+                    reader.close(delete=False)
                 if not self._ready.is_set():
                     self._thread_error = exc
                     self._ready.set()

@@ -518,17 +518,22 @@ class TaskHandle(Generic[R]):
                 raise TaskTimeout(f"no event from task {self.id} in {timeout}s") from None
 
     # -- control ----------
-    def send(self, data: Any, *, timeout: float = 5.0) -> None:
+    def send(self, data: Any, *, timeout: float = 5.0, wait: bool = True) -> None:
         """Send a control verb (``"pause"``, ``"resume"``, ``"cancel"``) or any message.
 
-        Anything that is not a verb arrives at the task's ``self.receive()``. Raises
-        :class:`NotAuthorized` without a token (or operator secret),
-        :class:`TaskFinished` when the task already ended.
+        Anything that is not a verb arrives at the task's ``self.receive()``. By default
+        this returns once the worker acknowledged it; ``wait=False`` returns as soon as
+        it is published to the task's worker (for streams of messages: order is kept,
+        but a refusal, such as a wrong token, is only logged by the worker). Before the
+        task started, its worker is not known and it waits anyway: the message is held
+        by every worker, and the next one must not overtake it. Raises :class:`NotAuthorized`
+        without a token (or operator secret), :class:`TaskFinished` when the task
+        already ended, :class:`ControlError` when no worker acknowledged in ``timeout``.
         """
         if isinstance(data, str) and data in (Verb.PAUSE, Verb.RESUME, Verb.CANCEL):
-            self._control(data, None, timeout=timeout)
+            self._control(data, None, timeout=timeout, wait=wait)
         else:
-            self._control(Verb.MESSAGE, data, timeout=timeout)
+            self._control(Verb.MESSAGE, data, timeout=timeout, wait=wait)
 
     def pause(self, hard: bool = False, *, timeout: float = 5.0) -> None:
         """Pause at the next checkpoint, or freeze the child at once with ``hard=True``.
@@ -560,12 +565,14 @@ class TaskHandle(Generic[R]):
         tokens = {self.id: self._token} if self._token else None
         self.app.revoke([self.id], terminate=terminate, tokens=tokens)
 
-    def _control(self, verb: str, data: Any, *, timeout: float) -> None:
-        """Deliver one task verb and wait for the worker's acknowledgement.
+    def _control(self, verb: str, data: Any, *, timeout: float, wait: bool = True) -> None:
+        """Deliver one task verb and (with ``wait``) wait for the worker's acknowledgement.
 
         When the worker is not known yet (the task is queued) the verb is broadcast;
         every worker holds it and applies it if and when the task reaches it, in the
-        order this client sent it (``cseq``).
+        order this client sent it (``cseq``), which is why it always waits then. Without
+        ``wait`` (and a known worker) the message carries no request id, so the worker
+        sends no reply.
         """
         if self._state.is_final:
             raise TaskFinished(f"task {self.id} already ended ({self._state.value})")
@@ -576,11 +583,16 @@ class TaskHandle(Generic[R]):
             )
         client = self.app.client
         client.ensure_started()
+        worker = self._worker
+        wait = wait or worker is None
         message = ControlMessage(
-            verb=verb, task_id=self.id, data=data, cseq=client.next_cseq(self.id),
+            verb=verb, task_id=self.id, data=data, sender=client.inbox.name,
+            rid=client.new_rid() if wait else None, cseq=client.next_cseq(self.id),
             token=self._token,
         )
-        worker = self._worker
+        if not wait:
+            client.send_control(message, worker)
+            return
         replies = client.request(message, worker, timeout, many=worker is None,
                                  until=_has_owner, settle=0.3)
         owner = [r for r in replies if r.get("ok") is not None and not r.get("pending")]

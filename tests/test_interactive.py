@@ -91,6 +91,19 @@ def test_pause_resume_message_and_cancel(tasks, start_worker, broker, pool):
 
 
 @pytest.mark.parametrize("pool", POOLS)
+def test_send_without_waiting_keeps_order(tasks, start_worker, pool):
+    # Sent before the task runs (held by the worker) and while it runs (its own queue),
+    # none acknowledged: every message arrives, in the order sent.
+    start_worker(pool=pool)
+    handle = tasks.echo_server.start(300)
+    for i in range(300):
+        handle.send({"i": i}, wait=False)
+    assert handle.result(timeout=30) == [{"i": i} for i in range(300)]
+    echoed = [e.data for e in handle.events(timeout=10) if e.kind == "message"]
+    assert echoed == [{"i": i} for i in range(300)]
+
+
+@pytest.mark.parametrize("pool", POOLS)
 def test_ask_and_answer(tasks, start_worker, broker, pool):
     start_worker(pool=pool)
     handle = tasks.asker.start("Your name?")

@@ -87,7 +87,7 @@ def _chord_member_done(worker: Worker, chord: dict[str, Any]) -> None:
     if not (isinstance(chord_id, str) and isinstance(size, int) and isinstance(members, list)):
         raise ProtocolError("chord header is malformed")
     # The member's own result must be readable before we count it.
-    worker.relay.flush()
+    worker.relay.flush(wait=True)
     results = worker.app.results
     if results.chord_incr(chord_id) < size:
         return

@@ -288,11 +288,15 @@ class Worker:
             if fetcher is not None:
                 fetcher.pump()
             next(loop)
-        self.relay.flush()
+        self.relay.flush(wait=True)
         self.relay.publish_monitor({"t": "worker-offline", "worker": self.hostname,
                                     "ts": time.time()})
 
     def _teardown_connection(self) -> None:
+        try:
+            self.relay.detach()
+        except Exception as exc:
+            logger.warning("could not finish sending to the broker: %s", exc)
         hub, self.hub = self.hub, None
         if hub is not None:
             try:

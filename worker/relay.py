@@ -32,6 +32,9 @@ logger = logging.getLogger("interactive_tasks.worker")
 
 #: inbox messages kept for resending while the broker is unreachable (oldest dropped past)
 UNSENT_KEPT = 100_000
+#: Redis: packets sent and not answered before the next flush waits for an answer. The
+#: back-pressure that makes progress coalesce when the broker or a watcher is slow.
+MAX_IN_FLIGHT = 2
 
 #: event kinds that also go to the monitoring stream, as Celery's task event names
 MONITORED = {
@@ -73,7 +76,17 @@ class Relay:
                 self.publish_inbox(inbox, payload)
         url = self.worker.app.broker_url
         if self.fast is None and is_redis(url):
-            self.fast = WorkerPipeline(url)
+            self.fast = WorkerPipeline(url, self._pipeline_failed, self._pipeline_answered)
+        if self.fast is not None:
+            self.fast.attach(self.worker.hub)
+            if self.pending_results or self.pending_acks or self.frames:
+                self.schedule_flush()  # what failed while the connection was down
+
+    def detach(self) -> None:
+        """Before the worker's loop goes away: wait for what is in flight to Redis."""
+        if self.fast is not None:
+            self.fast.attach(None)
+            self.fast.drain()
 
     def task_event(self, type_: str, record: TaskRecord, **fields: Any) -> None:
         """Queue a monitoring event (``task-received`` …) if task events are on."""
@@ -114,14 +127,28 @@ class Relay:
         w = self.worker
         if not self.flush_scheduled and w.hub is not None:
             self.flush_scheduled = True
-            w.hub.call_soon(self.flush)
+            w.hub.call_soon(self._scheduled_flush)
 
-    def flush(self) -> None:
-        """Store results, then ack, then publish batched events (in that order)."""
+    def _scheduled_flush(self) -> None:
+        if self.fast is not None and self.fast.in_flight >= MAX_IN_FLIGHT:
+            # The next answer from Redis schedules it again (_pipeline_answered);
+            # meanwhile progress events coalesce in the outbox.
+            self.flush_scheduled = False
+            return
+        self.flush()
+
+    def flush(self, wait: bool = False) -> None:
+        """Store results, then ack, then publish batched events (in that order).
+
+        On Redis they go out in one packet whose answer the loop reads later; with
+        ``wait`` this returns only once Redis answered everything sent so far.
+        """
         w = self.worker
         self.flush_scheduled = False
         if self.fast is not None:
             self._flush_fast()
+            if wait:
+                self.fast.drain()
             return
         if self.pending_results:
             results, self.pending_results = self.pending_results, []
@@ -177,16 +204,27 @@ class Relay:
                     logger.error("result store failed (%s); retrying", exc)
                     self._retry_later(results, acks, frames)
                     return
-        try:
-            self.fast.execute(results=packed, result_key=result_key,
-                              result_expire_at=expire_at, acks=acks, frames=frames)
-        except Exception as exc:
-            logger.error("redis pipeline failed (%s); retrying", exc)
-            self._retry_later(results if packed else [], acks, frames)
-            return
+        self.fast.submit(results=packed, result_key=result_key, result_expire_at=expire_at,
+                         acks=acks, frames=frames,
+                         context=(results if packed else [], acks, frames))
         if self.monitor:
             batch, self.monitor = self.monitor, []
             self.publish_monitor({"t": "task-events", "worker": w.hostname, "e": batch})
+
+    def _pipeline_answered(self) -> None:
+        if self.outbox or self.frames or self.pending_results or self.pending_acks or \
+                self.monitor:
+            self.schedule_flush()
+
+    def _pipeline_failed(self, contexts: list[Any]) -> None:
+        results: list[tuple[str, dict[str, Any]]] = []
+        acks: list[Any] = []
+        frames: list[tuple[str, bytes]] = []
+        for context_results, context_acks, context_frames in contexts:
+            results += context_results
+            acks += context_acks
+            frames += context_frames
+        self._retry_later(results, acks, frames)
 
     def _retry_later(self, results: list[tuple[str, dict[str, Any]]], acks: list[Any],
                      frames: list[tuple[str, bytes]]) -> None:
@@ -282,6 +320,8 @@ class Relay:
         """Drop expired subscriptions, held controls and revoked ids (every second)."""
         self._prune_revoked()
         self._expire_subscriptions()
+        if self.fast is not None:
+            self.fast.check_stalled()
 
     def _prune_revoked(self) -> None:
         revoked = self.worker.revoked

@@ -91,12 +91,11 @@ def bell_key(queue: str) -> str:
     return queue + BELL_SUFFIX
 
 
-def ring(pipe: Any, queue: str) -> None:
-    """Add the commands that ring ``queue``'s bell to redis pipeline ``pipe``."""
+def bell_commands(queue: str) -> list[tuple[bytes | str | int, ...]]:
+    """The commands that ring ``queue``'s bell (``redis_fast.pack_commands`` form)."""
     key = bell_key(queue)
-    pipe.lpush(key, b"1")
-    pipe.ltrim(key, 0, BELL_KEEP - 1)
-    pipe.pexpire(key, BELL_EXPIRES_MS)
+    return [(b"LPUSH", key, b"1"), (b"LTRIM", key, 0, BELL_KEEP - 1),
+            (b"PEXPIRE", key, BELL_EXPIRES_MS)]
 
 
 class TaskFetcher:
@@ -202,7 +201,8 @@ class TaskFetcher:
         Raises the Redis client's errors.
         """
         pipe = self._redis.pipeline(transaction=False)
-        ring(pipe, queue)
+        for command in bell_commands(queue):
+            pipe.execute_command(*command)
         pipe.execute()
 
     def fetch(self, count: int) -> int:

@@ -1,0 +1,199 @@
+"""The hand-packed Redis commands and the worker's asynchronous pipeline, against a real
+Redis server (transport.redis_fast)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu.asynchronous import Hub
+
+from interactive_tasks.transport import redis_fast
+from interactive_tasks.transport.redis_fast import (
+    InboxReader,
+    TaskPublisher,
+    WorkerPipeline,
+    pack_commands,
+    send_packed,
+)
+
+from .conftest import REDIS_URL, wait_for
+
+pytestmark = pytest.mark.usefixtures("redis_available")
+
+
+@pytest.fixture
+def redis_available() -> None:
+    from .conftest import require_broker
+
+    require_broker("redis")
+
+
+@pytest.fixture
+def r() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ns(r: redis.Redis) -> Iterator[str]:
+    namespace = f"rf{uuid.uuid4().hex[:8]}"
+    yield namespace
+    keys = list(r.scan_iter(f"{namespace}*"))
+    if keys:
+        r.delete(*keys)
+
+
+def test_packed_commands_carry_every_argument_type_exactly(r: redis.Redis, ns: str) -> None:
+    one = redis.Redis.from_url(REDIS_URL, single_connection_client=True)
+    value = bytes(range(256)) + b"\r\n$3\r\n"  # binary, with RESP's own delimiters inside
+    packet = pack_commands((b"LPUSH", f"{ns}.l", value), (b"PEXPIRE", f"{ns}.l", 60_000),
+                           (b"SET", f"{ns}.f", 2.5), ("SET", f"{ns}.s", "é"))
+    send_packed(one, packet, 4)
+    assert r.lrange(f"{ns}.l", 0, -1) == [value]
+    assert 0 < r.pttl(f"{ns}.l") <= 60_000
+    assert r.get(f"{ns}.f") == b"2.5" and r.get(f"{ns}.s") == "é".encode()
+    one.close()
+
+
+def test_an_error_reply_is_raised_after_every_reply_is_read(r: redis.Redis, ns: str) -> None:
+    r.set(f"{ns}.str", "x")
+    one = redis.Redis.from_url(REDIS_URL, single_connection_client=True)
+    packet = pack_commands((b"LPUSH", f"{ns}.str", b"1"), (b"LPUSH", f"{ns}.l", b"2"))
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        send_packed(one, packet, 2)
+    assert r.lrange(f"{ns}.l", 0, -1) == [b"2"]
+    assert one.ping()  # the connection is still in step: PING reads its own reply
+    one.close()
+
+
+def test_publisher_survives_a_killed_connection(r: redis.Redis, ns: str) -> None:
+    pub = TaskPublisher(REDIS_URL)
+    pub.publish(f"{ns}.q", b"a", 60_000)
+    r.client_kill_filter(_id=pub._redis.client_id())
+    pub.publish(f"{ns}.q", b"b", 60_000)
+    assert r.lrange(f"{ns}.q", 0, -1) == [b"b", b"a"]
+    pub.close()
+
+
+def test_inbox_reader_reads_in_order_and_times_out(r: redis.Redis, ns: str) -> None:
+    reader = InboxReader(REDIS_URL, f"{ns}.inbox")
+    r.lpush(f"{ns}.inbox", b"1", b"2", b"3")
+    assert reader.read(0.5) == [b"1", b"2", b"3"]
+    started = time.monotonic()
+    assert reader.read(0.1) == []
+    assert time.monotonic() - started >= 0.09
+    reader.close()
+
+
+class _Loop:
+    """Runs a kombu Hub the way the worker does."""
+
+    def __init__(self) -> None:
+        self.hub = Hub()
+        self._loop = self.hub.create_loop()
+
+    def run_until(self, predicate: Any, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "the loop did not get there in time"
+            next(self._loop)
+
+    def close(self) -> None:
+        self.hub.close()
+
+
+def test_pipeline_on_a_loop_does_not_wait_and_keeps_order(r: redis.Redis, ns: str) -> None:
+    failed: list[Any] = []
+    answered: list[int] = []
+    pipe = WorkerPipeline(REDIS_URL, failed.extend, lambda: answered.append(1))
+    loop = _Loop()
+    pipe.attach(loop.hub)
+    key = f"{ns}.inbox"
+    for i in range(50):
+        pipe.submit(results=[], result_key=None, result_expire_at=0, acks=[],
+                    frames=[(key, b"%d" % i)], context=i)
+    assert pipe.in_flight > 0  # submit returned before Redis answered
+    loop.run_until(lambda: pipe.in_flight == 0)
+    assert answered and not failed
+    assert r.lrange(key, 0, -1)[::-1] == [b"%d" % i for i in range(50)]
+    assert 0 < r.pttl(key) <= redis_fast.INBOX_EXPIRES_MS
+    pipe.close()
+    loop.close()
+
+
+def test_pipeline_resends_what_a_dropped_connection_left_unanswered(
+        r: redis.Redis, ns: str) -> None:
+    failed: list[Any] = []
+    pipe = WorkerPipeline(REDIS_URL, failed.extend)
+    loop = _Loop()
+    pipe.attach(loop.hub)
+    key = f"{ns}.inbox"
+    connection_id = pipe._redis.client_id()
+    pipe.submit(results=[], result_key=None, result_expire_at=0, acks=[],
+                frames=[(key, b"first")], context="first")
+    r.client_kill_filter(_id=connection_id)  # maybe before, maybe after it ran
+    loop.run_until(lambda: pipe.in_flight == 0)
+    assert not failed
+    frames = r.lrange(key, 0, -1)
+    assert frames and set(frames) == {b"first"}  # at least once (a repeat is dropped by seq)
+    pipe.close()
+    loop.close()
+
+
+def test_pipeline_hands_back_what_redis_refused(r: redis.Redis, ns: str) -> None:
+    r.set(f"{ns}.inbox", "not a list")
+    failed: list[Any] = []
+    pipe = WorkerPipeline(REDIS_URL, failed.extend)
+    loop = _Loop()
+    pipe.attach(loop.hub)
+    pipe.submit(results=[], result_key=None, result_expire_at=0, acks=[],
+                frames=[(f"{ns}.inbox", b"x")], context="ctx")
+    loop.run_until(lambda: pipe.in_flight == 0)
+    assert failed == ["ctx"]
+    pipe.close()
+    loop.close()
+
+
+def test_a_stalled_pipeline_counts_as_a_broken_connection(
+        r: redis.Redis, ns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    failed: list[Any] = []
+    pipe = WorkerPipeline(REDIS_URL, failed.extend)
+    loop = _Loop()
+    pipe.attach(loop.hub)
+    monkeypatch.setattr(redis_fast, "STALLED_AFTER", 0.0)  # any wait is too long now
+    r.client_pause(400, all=False)  # write commands wait: no answer for 0.4 s
+    try:
+        pipe.submit(results=[], result_key=None, result_expire_at=0, acks=[],
+                    frames=[(f"{ns}.inbox", b"x")], context="ctx")
+        assert pipe.in_flight == 1
+        pipe.check_stalled()  # resends on a fresh connection and waits for the answer
+    finally:
+        r.client_unpause()
+    wait_for(lambda: pipe.in_flight == 0, message="answered")
+    assert not failed and set(r.lrange(f"{ns}.inbox", 0, -1)) == {b"x"}
+    pipe.close()
+    loop.close()
+
+
+def test_a_client_inherited_through_fork_takes_an_inbox_of_its_own(ns: str) -> None:
+    # After a fork the parent's inbox thread is gone; sharing its inbox name would let
+    # both processes take each other's replies and events off the same list.
+    from interactive_tasks import App
+
+    app = App("forked", broker=REDIS_URL, namespace=ns)
+    client = app.client
+    inherited = client.inbox.name
+    client._pid = 1  # as if this object had been started by a parent process
+    try:
+        client.ensure_started()
+        assert client.inbox.name != inherited and client.id in client.inbox.name
+        rids = {client.new_rid() for _ in range(1000)}
+        assert len(rids) == 1000 and all(rid.startswith(client.id) for rid in rids)
+    finally:
+        app.close()
