@@ -286,8 +286,8 @@ class Soak:
         key = self._key("steps")
         rng = random.Random(key)
         handle = soak_steps_by_name(client, key, rng.randint(5, 25), rng.uniform(0.01, 0.04))
-        plan = {"paused": False, "sent": [], "pause": rng.random() < 0.3,
-                "send": rng.random() < 0.5}
+        plan: dict[str, Any] = {"paused": False, "sent": [], "pause": rng.random() < 0.3,
+                                "send": rng.random() < 0.5}
 
         def interact(h: Any) -> None:
             if h.state is not TaskState.RUNNING and h.state is not TaskState.PAUSED:

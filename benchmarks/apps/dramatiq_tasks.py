@@ -33,6 +33,8 @@ def make_broker(ns: str, broker_url: str, results_url: str) -> SimpleNamespace:
     def noop() -> None:
         return None
 
-    noop_actor = dramatiq.actor(noop, actor_name="bench_noop", queue_name=ns, broker=broker,
-                                store_results=True)
+    # store_results is the Results middleware's actor option (typed as **options)
+    options: dict[str, Any] = {"store_results": True}
+    noop_actor = dramatiq.actor(actor_name="bench_noop", queue_name=ns, broker=broker,
+                                **options)(noop)
     return SimpleNamespace(broker=broker, backend=backend, noop=noop_actor)

@@ -103,6 +103,18 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              (Metric("p50_ms", "p50", "ms", False, at_most(1.0, "ms")),
               Metric("p99_ms", "p99", "ms", False)),
              budget=180),
+    Workload("control_oneway_nowait", "the same with handle.send(data, wait=False): no "
+             "acknowledgement awaited (Celery's put awaits none either)",
+             control.control_oneway_nowait, INTERACTIVE,
+             (Metric("p50_ms", "p50", "ms", False, at_most(0.5, "ms")),
+              Metric("p99_ms", "p99", "ms", False)),
+             budget=180),
+    Workload("control_roundtrip_nowait", "the echo round trip with handle.send(data, "
+             "wait=False)",
+             control.control_roundtrip_nowait, INTERACTIVE,
+             (Metric("p50_ms", "p50", "ms", False, at_most(1.0, "ms")),
+              Metric("p99_ms", "p99", "ms", False)),
+             budget=180),
     Workload("progress_rate", "a task emits progress as fast as it can (itask 100k, "
              "Celery update_state 10k)",
              progress.progress_rate, INTERACTIVE,

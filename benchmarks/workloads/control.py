@@ -1,6 +1,8 @@
 """Control of a running task: one-way latency and echo round trip.
 
-interactive_tasks: ``handle.send(data)`` → the worker → the pool child → ``self.receive()``.
+interactive_tasks: ``handle.send(data)`` → the worker → the pool child → ``self.receive()``;
+by default ``send`` waits for the worker's acknowledgement, the ``_nowait`` workloads use
+``send(data, wait=False)``.
 Celery has no way to talk to a running task; its closest workaround is a kombu queue per
 task that the task consumes itself (and a second one for replies).
 """
@@ -17,13 +19,13 @@ from ..systems import CelerySystem, System
 from .common import CONTROL_GAP, size, wait_itask_started
 
 
-def control_oneway(system: System, quick: bool) -> dict[str, Any]:
+def control_oneway(system: System, quick: bool, wait: bool = True) -> dict[str, Any]:
     """Client puts ``time.time()`` in the message; the task records receive − sent."""
     n = size(quick, 300, 30)
     warm = size(quick, 20, 5)
     total = n + warm
     if system.name == "itask":
-        samples = _itask_oneway(system, total)
+        samples = _itask_oneway(system, total, wait)
     elif isinstance(system, CelerySystem):
         samples = _celery_oneway(system, total)
     else:
@@ -33,12 +35,17 @@ def control_oneway(system: System, quick: bool) -> dict[str, Any]:
     return latency_summary(samples[warm:])
 
 
-def _itask_oneway(system: System, total: int) -> list[float]:
+def control_oneway_nowait(system: System, quick: bool) -> dict[str, Any]:
+    """:func:`control_oneway` with ``handle.send(..., wait=False)`` (itask)."""
+    return control_oneway(system, quick, wait=False)
+
+
+def _itask_oneway(system: System, total: int, wait: bool) -> list[float]:
     with system.worker():
         handle = system.bench.ctl_sink.start(total)
         wait_itask_started(handle)
         for _ in range(total):
-            handle.send({"t": time.time()})
+            handle.send({"t": time.time()}, wait=wait)
             time.sleep(CONTROL_GAP)
         return list(handle.result(60))
 
@@ -60,12 +67,12 @@ def _celery_oneway(system: CelerySystem, total: int) -> list[float]:
             outq.close()
 
 
-def control_roundtrip(system: System, quick: bool) -> dict[str, Any]:
+def control_roundtrip(system: System, quick: bool, wait: bool = True) -> dict[str, Any]:
     """Client sends ``{"i": i}``; the task sends it back; time until the client sees it."""
     n = size(quick, 300, 30)
     warm = size(quick, 20, 5)
     if system.name == "itask":
-        samples = _itask_roundtrip(system, n + warm)
+        samples = _itask_roundtrip(system, n + warm, wait)
     elif isinstance(system, CelerySystem):
         samples = _celery_roundtrip(system, n + warm)
     else:
@@ -73,7 +80,12 @@ def control_roundtrip(system: System, quick: bool) -> dict[str, Any]:
     return latency_summary(samples[warm:])
 
 
-def _itask_roundtrip(system: System, total: int) -> list[float]:
+def control_roundtrip_nowait(system: System, quick: bool) -> dict[str, Any]:
+    """:func:`control_roundtrip` with ``handle.send(..., wait=False)`` (itask)."""
+    return control_roundtrip(system, quick, wait=False)
+
+
+def _itask_roundtrip(system: System, total: int, wait: bool) -> list[float]:
     samples: list[float] = []
     with system.worker():
         handle = system.bench.echo.start(total)
@@ -81,7 +93,7 @@ def _itask_roundtrip(system: System, total: int) -> list[float]:
         events = handle.events(timeout=10)
         for i in range(total):
             start = time.perf_counter()
-            handle.send({"i": i})
+            handle.send({"i": i}, wait=wait)
             for event in events:
                 if event.kind == "message" and event.data == {"i": i}:
                     break

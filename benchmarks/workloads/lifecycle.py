@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -103,7 +104,7 @@ def _celery_cancel(system: CelerySystem, n: int) -> tuple[list[float], list[floa
         for _ in range(n):
             before = wait_until(pool_pids, 10, what="pool processes")
             result = system.bench.spin.delay(30)
-            wait_until(lambda r=result: running(r.id), 30, interval=0.005,
+            wait_until(functools.partial(running, str(result.id)), 30, interval=0.005,
                        what="task running")
             time.sleep(0.05)
             start = time.perf_counter()
