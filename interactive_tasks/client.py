@@ -9,6 +9,7 @@ lock, so user threads can publish while the inbox thread blocks in ``drain_event
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -95,6 +96,8 @@ class Client:
         self._pid = 0
         self._cseq: dict[str, int] = {}
         self._rids = itertools.count(1)
+        #: task ids whose handles were collected, pruned from _watchers under the lock
+        self._unwatched: collections.deque[str] = collections.deque()
         self._task_publisher: Any = None
 
     # -- lifecycle ----------
@@ -381,15 +384,29 @@ class Client:
     # -- watchers ----------
     def watch(self, watcher: Watcher) -> None:
         with self._lock:
+            self._prune_unwatched()
             refs = self._watchers.setdefault(watcher.task_id, [])
             refs.append(weakref.ref(watcher))
 
     def unwatch(self, watcher: Watcher) -> None:
-        with self._lock:
-            refs = self._watchers.get(watcher.task_id, [])
-            refs[:] = [r for r in refs if r() is not None and r() is not watcher]
-            if not refs:
-                self._watchers.pop(watcher.task_id, None)
+        """Forget ``watcher`` (a handle being collected) soon; never blocks.
+
+        The garbage collector calls this from ``TaskHandle.__del__`` at any allocation,
+        also in a thread that holds ``_lock`` (inside :meth:`watch`, say): taking the lock
+        here deadlocked that thread and, with it, the inbox thread. The task id is queued
+        instead (``deque.append`` is atomic) and pruned under the lock later.
+        """
+        self._unwatched.append(watcher.task_id)
+
+    def _prune_unwatched(self) -> None:
+        """Drop dead watchers of the task ids :meth:`unwatch` queued. Caller holds _lock."""
+        while self._unwatched:
+            task_id = self._unwatched.popleft()
+            refs = self._watchers.get(task_id)
+            if refs is not None:
+                refs[:] = [r for r in refs if r() is not None]
+                if not refs:
+                    del self._watchers[task_id]
 
     def _watchers_of(self, task_id: str) -> list[Watcher]:
         with self._lock:
@@ -556,6 +573,8 @@ class Client:
             raise ProtocolError(f"unknown inbox message type {kind!r}")
 
     def _housekeeping(self) -> None:
+        with self._lock:
+            self._prune_unwatched()
         self._renew(force=False)
         self._check_workers()
 

@@ -112,3 +112,32 @@ def test_a_loop_of_short_waits_still_falls_back_to_the_result_store(tmp_path: An
         except TaskTimeout:
             pass
     assert h.ready() and h.result(0) == "from the store"
+
+
+def test_a_handle_collected_while_the_client_lock_is_held_does_not_deadlock() -> None:
+    # The garbage collector runs TaskHandle.__del__ at any allocation, also inside the
+    # client's own locked sections (watch() appending a weakref, say). A 10,000-task
+    # stress run hung that way: the main thread blocked on the lock it held, the inbox
+    # thread behind it, and the worker deleted the silent client's inbox.
+    import gc
+    import threading
+
+    app = App("gc", broker="redis://127.0.0.1:1/0", namespace="gcdeadlock")
+    client = app.client
+    handle = TaskHandle(app, "t-collected", token="tok")
+    assert client._watchers_of("t-collected") == [handle]
+    finished = threading.Event()
+
+    def collect_under_the_lock() -> None:
+        nonlocal handle
+        with client._lock:
+            del handle  # the last reference: __del__ runs here, lock held
+            gc.collect()
+        finished.set()
+
+    thread = threading.Thread(target=collect_under_the_lock, daemon=True)
+    thread.start()
+    assert finished.wait(5), "unwatch from __del__ blocked on the client's own lock"
+    with client._lock:
+        client._prune_unwatched()
+    assert "t-collected" not in client._watchers
