@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -81,6 +82,8 @@ class Client:
         self.app = app
         self.id = uuid.uuid4().hex[:16]
         self.inbox: Queue = app.names.inbox_queue(self.id)
+        #: the process that chose ``id`` (a forked child chooses its own)
+        self._id_pid = os.getpid()
         self._pub_lock = threading.RLock()
         self._pub_conn: Connection | None = None
         self._producer: Producer | None = None
@@ -106,18 +109,19 @@ class Client:
 
         Raises :class:`TransportError` when the broker cannot be reached in ``timeout``.
         """
-        import os
-
         if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
             return
         with self._lock:
             if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
                 return
+            if self._id_pid != os.getpid():
+                # Created (or started) in a parent before a fork: the parent may use the
+                # same inbox name; two readers would take each other's replies.
+                self._id_pid = os.getpid()
+                self.id = uuid.uuid4().hex[:16]
+                self.inbox = self.app.names.inbox_queue(self.id)
             if self._pid != os.getpid():
-                # After a fork the parent's connections, thread and inbox are not ours.
-                if self._pid:
-                    self.id = uuid.uuid4().hex[:16]
-                    self.inbox = self.app.names.inbox_queue(self.id)
+                # After a fork the parent's connections and thread are not ours.
                 self._pub_conn = None
                 self._producer = None
                 self._task_publisher = None

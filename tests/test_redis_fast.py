@@ -189,7 +189,7 @@ def test_a_client_inherited_through_fork_takes_an_inbox_of_its_own(ns: str) -> N
     app = App("forked", broker=REDIS_URL, namespace=ns)
     client = app.client
     inherited = client.inbox.name
-    client._pid = 1  # as if this object had been started by a parent process
+    client._id_pid = 1  # as if a parent process had made this object, then forked
     try:
         client.ensure_started()
         assert client.inbox.name != inherited and client.id in client.inbox.name
