@@ -17,7 +17,6 @@ the result store (so a chord needs one: Redis or the embedded/file store).
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
 
 def _step(sig: Signature[Any], app: App, extra_args: tuple[Any, ...] = ()) -> dict[str, Any]:
     """A step descriptor as carried in message headers; includes its token (client only)."""
-    token = secrets.token_urlsafe(18)
+    token = codec.new_token()
     options = dict(sig.options)
     return {
         "id": options.pop("task_id", None) or str(uuid.uuid4()),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import hmac
+import secrets
 import struct
 import uuid
 from typing import Any
@@ -106,6 +107,12 @@ def verify(secret: bytes, body: bytes, signature: object) -> bool:
     if not isinstance(signature, str):
         return False
     return hmac.compare_digest(sign(secret, body), signature)
+
+
+def new_token() -> str:
+    """A fresh capability token: 144 random bits in hex, so it never starts with ``-``
+    (``itask cancel ID --token -x…`` would be read as an option: one token in 64 did)."""
+    return secrets.token_hex(18)
 
 
 def token_digest(token: str) -> str:

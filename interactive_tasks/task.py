@@ -10,7 +10,6 @@ parameter and use ``self.progress()``, ``self.send()``, ``self.receive()``,
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -386,7 +385,7 @@ def build_message(
         check_task_id(task_id)  # raises ProtocolError with what is allowed
     if nesting_depth([list(args or ()), dict(kwargs or {})]) > MAX_NESTING:
         raise ValueError(f"task arguments nest deeper than {MAX_NESTING} levels")
-    token = secrets.token_urlsafe(18)
+    token = codec.new_token()
     message = TaskMessage(
         id=task_id or str(uuid.uuid4()),
         task=name,

@@ -685,3 +685,13 @@ def test_without_the_secret_nobody_can_submit_control_or_forge_events(
     finally:
         legit.close()
         guesser.close()
+
+
+def test_capability_tokens_never_read_as_options():
+    # `itask revoke ID --token T` failed in CI when T began with "-" (argparse took it for
+    # an option): URL-safe base64 tokens did one time in 64.
+    from interactive_tasks.codec import new_token
+
+    tokens = {new_token() for _ in range(5000)}
+    assert len(tokens) == 5000
+    assert [t for t in tokens if t.startswith("-")] == []
