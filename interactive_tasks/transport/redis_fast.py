@@ -102,6 +102,35 @@ def kombu_body(raw: bytes) -> tuple[bytes, Any]:
         raise ProtocolError(f"not a kombu message: {exc}") from exc
 
 
+class _HubWatch:
+    """Keeps one redis-py connection's socket registered for reading on a kombu Hub
+    (``hub``; None: nothing is registered)."""
+
+    def __init__(self, on_readable: Callable[[], None]) -> None:
+        self.hub: Any = None
+        self._on_readable = on_readable
+        self._fd: int | None = None
+
+    def watch(self, conn: Any) -> None:
+        """Register ``conn``'s socket, again after a reconnect gave it a new one."""
+        sock = conn._sock if conn is not None else None
+        if sock is None or self.hub is None:
+            return
+        fd = sock.fileno()
+        if self._fd != fd:
+            self.unwatch()
+            self._fd = fd
+            self.hub.add_reader(fd, self._on_readable)
+
+    def unwatch(self) -> None:
+        if self._fd is not None and self.hub is not None:
+            try:
+                self.hub.remove_reader(self._fd)
+            except Exception:
+                pass
+        self._fd = None
+
+
 class HubCommand:
     """One blocking Redis command at a time on its own connection, its reply read by the
     worker's event loop (kombu's Hub) when the socket turns readable — how kombu runs its
@@ -120,14 +149,13 @@ class HubCommand:
                                            single_connection_client=True,
                                            health_check_interval=0)
         self._on_reply = on_reply
-        self._hub: Any = None
-        self._fd: int | None = None
+        self._socket = _HubWatch(self._on_readable)
         #: a command was sent and its reply is not read yet
         self.in_flight = False
         self.closed = False
 
     def attach(self, hub: Any) -> None:
-        self._hub = hub
+        self._socket.hub = hub
 
     def send(self, *args: Any) -> None:
         self.send_packed(pack_commands(args))
@@ -135,15 +163,10 @@ class HubCommand:
     def send_packed(self, packet: bytes) -> None:
         """Send one command already packed with :func:`pack_commands`."""
         conn = self._redis.connection
-        assert conn is not None and self._hub is not None
+        assert conn is not None and self._socket.hub is not None
         conn.send_packed_command([packet], check_health=False)
         self.in_flight = True
-        sock = conn._sock
-        assert sock is not None
-        if self._fd != sock.fileno():
-            self._unwatch()
-            self._fd = sock.fileno()
-            self._hub.add_reader(self._fd, self._on_readable)
+        self._socket.watch(conn)
 
     def _on_readable(self) -> None:
         import redis
@@ -159,12 +182,12 @@ class HubCommand:
             self._on_reply(reply)
         finally:
             if not self.in_flight:
-                self._unwatch()
+                self._socket.unwatch()
 
     def abandon(self) -> None:
         """Stop watching; a reply still due is dropped with the connection (it would be
         read as the next command's)."""
-        self._unwatch()
+        self._socket.unwatch()
         if self.in_flight:
             self.in_flight = False
             conn = self._redis.connection
@@ -174,19 +197,11 @@ class HubCommand:
     def close(self) -> None:
         self.abandon()
         self.closed = True
-        self._hub = None
+        self._socket.hub = None
         try:
             self._redis.close()
         except Exception:
             pass
-
-    def _unwatch(self) -> None:
-        if self._fd is not None and self._hub is not None:
-            try:
-                self._hub.remove_reader(self._fd)
-            except Exception:
-                pass
-        self._fd = None
 
 
 class ListReader:
@@ -257,22 +272,32 @@ def pack_commands(*commands: tuple[bytes | str | int | float, ...]) -> bytes:
     return bytes(out)
 
 
+def read_replies(conn: Any, count: int) -> Exception | None:
+    """Read ``count`` replies on redis-py connection ``conn``, all of them, so the next
+    command reads its own; returns the first error reply Redis sent (None if none).
+
+    Raises the connection's errors.
+    """
+    import redis
+
+    error: Exception | None = None
+    for _ in range(count):
+        try:
+            conn.read_response()
+        except redis.ResponseError as exc:
+            error = error or exc
+    return error
+
+
 def send_packed(client: Any, packet: bytes, replies: int) -> None:
     """Send ``packet`` (``pack_commands``) on a single-connection redis-py ``client`` and
     read its ``replies`` replies; raises the first ``redis.ResponseError`` among them
     after reading all (so the connection stays in step) and the connection's errors."""
-    import redis
-
     conn = client.connection
     assert conn is not None
     try:
         conn.send_packed_command([packet], check_health=False)
-        error: redis.ResponseError | None = None
-        for _ in range(replies):
-            try:
-                conn.read_response()
-            except redis.ResponseError as exc:
-                error = error or exc
+        error = read_replies(conn, replies)
     except BaseException:
         conn.disconnect()  # replies may be left unread: never reuse this connection
         raise
@@ -417,8 +442,7 @@ class WorkerPipeline:
                                            single_connection_client=True)
         self._on_failed = on_failed
         self._on_answered = on_answered
-        self._hub: Any = None
-        self._fd: int | None = None
+        self._socket = _HubWatch(self._on_readable)
         #: sent, not answered yet, oldest first
         self._in_flight: collections.deque[_Packet] = collections.deque()
 
@@ -429,10 +453,10 @@ class WorkerPipeline:
 
     def attach(self, hub: Any) -> None:
         """Read replies on ``hub``'s loop from now on (None: wait for them in submit)."""
-        self._unwatch()
-        self._hub = hub
-        if hub is not None and self._in_flight:
-            self._watch()
+        self._socket.unwatch()
+        self._socket.hub = hub
+        if self._in_flight:
+            self._socket.watch(self._redis.connection)
 
     def submit(self, *, results: list[tuple[str, bytes]], result_key: str | None,
                result_expire_at: int, acks: list[Any], frames: list[tuple[str, bytes]],
@@ -464,10 +488,10 @@ class WorkerPipeline:
         except Exception:
             self._resend_or_fail()
             return
-        if self._hub is None:
+        if self._socket.hub is None:
             self.drain()
         else:
-            self._watch()
+            self._socket.watch(self._redis.connection)
 
     def check_stalled(self) -> None:
         """Treat a packet unanswered for ``STALLED_AFTER`` seconds like a broken connection
@@ -502,7 +526,7 @@ class WorkerPipeline:
             if not more:
                 break
         if not self._in_flight:
-            self._unwatch()
+            self._socket.unwatch()
         if self._on_answered is not None:
             self._on_answered()
 
@@ -516,17 +540,9 @@ class WorkerPipeline:
         self._in_flight.popleft()
 
     def _complete(self, packet: _Packet) -> None:
-        import redis
         from kombu.transport import virtual
 
-        conn = self._redis.connection
-        assert conn is not None
-        error: Exception | None = None
-        for _ in range(packet.replies):  # read them all, so the next packet reads its own
-            try:
-                conn.read_response()
-            except redis.ResponseError as exc:
-                error = error or exc
+        error = read_replies(self._redis.connection, packet.replies)
         if error is not None:
             logger.error("redis refused a worker pipeline command (%s); retrying", error)
             self._on_failed([packet.context])
@@ -541,7 +557,7 @@ class WorkerPipeline:
         fresh connection and wait for the answers (every command in them is safe to
         repeat; a repeated inbox frame is dropped by its sequence number); hand back
         what still fails."""
-        self._unwatch()
+        self._socket.unwatch()
         conn = self._redis.connection
         assert conn is not None
         conn.disconnect()
@@ -559,24 +575,6 @@ class WorkerPipeline:
             self._on_failed([entry.context for entry in entries[answered:]])
 
     def close(self) -> None:
-        self._unwatch()
-        self._hub = None
+        self._socket.unwatch()
+        self._socket.hub = None
         self._redis.close()
-
-    def _watch(self) -> None:
-        conn = self._redis.connection
-        sock = conn._sock if conn is not None else None
-        if sock is None or self._hub is None:
-            return
-        if self._fd != sock.fileno():
-            self._unwatch()
-            self._fd = sock.fileno()
-            self._hub.add_reader(self._fd, self._on_readable)
-
-    def _unwatch(self) -> None:
-        if self._fd is not None and self._hub is not None:
-            try:
-                self._hub.remove_reader(self._fd)
-            except Exception:
-                pass
-        self._fd = None
