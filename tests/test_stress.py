@@ -27,10 +27,16 @@ def test_ten_thousand_tasks_from_four_clients_exactly_once(tasks, start_worker, 
     clients = [subprocess.Popen([sys.executable, "-c", CLIENT, f"c{n}", "2500"],
                                 env=broker.env(), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for n in range(4)]
-    for proc in clients:
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-2000:]
-        assert out.strip() == "ok 2500"
+    try:
+        for proc in clients:
+            out, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, err[-2000:]
+            assert out.strip() == "ok 2500"
+    finally:  # a failed or timed-out run leaves no client behind
+        for proc in clients:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     runs = Counter()
     for path in broker.record_dir.glob("runs-*.txt"):
         runs.update(path.read_text().split())
