@@ -55,3 +55,29 @@ def test_quick_benchmark_reports_every_workload(tmp_path: Path) -> None:
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, \
             (name, value)
     assert "| `throughput` |" in proc.stdout  # the markdown table is printed
+
+
+@pytest.mark.timeout(120)
+def test_floor_reports_every_chain() -> None:
+    if not _redis_up():
+        message = "Redis is not reachable on 127.0.0.1:6379"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: the benchmark smoke test must run)")
+        pytest.skip(message)
+    from benchmarks.floor import ONE_WAY, PROGRESS_CHAIN, ROUND_TRIP
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.floor", "--rounds", "1", "--samples", "30",
+         "--json"],
+        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    p50 = json.loads(proc.stdout)["p50_ms"]
+    expected = {*ONE_WAY, *(f"{name} (round trip)" for name in ROUND_TRIP),
+                f"{PROGRESS_CHAIN} (progress)"}
+    assert set(p50) == expected
+    for name, values in p50.items():
+        assert len(values) == 1 and math.isfinite(values[0]) and 0 < values[0] < 1000, \
+            (name, values)
