@@ -15,6 +15,7 @@ from kombu.asynchronous import Hub
 from interactive_tasks.transport import redis_fast
 from interactive_tasks.transport.redis_fast import (
     InboxReader,
+    RespConnection,
     TaskPublisher,
     WorkerPipeline,
     pack_commands,
@@ -50,7 +51,7 @@ def ns(r: redis.Redis) -> Iterator[str]:
 
 
 def test_packed_commands_carry_every_argument_type_exactly(r: redis.Redis, ns: str) -> None:
-    one = redis.Redis.from_url(REDIS_URL, single_connection_client=True)
+    one = RespConnection(REDIS_URL, socket_timeout=5)
     value = bytes(range(256)) + b"\r\n$3\r\n"  # binary, with RESP's own delimiters inside
     packet = pack_commands((b"LPUSH", f"{ns}.l", value), (b"PEXPIRE", f"{ns}.l", 60_000),
                            (b"SET", f"{ns}.f", 2.5), ("SET", f"{ns}.s", "é"))
@@ -63,19 +64,53 @@ def test_packed_commands_carry_every_argument_type_exactly(r: redis.Redis, ns: s
 
 def test_an_error_reply_is_raised_after_every_reply_is_read(r: redis.Redis, ns: str) -> None:
     r.set(f"{ns}.str", "x")
-    one = redis.Redis.from_url(REDIS_URL, single_connection_client=True)
+    one = RespConnection(REDIS_URL, socket_timeout=5)
     packet = pack_commands((b"LPUSH", f"{ns}.str", b"1"), (b"LPUSH", f"{ns}.l", b"2"))
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         send_packed(one, packet, 2)
     assert r.lrange(f"{ns}.l", 0, -1) == [b"2"]
-    assert one.ping()  # the connection is still in step: PING reads its own reply
+    send_packed(one, pack_commands((b"PING",)), 1)  # still in step: PING reads its own reply
+    assert not one.can_read()
+    assert one.redis.ping()  # and redis-py can go on using the same connection
     one.close()
+
+
+def test_a_connection_killed_while_waiting_fails_then_reconnects(r: redis.Redis, ns: str) -> None:
+    conn = RespConnection(REDIS_URL, socket_timeout=None)
+    connection_id = conn.redis.client_id()  # redis-py's command on the same connection
+    conn.send(pack_commands((b"BLPOP", f"{ns}.never", 10)))
+    wait_for(lambda: "cmd=blpop" in _client_list(r, connection_id), message="BLPOP blocked")
+    r.client_kill_filter(_id=connection_id)
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        conn.read_reply()
+    assert time.monotonic() - started < 5  # the kill ended the wait, not the BLPOP timeout
+    with pytest.raises(redis.ConnectionError):
+        conn.read_reply()  # nothing is due on a reset connection
+    send_packed(conn, pack_commands((b"SET", f"{ns}.k", b"v")), 1)  # a fresh connection
+    assert r.get(f"{ns}.k") == b"v"
+    conn.close()
+
+
+def _client_list(r: redis.Redis, connection_id: int) -> str:
+    """``CLIENT LIST``'s line for one connection ("" once it is gone)."""
+    lines = r.execute_command("CLIENT", "LIST").decode().splitlines()
+    return "\n".join(line for line in lines if line.startswith(f"id={connection_id} "))
+
+
+def test_a_reply_slower_than_the_socket_timeout_is_a_timeout_error(ns: str) -> None:
+    conn = RespConnection(REDIS_URL, socket_timeout=0.2)
+    conn.send(pack_commands((b"BLPOP", f"{ns}.never", 5)))
+    with pytest.raises(redis.TimeoutError):
+        conn.read_reply()
+    assert conn.fileno is None  # dropped: the late reply can never be read as another's
+    conn.close()
 
 
 def test_publisher_survives_a_killed_connection(r: redis.Redis, ns: str) -> None:
     pub = TaskPublisher(REDIS_URL)
     pub.publish(f"{ns}.q", b"a", 60_000)
-    r.client_kill_filter(_id=pub._redis.client_id())
+    r.client_kill_filter(_id=pub._conn.redis.client_id())
     pub.publish(f"{ns}.q", b"b", 60_000)
     assert r.lrange(f"{ns}.q", 0, -1) == [b"b", b"a"]
     pub.close()
@@ -134,7 +169,7 @@ def test_pipeline_resends_what_a_dropped_connection_left_unanswered(
     loop = _Loop()
     pipe.attach(loop.hub)
     key = f"{ns}.inbox"
-    connection_id = pipe._redis.client_id()
+    connection_id = pipe._conn.redis.client_id()
     pipe.submit(results=[], result_key=None, result_expire_at=0, acks=[],
                 frames=[(key, b"first")], context="first")
     r.client_kill_filter(_id=connection_id)  # maybe before, maybe after it ran
