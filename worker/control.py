@@ -31,6 +31,7 @@ from interactive_tasks.protocol import (
 )
 from interactive_tasks.transport.redis_fast import decode_frame, kombu_body
 
+from .outcomes import error_fields
 from .records import HeldControl, Subscriber, TaskRecord
 
 if TYPE_CHECKING:
@@ -238,7 +239,7 @@ class ControlRouter:
                 w.ready.remove(record)
             except ValueError:
                 pass
-            w._finish(record, EventKind.CANCELLED, {"before_start": True})
+            w.outcomes.finish(record, EventKind.CANCELLED, {"before_start": True})
             return
         if record.slot.hard_paused:
             w.pool.hard_resume(record.slot)
@@ -343,9 +344,8 @@ class ControlRouter:
                     w.ready.remove(record)
                 except ValueError:
                     pass
-                w._finish(record, EventKind.REVOKED,
-                          {"error": {"type": "TaskRevoked", "message": "revoked",
-                                     "traceback": ""}})
+                w.outcomes.finish(record, EventKind.REVOKED,
+                                  {"error": error_fields("TaskRevoked", "revoked")})
             elif terminate:
                 self.cancel(record, {"grace": 0})
         if refused:

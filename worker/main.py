@@ -43,14 +43,13 @@ from interactive_tasks.transport.redis_fetch import TaskFetcher
 from .canvas import after_finish
 from .control import ControlRouter
 from .ipc import ChannelClosed
+from .outcomes import Outcomes, error_fields
 from .pools.base import Pool, PoolSlot
 from .records import HeldControl, Subscriber, TaskRecord
 from .relay import Relay
 
 logger = logging.getLogger("interactive_tasks.worker")
 
-#: finished records kept in memory for late attach/locate
-FINISHED_KEPT = 1000
 #: a control that arrives ahead of an earlier one from the same sender waits this long
 REORDER_WAIT = 1.0
 
@@ -103,10 +102,6 @@ class TokenBucket:
         return self.next_free - now
 
 
-def _error(type_: str, message: str) -> dict[str, Any]:
-    return {"type": type_, "message": message, "traceback": ""}
-
-
 class Worker:
     """A worker node. ``Worker(app, hostname="w1@host").run()`` blocks until shutdown."""
 
@@ -149,6 +144,7 @@ class Worker:
         self._exit_code = 0
         self.control = ControlRouter(self)
         self.relay = Relay(self)
+        self.outcomes = Outcomes(self)
         #: revoked task ids -> [expires (epoch), token | None, signed]
         self.revoked: dict[str, list[Any]] = {}
         self._buckets: dict[str, TokenBucket | None] = {}
@@ -241,7 +237,7 @@ class Worker:
             task_channel.basic_qos(0, prefetch, False)
             self.fetcher = TaskFetcher(app.broker_url, task_channel,
                                        [q.name for q in task_queues],
-                                       self._on_task_message, self._dead_letter)
+                                       self._on_task_message, self.outcomes.dead_letter)
         else:
             self.task_consumer = Consumer(
                 task_channel, queues=task_queues, on_message=self._on_task_message,
@@ -391,19 +387,19 @@ class Worker:
                     reply_to = candidate
             except Exception:
                 pass
-            self._dead_letter(message, exc.reason)
+            self.outcomes.dead_letter(message, exc.reason)
             if reply_to is not None and isinstance(reply_to.get("id"), str) and \
                     self._verify(message):
                 self.relay.send_final_direct(reply_to["id"], str(reply_to.get("task", "?")),
                                              reply_to["reply_to"], EventKind.FAILED,
-                                             {"error": _error("ProtocolError", exc.reason)})
+                                             {"error": error_fields("ProtocolError", exc.reason)})
             return
         try:
             self._accept_task(task_message, message)
         except Exception as exc:  # a message we cannot handle must not stop the worker
             logger.exception("could not accept task %s", task_message.id)
             if task_message.id not in self.records:
-                self._dead_letter(message, f"could not accept the task: {exc!r}")
+                self.outcomes.dead_letter(message, f"could not accept the task: {exc!r}")
 
     def _accept_task(self, msg: TaskMessage, message: Any) -> None:
         existing = self.records.get(msg.id)
@@ -451,13 +447,13 @@ class Worker:
         self.records[msg.id] = record
         self.relay.task_event("task-received", record)
         if msg.expires is not None and msg.expires < time.time():
-            self._finish(record, EventKind.REVOKED,
-                         {"error": _error("TaskRevoked", "expired before it started")})
+            self.outcomes.finish(record, EventKind.REVOKED, {
+                "error": error_fields("TaskRevoked", "expired before it started")})
             return
         revoked = self.revoked.get(msg.id)
         if revoked is not None and self.control.revoke_applies(revoked, record):
-            self._finish(record, EventKind.REVOKED,
-                         {"error": _error("TaskRevoked", "revoked before it started")})
+            self.outcomes.finish(record, EventKind.REVOKED, {
+                "error": error_fields("TaskRevoked", "revoked before it started")})
             return
         for held in sorted(self.held.pop(msg.id, []), key=lambda h: (h.sender or "", h.cseq)):
             self.control.apply_task_control(record, held)
@@ -475,8 +471,8 @@ class Worker:
     def _reject_task(self, msg: TaskMessage, message: Any, reason: str, type_: str) -> None:
         """A valid message we will not run: dead letter, a final ``failed`` for its
         watchers and result, and the end of any workflow it belongs to."""
-        self._dead_letter(message, reason)
-        fields = {"error": _error(type_, reason)}
+        self.outcomes.dead_letter(message, reason)
+        fields = {"error": error_fields(type_, reason)}
         self.relay.send_final_direct(msg.id, msg.task, msg.reply_to, EventKind.FAILED,
                                      fields, store=True)
         if HEADER_CHAIN in msg.headers or HEADER_CHORD in msg.headers:
@@ -494,42 +490,6 @@ class Worker:
         except Exception:
             return False
         return bool(record and TaskState(record.get("state", "pending")).is_final)
-
-    def _dead_letter(self, message: Any, reason: str) -> None:
-        """Keep a rejected message on the dead-letter queue, ack the original, log why."""
-        logger.error("rejected message from %s: %s",
-                     (message.delivery_info or {}).get("routing_key", "?"), reason)
-        try:
-            assert self.producer is not None
-            dead = self.app.names.dead_letter_queue
-            self.producer.publish(
-                message.body, routing_key=dead.routing_key, exchange="",
-                content_type=message.content_type or "application/octet-stream",
-                content_encoding=message.content_encoding or "binary",
-                headers={"itask-reason": reason, "itask-worker": self.hostname,
-                         "itask-queue": (message.delivery_info or {}).get("routing_key")},
-            )
-        except Exception as exc:
-            logger.error("could not dead-letter the message (%s); requeueing it", exc)
-            message.reject(requeue=True)
-            return
-        message.ack()
-
-    def _dead_letter_record(self, record: TaskRecord, reason: str) -> None:
-        """Dead-letter a task we hold a record of (its message may be acked already)."""
-        if record.kombu_message is not None:
-            self._dead_letter(record.kombu_message, reason)
-            record.kombu_message = None
-            return
-        logger.error("dead-lettered task %s: %s", record.id, reason)
-        assert self.producer is not None
-        dead = self.app.names.dead_letter_queue
-        self.producer.publish(codec.dumps(record.message.to_wire()),
-                              routing_key=dead.routing_key, exchange="",
-                              content_type=codec.CONTENT_TYPE, content_encoding="binary",
-                              headers={"itask-reason": reason, "itask-worker": self.hostname,
-                                       "itask-queue": self.app.names.task_queue_name(
-                                           record.message.queue)})
 
     # -- dispatch to the pool ----------
     def _free_slot(self) -> PoolSlot | None:
@@ -553,8 +513,8 @@ class Worker:
                 continue
             expires = record.message.expires
             if expires is not None and expires < time.time():
-                self._finish(record, EventKind.REVOKED,
-                             {"error": _error("TaskRevoked", "expired before it started")})
+                self.outcomes.finish(record, EventKind.REVOKED, {
+                    "error": error_fields("TaskRevoked", "expired before it started")})
                 continue
             bucket = self._bucket(record.name)
             delay = bucket.take() if bucket is not None else 0.0
@@ -669,9 +629,9 @@ class Worker:
             if record is not None and record.slot is slot:
                 record.slot = None
                 if kind == EventKind.RETRY and not record.cancel_requested:
-                    self._retry(record, fields)
+                    self.outcomes.retry(record, fields)
                 else:
-                    self._finish(record, kind, fields, ts)
+                    self.outcomes.finish(record, kind, fields, ts)
             self._maybe_recycle(slot)
             self._dispatch()
         elif op == "ready":
@@ -705,7 +665,7 @@ class Worker:
         record = self.records.get(task_id) if task_id else None
         if record is not None:
             record.slot = None
-            self._on_task_lost(record, how, slot)
+            self.outcomes.task_lost(record, how, slot)
             # Tell its watchers now: spawning the replacement below forks (milliseconds).
             self.relay.flush()
         elif not slot.retiring and not self._stopping:
@@ -734,52 +694,6 @@ class Worker:
         if self.hub is not None:
             self.hub.add_reader(new.sock, self._on_slot_readable, new)
 
-    def _on_task_lost(self, record: TaskRecord, how: str, slot: PoolSlot) -> None:
-        if record.cancel_requested:
-            logger.info("task %s cancelled: %s", record.id, how)
-            self._finish(record, EventKind.CANCELLED, {"forced": True})
-            return
-        if record.kill_reason:
-            self._finish(record, EventKind.FAILED,
-                         {"error": _error("TimeLimitExceeded", record.kill_reason)})
-            return
-        reason = f"pool process {slot.pid} {how} while running task {record.id}"
-        logger.error("%s", reason)
-        # Also while stopping: a SIGTERM sent to the whole process group (a service
-        # manager) kills pool children mid-task; their tasks go back to the queue.
-        if self.app.conf.reject_on_worker_lost:
-            if record.delivery >= self.app.conf.max_deliveries:
-                reason += (f"; delivered {record.delivery} times "
-                           f"(max_deliveries={self.app.conf.max_deliveries}): dead-lettered")
-                self._dead_letter_record(record, reason)
-                self._finish(record, EventKind.FAILED, {"error": _error("WorkerLost", reason)})
-                return
-            self.relay.emit(record, EventKind.WORKER_LOST, {"reason": reason, "redelivered": True})
-            self._redeliver(record)
-            return
-        self._finish(record, EventKind.FAILED, {"error": _error("WorkerLost", reason)})
-
-    def _superseded(self, record: TaskRecord) -> bool:
-        """Whether another worker already recorded this task's end (Redis only).
-
-        A task that ran longer than Redis's visibility timeout may have been delivered
-        again (this worker was frozen, say) and finished elsewhere: its stale run must not
-        report a second final state nor overwrite the result. Shorter runs need no look.
-        """
-        if not self.app.broker_url.startswith(("redis://", "rediss://")):
-            return False
-        options = self.app.conf.broker_transport_options
-        timeout = float(options.get("visibility_timeout", 3600))
-        if time.time() - record.received < timeout:
-            return False
-        try:
-            stored = self.app.results.get(record.id)
-        except Exception:
-            return False
-        if not stored or not TaskState(stored.get("state", "pending")).is_final:
-            return False
-        return int(stored.get("run") or 0) > record.run or stored.get("worker") != self.hostname
-
     def publish_task(self, message: TaskMessage) -> None:
         """Publish a task message (signed when the app has a secret) to its queue."""
         body = codec.dumps(message.to_wire())
@@ -793,92 +707,6 @@ class Worker:
                               headers=headers, declare=[queue])
         if self.fetcher is not None:
             self.fetcher.ring_for(queue.name)
-
-    def _retry(self, record: TaskRecord, fields: dict[str, Any]) -> None:
-        """The task asked to run again: tell watchers, publish it with a countdown."""
-        countdown = float(fields.get("countdown") or 0.0)
-        retries = int(fields.get("retries") or record.message.retries + 1)
-        self.relay.emit(record, EventKind.RETRY, {**fields, "attempt": retries + 1})
-        logger.info("task %s retry %d in %.3gs", record.id, retries, countdown)
-        self._republish(record, deliveries=1, retries=retries, eta=time.time() + countdown)
-
-    def _redeliver(self, record: TaskRecord) -> None:
-        """Publish the task again with its delivery count, then ack this copy."""
-        self._republish(record, deliveries=record.delivery + 1)
-
-    def _republish(self, record: TaskRecord, *, deliveries: int, retries: int | None = None,
-                   eta: float | None = None) -> None:
-        msg = record.message
-        headers = dict(msg.headers)
-        headers[HEADER_DELIVERIES] = deliveries
-        wire = msg.to_wire()
-        wire["headers"] = headers
-        if retries is not None:
-            wire["retries"] = retries
-        if eta is not None:
-            wire["eta"] = eta
-        self.publish_task(TaskMessage.from_wire(wire))
-        # Watchers follow the task to its next delivery (if it comes back here; others
-        # locate it again). Held subscriptions expire like any other.
-        until = time.monotonic() + self.app.conf.subscription_ttl
-        held = self.held_subscribers.setdefault(record.id, {})
-        for sub in record.subscribers.values():
-            held[sub.inbox] = Subscriber(sub.inbox, min(sub.expires, until), sub.everything)
-        self.records.pop(record.id, None)
-        self._cancel_timers(record)
-        if record.kombu_message is not None:  # None: acked at start (acks_late=False)
-            record.kombu_message.ack()
-            record.kombu_message = None
-
-    # -- events out ----------
-    def _finish(self, record: TaskRecord, kind: str, fields: dict[str, Any],
-                ts: float | None = None) -> None:
-        if record.is_final:
-            return
-        if self._superseded(record):
-            logger.warning("task %s already finished elsewhere after this worker lost it "
-                           "(visibility timeout); dropping this stale run %d",
-                           record.id, record.run)
-            self._cancel_timers(record)
-            if record.kombu_message is not None:
-                self.relay.pending_acks.append(record.kombu_message)
-                record.kombu_message = None
-            self.records.pop(record.id, None)
-            self.relay.schedule_flush()
-            return
-        self._cancel_timers(record)
-        if record.kill_reason and kind in (EventKind.CANCELLED, EventKind.FAILED):
-            # the hard time limit forced it (in a threads pool, through a cancel)
-            kind, fields = EventKind.FAILED, {
-                "error": _error("TimeLimitExceeded", record.kill_reason)}
-        elif kind in (EventKind.FAILED, EventKind.RETRY) and record.cancel_requested:
-            kind, fields = EventKind.CANCELLED, {}
-        self.relay.emit(record, kind, fields, ts)
-        self.processed += 1
-        self.relay.pending_results.append((record.id, record.final_record()))
-        if record.kombu_message is not None:
-            self.relay.pending_acks.append(record.kombu_message)
-            record.kombu_message = None
-        self.relay.pending_acks.extend(record.duplicates)
-        record.duplicates.clear()
-        self.records.pop(record.id, None)
-        self.finished[record.id] = record
-        while len(self.finished) > FINISHED_KEPT:
-            self.finished.popitem(last=False)
-        self.relay.schedule_flush()
-        if HEADER_CHAIN in record.message.headers or HEADER_CHORD in record.message.headers:
-            try:
-                after_finish(self, record.message, kind, fields)
-            except Exception:  # the task's own result is safe; log the workflow failure
-                logger.exception("task %s: continuing its workflow failed", record.id)
-
-    def _cancel_timers(self, record: TaskRecord) -> None:
-        for tref in record.timers:
-            try:
-                tref.cancel()
-            except Exception:
-                pass
-        record.timers.clear()
 
     # -- timers ----------
     def _check_limits(self) -> None:
