@@ -24,14 +24,33 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kombu import Connection, Consumer, Producer, Queue
 
 from . import codec
-from .errors import ProtocolError, TransportError
-from .protocol import ControlMessage, Envelope, Event, TaskMessage, TaskSnapshot, Verb
+from .errors import PayloadTooLarge, ProtocolError, TransportError
+from .protocol import (
+    ControlMessage,
+    Envelope,
+    Event,
+    TaskMessage,
+    TaskSnapshot,
+    Verb,
+    control_wire,
+)
 from .transport import CONTROL_QUEUE_EXPIRES
+from .transport.redis_fast import (
+    InboxReader,
+    TaskPublisher,
+    decode_frame,
+    encode_frame,
+    is_redis,
+    kombu_envelope,
+)
 
 if TYPE_CHECKING:
     from .app import App
 
 logger = logging.getLogger("interactive_tasks.client")
+
+#: a control list's expiry on Redis, as kombu's x-expires would set it
+CONTROL_QUEUE_EXPIRES_MS = int(CONTROL_QUEUE_EXPIRES * 1000)
 
 #: A client renews its subscriptions this often; workers drop them after 3 × this.
 RENEW_INTERVAL = 10.0
@@ -256,8 +275,6 @@ class Client:
 
     def _fast_publisher(self) -> Any:
         """Redis: a raw publisher (kombu's envelope, one LPUSH), else None."""
-        from .transport.redis_fast import TaskPublisher, is_redis
-
         if self._task_publisher is None and is_redis(self.app.broker_url):
             with self._pub_lock:
                 if self._task_publisher is None:
@@ -269,9 +286,6 @@ class Client:
 
         Raises PayloadTooLarge and TransportError.
         """
-        from .errors import PayloadTooLarge
-        from .transport.redis_fast import encode_frame
-
         limit = self.app.conf.max_message_size
         if len(body) > limit:
             raise PayloadTooLarge(f"control message of {len(body)} bytes is over "
@@ -279,8 +293,8 @@ class Client:
         try:
             # x-expires as kombu would set it: the list of a worker gone for good
             # disappears instead of collecting control messages.
-            self._task_publisher.publish(queue, encode_frame(body, self.app.secret),
-                                         int(CONTROL_QUEUE_EXPIRES * 1000))
+            self._task_publisher.push(queue, encode_frame(body, self.app.secret),
+                                      CONTROL_QUEUE_EXPIRES_MS)
         except Exception as exc:
             raise TransportError(
                 f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
@@ -292,9 +306,6 @@ class Client:
 
         Raises PayloadTooLarge and TransportError.
         """
-        from .errors import PayloadTooLarge
-        from .transport.redis_fast import kombu_envelope
-
         envelope = None
         if body is not None:
             limit = self.app.conf.max_message_size
@@ -323,6 +334,24 @@ class Client:
             value = self._cseq.get(task_id, 0) + 1
             self._cseq[task_id] = value
             return value
+
+    def send_task_verb_nowait(self, task_id: str, verb: str, data: Any, token: str | None,
+                              worker: str) -> None:
+        """Publish a task verb to ``worker``'s control queue without a request id: the
+        worker applies it and sends no reply. The shortest path from ``handle.send`` to the
+        broker: on Redis about half the Python calls of building a :class:`ControlMessage`
+        for :meth:`send_control`, 60–80 µs less before the packet leaves on a cold CPU here.
+
+        Raises PayloadTooLarge and TransportError.
+        """
+        self.ensure_started()  # also: after a fork, this process's own inbox and publisher
+        wire = control_wire(verb, task_id, data, self.inbox.name, None,
+                            self.next_cseq(task_id), token, time.time())
+        if self._fast_publisher() is not None:
+            self._publish_control_redis(self.app.names.control_queue_name(worker),
+                                        codec.dumps(wire))
+        else:
+            self.send_control(ControlMessage.from_wire(wire), worker)
 
     def send_control(self, message: ControlMessage, worker: str | None) -> None:
         """Send to one worker's control queue, or to every worker when ``worker`` is None."""
@@ -430,8 +459,6 @@ class Client:
 
     # -- the inbox thread ----------
     def _run(self) -> None:
-        from .transport.redis_fast import is_redis
-
         if is_redis(self.app.broker_url):
             self._run_redis()
         else:
@@ -439,8 +466,6 @@ class Client:
 
     def _run_redis(self) -> None:
         """Redis: the inbox is a plain list read with BRPOP (see transport.redis_fast)."""
-        from .transport.redis_fast import InboxReader, decode_frame
-
         backoff = 0.2
         next_housekeeping = time.monotonic() + 1.0
         secret = self.app.secret

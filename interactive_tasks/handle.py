@@ -582,17 +582,15 @@ class TaskHandle(Generic[R]):
                 "(or --token), or set the app's operator secret (ITASK_SECRET)"
             )
         client = self.app.client
-        client.ensure_started()
         worker = self._worker
-        wait = wait or worker is None
+        if not wait and worker is not None:
+            client.send_task_verb_nowait(self.id, verb, data, self._token, worker)
+            return
+        client.ensure_started()
         message = ControlMessage(
             verb=verb, task_id=self.id, data=data, sender=client.inbox.name,
-            rid=client.new_rid() if wait else None, cseq=client.next_cseq(self.id),
-            token=self._token,
+            rid=client.new_rid(), cseq=client.next_cseq(self.id), token=self._token,
         )
-        if not wait:
-            client.send_control(message, worker)
-            return
         replies = client.request(message, worker, timeout, many=worker is None,
                                  until=_has_owner, settle=0.3)
         owner = [r for r in replies if r.get("ok") is not None and not r.get("pending")]

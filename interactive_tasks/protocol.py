@@ -240,6 +240,14 @@ WORKER_VERBS = frozenset({Verb.PING, Verb.INSPECT, Verb.REVOKE})
 ALL_VERBS = TASK_VERBS | READ_VERBS | WORKER_VERBS
 
 
+def control_wire(verb: str, task_id: str | None, data: Any, sender: str | None,
+                 rid: str | None, cseq: int, token: str | None, ts: float) -> dict[str, Any]:
+    """A control message as it goes on the wire (:meth:`ControlMessage.to_wire`); the
+    client's unacknowledged ``send`` builds it without the dataclass."""
+    return {"v": PROTOCOL_VERSION, "verb": verb, "task_id": task_id, "data": data,
+            "sender": sender, "rid": rid, "cseq": cseq, "token": token, "ts": ts}
+
+
 @dataclass(frozen=True)
 class ControlMessage:
     """A request from a client to a worker, about one task or about the worker itself.
@@ -258,17 +266,8 @@ class ControlMessage:
     ts: float = field(default_factory=time.time)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "v": PROTOCOL_VERSION,
-            "verb": self.verb,
-            "task_id": self.task_id,
-            "data": self.data,
-            "sender": self.sender,
-            "rid": self.rid,
-            "cseq": self.cseq,
-            "token": self.token,
-            "ts": self.ts,
-        }
+        return control_wire(self.verb, self.task_id, self.data, self.sender, self.rid,
+                            self.cseq, self.token, self.ts)
 
     @classmethod
     def from_wire(cls, d: object) -> ControlMessage:

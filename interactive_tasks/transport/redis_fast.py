@@ -398,6 +398,8 @@ class TaskPublisher:
 
         self._conn = RespConnection(url, socket_timeout=10)
         self._lock = threading.Lock()
+        #: queue -> (packed "LPUSH queue" up to the item, packed PEXPIRE), see push()
+        self._packed: dict[str, tuple[bytes, bytes]] = {}
 
     def publish(self, queue: str, envelope: bytes | None, expire_ms: int | None = None,
                 bell: bool = False) -> None:
@@ -426,6 +428,27 @@ class TaskPublisher:
                 # The server dropped this idle connection (a restart, a CLIENT KILL):
                 # LPUSH is safe to repeat once on a fresh connection.
                 send_packed(self._conn, packet, len(commands))
+
+    def push(self, queue: str, item: bytes, expire_ms: int) -> None:
+        """``LPUSH`` one item and ``PEXPIRE`` the list: what :meth:`publish` sends for a
+        control frame, from commands packed once per queue (the client's control path).
+
+        Raises ``redis.RedisError``.
+        """
+        import redis
+
+        packed = self._packed.get(queue)
+        if packed is None:
+            name = queue.encode()
+            packed = self._packed[queue] = (
+                b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n" % (len(name), name),
+                pack_commands((b"PEXPIRE", queue, expire_ms)))
+        packet = b"%s$%d\r\n%s\r\n%s" % (packed[0], len(item), item, packed[1])
+        with self._lock:
+            try:
+                send_packed(self._conn, packet, 2)
+            except (redis.ConnectionError, redis.TimeoutError):
+                send_packed(self._conn, packet, 2)  # as in publish(): safe to repeat once
 
     def close(self) -> None:
         self._conn.close()
