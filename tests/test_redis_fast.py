@@ -116,6 +116,19 @@ def test_publisher_survives_a_killed_connection(r: redis.Redis, ns: str) -> None
     pub.close()
 
 
+def test_publisher_push_packs_once_per_queue_and_survives_a_killed_connection(
+        r: redis.Redis, ns: str) -> None:
+    pub = TaskPublisher(REDIS_URL)
+    value = bytes(range(256)) + b"\r\n$3\r\n"  # binary, with RESP's own delimiters inside
+    pub.push(f"{ns}.ctl", value, 60_000)
+    r.client_kill_filter(_id=pub._conn.redis.client_id())
+    pub.push(f"{ns}.ctl", b"second", 60_000)  # same cached packets, a fresh connection
+    pub.push(f"{ns}.other", b"third", 5_000)
+    assert r.lrange(f"{ns}.ctl", 0, -1) == [b"second", value]
+    assert 50_000 < r.pttl(f"{ns}.ctl") <= 60_000 and 0 < r.pttl(f"{ns}.other") <= 5_000
+    pub.close()
+
+
 def test_inbox_reader_reads_in_order_and_times_out(r: redis.Redis, ns: str) -> None:
     reader = InboxReader(REDIS_URL, f"{ns}.inbox")
     r.lpush(f"{ns}.inbox", b"1", b"2", b"3")

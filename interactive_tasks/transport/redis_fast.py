@@ -398,8 +398,8 @@ class TaskPublisher:
 
         self._conn = RespConnection(url, socket_timeout=10)
         self._lock = threading.Lock()
-        #: queue -> (packed "LPUSH queue" up to the item, packed PEXPIRE), see push()
-        self._packed: dict[str, tuple[bytes, bytes]] = {}
+        #: (queue, expire_ms) -> (packed "LPUSH queue" up to the item, packed PEXPIRE)
+        self._packed: dict[tuple[str, int], tuple[bytes, bytes]] = {}
 
     def publish(self, queue: str, envelope: bytes | None, expire_ms: int | None = None,
                 bell: bool = False) -> None:
@@ -437,10 +437,10 @@ class TaskPublisher:
         """
         import redis
 
-        packed = self._packed.get(queue)
+        packed = self._packed.get((queue, expire_ms))
         if packed is None:
             name = queue.encode()
-            packed = self._packed[queue] = (
+            packed = self._packed[queue, expire_ms] = (
                 b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n" % (len(name), name),
                 pack_commands((b"PEXPIRE", queue, expire_ms)))
         packet = b"%s$%d\r\n%s\r\n%s" % (packed[0], len(item), item, packed[1])
