@@ -9,7 +9,7 @@
 records receive − sent, exactly as ``control_oneway`` does, but every hop is the least code
 that can make it (raw sockets, hand-written RESP, a blocking ``recv``):
 
-* ``redis→proc`` — a process blocked in ``BLPOP`` receives it: the shape of Celery's
+* ``redis→proc`` — a process blocked in ``BRPOP`` receives it: the shape of Celery's
   workaround (a kombu queue per task consumed by the task itself), 2 wake-ups.
 * ``redis→proc→thread`` — that process's reader thread hands it to another thread through
   a ``threading.Condition``, 3 wake-ups.
@@ -49,6 +49,7 @@ between rounds, so every figure comes from one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -62,7 +63,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -117,11 +118,13 @@ def _expect_ok(sock: socket.socket) -> None:
         raise RuntimeError(f"redis refused the benchmark's connection: {reply!r}")
 
 
-def _blpop(key: bytes) -> Callable[[], bytes]:
-    """A function that blocks for the next item on ``key``. Items are small and spaced
+def _brpop(key: bytes) -> Callable[[], bytes]:
+    """A function that blocks for the oldest item on ``key`` (``LPUSH`` + ``BRPOP``: first
+    in, first out, as the project's queues; ``BLPOP`` would pop the newest and let a
+    ``STOP`` overtake a sample still in the list). Items are small and spaced
     apart, so each reply arrives in one ``recv``; its last bulk string is the item."""
     sock = _redis()
-    command = _resp(b"BLPOP", key, b"0")
+    command = _resp(b"BRPOP", key, b"0")
 
     def pop() -> bytes:
         sock.sendall(command)
@@ -172,7 +175,7 @@ def _receive(next_item: Callable[[], bytes], to_thread: bool, out: str) -> None:
 
 def _first(key: bytes, processes: int, to_thread: bool, out: str) -> None:
     """The process on Redis: the end of the chain, or it forwards to a second process."""
-    pop = _blpop(key)
+    pop = _brpop(key)
     if processes == 1:
         _receive(pop, to_thread, out)
         return
@@ -193,17 +196,53 @@ def _second(sock: socket.socket, to_thread: bool, out: str) -> None:
     _receive(lambda: sock.recv(FRAME).rstrip(), to_thread, out)
 
 
+def _frames(buffered: bytes) -> tuple[list[bytes], bytes]:
+    """The whole fixed-size frames at the front of ``buffered`` (padding stripped), and
+    what is left of it."""
+    whole = len(buffered) - len(buffered) % FRAME
+    return ([buffered[at:at + FRAME].rstrip() for at in range(0, whole, FRAME)],
+            buffered[whole:])
+
+
+@contextlib.contextmanager
+def _chain_process(target: Callable[..., None], args: tuple[object, ...],
+                   keys: list[bytes]) -> Iterator[multiprocessing.process.BaseProcess]:
+    """A chain's first process, started; on the way out its Redis ``keys`` are deleted and
+    the process is killed if it is still alive."""
+    proc = multiprocessing.get_context("fork").Process(target=target, args=args)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        cleanup = _redis()
+        cleanup.sendall(_resp(b"DEL", *keys))
+        cleanup.recv(64)
+        cleanup.close()
+        if proc.is_alive():
+            proc.kill()
+
+
+def _joined(proc: multiprocessing.process.BaseProcess, name: str) -> None:
+    """Wait for a chain's first process to end; RuntimeError unless it ended well."""
+    proc.join(30)
+    if proc.exitcode != 0:
+        raise RuntimeError(f"chain {name} failed: exit {proc.exitcode}")
+
+
+def _after_warm_up(name: str, got: list[float], samples: int, warm: int) -> list[float]:
+    if len(got) != samples + warm:
+        raise RuntimeError(f"chain {name} saw {len(got)} of {samples + warm}")
+    return got[warm:]
+
+
 def measure_one_way(name: str, samples: int, warm: int, gap: float) -> list[float]:
     """One run of chain ``name`` (:data:`ONE_WAY`); latencies in ms after warm-up."""
     processes, to_thread = ONE_WAY[name]
     key = f"bench-floor-{uuid.uuid4().hex[:8]}".encode()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "samples.json")
-        ctx = multiprocessing.get_context("fork")
-        first = ctx.Process(target=_first, args=(key, processes, to_thread, out))
-        first.start()
-        client = _redis()
-        try:
+        with _chain_process(_first, (key, processes, to_thread, out), [key]) as first:
+            client = _redis()
             _wait_blocked(client, key)
             for _ in range(samples + warm):
                 client.sendall(_resp(b"LPUSH", key, repr(time.time()).encode()))
@@ -211,26 +250,17 @@ def measure_one_way(name: str, samples: int, warm: int, gap: float) -> list[floa
                 time.sleep(gap)  # the pace of the samples, as in control_oneway
             client.sendall(_resp(b"LPUSH", key, STOP))
             client.recv(64)
-            first.join(30)
-            if first.exitcode != 0:
-                raise RuntimeError(f"chain {name} failed: exit {first.exitcode}")
-            got = json.loads(Path(out).read_text())
-        finally:
-            client.sendall(_resp(b"DEL", key))
-            client.recv(64)
             client.close()
-            if first.is_alive():
-                first.kill()
-    if len(got) != samples + warm:
-        raise RuntimeError(f"chain {name} saw {len(got)} of {samples + warm}")
-    return got[warm:]
+            _joined(first, name)
+            got = json.loads(Path(out).read_text())
+    return _after_warm_up(name, got, samples, warm)
 
 
 def _echo_far_end(key_in: bytes, key_out: bytes, itask_shape: bool) -> None:
     """Pop from ``key_in``, push each item back on ``key_out``: at once, or (``itask_shape``)
     through a second process and back, from an event loop watching both sockets."""
     pop_conn, push_conn = _redis(), _redis()
-    pop_command = _resp(b"BLPOP", key_in, b"0")
+    pop_command = _resp(b"BRPOP", key_in, b"0")
 
     def push(item: bytes) -> None:
         push_conn.sendall(_resp(b"LPUSH", key_out, item))
@@ -260,14 +290,13 @@ def _echo_far_end(key_in: bytes, key_out: bytes, itask_shape: bool) -> None:
                 ours.sendall(item.ljust(FRAME))
                 if item != STOP:
                     pop_conn.sendall(pop_command)
-            else:
-                buffered += ours.recv(4096)
-                while len(buffered) >= FRAME:
-                    item, buffered = buffered[:FRAME].rstrip(), buffered[FRAME:]
-                    push(item)
-                    if item == STOP:
-                        child.join(30)
-                        return
+                continue
+            items, buffered = _frames(buffered + ours.recv(4096))
+            for item in items:
+                push(item)
+                if item == STOP:
+                    child.join(30)
+                    return
 
 
 def _echo_child(sock: socket.socket) -> None:
@@ -285,14 +314,12 @@ def measure_round_trip(name: str, samples: int, warm: int, gap: float) -> list[f
     itask_shape = ROUND_TRIP[name]
     tag = uuid.uuid4().hex[:8]
     key_in, key_out = f"bench-floor-{tag}-in".encode(), f"bench-floor-{tag}-out".encode()
-    ctx = multiprocessing.get_context("fork")
-    far = ctx.Process(target=_echo_far_end, args=(key_in, key_out, itask_shape))
-    far.start()
-    client = _redis()
-    pop = _blpop(key_out)
-    next_echo = _handed_over(pop) if itask_shape else pop
     got: list[float] = []
-    try:
+    with _chain_process(_echo_far_end, (key_in, key_out, itask_shape),
+                        [key_in, key_out]) as far:
+        client = _redis()
+        pop = _brpop(key_out)
+        next_echo = _handed_over(pop) if itask_shape else pop
         _wait_blocked(client, key_in)
         for i in range(samples + warm):
             item = b"%d" % i
@@ -306,46 +333,28 @@ def measure_round_trip(name: str, samples: int, warm: int, gap: float) -> list[f
             time.sleep(gap)  # the pace of the samples, as in control_roundtrip
         client.sendall(_resp(b"LPUSH", key_in, STOP))
         client.recv(64)
-        next_echo()
-        far.join(30)
-        if far.exitcode != 0:
-            raise RuntimeError(f"chain {name} failed: exit {far.exitcode}")
-    finally:
-        client.sendall(_resp(b"DEL", key_in, key_out))
-        client.recv(64)
         client.close()
-        if far.is_alive():
-            far.kill()
-    return got[warm:]
+        next_echo()
+        _joined(far, name)
+    return _after_warm_up(name, got, samples, warm)
 
 
 def measure_progress(samples: int, warm: int, interval: float) -> list[float]:
     """One run of the progress chain (:data:`PROGRESS_CHAIN`); ms after warm-up."""
     key = f"bench-floor-{uuid.uuid4().hex[:8]}".encode()
-    ctx = multiprocessing.get_context("fork")
-    relay = ctx.Process(target=_progress_relay, args=(key, samples + warm, interval))
-    next_item = _handed_over(_blpop(key))
+    next_item = _handed_over(_brpop(key))
+    ready = _redis()
+    _wait_blocked(ready, key)  # the client's reader waits before the first sample
+    ready.close()
     got: list[float] = []
-    relay.start()
-    try:
+    with _chain_process(_progress_relay, (key, samples + warm, interval), [key]) as relay:
         while True:
             item = next_item()
             if item == STOP:
                 break
             got.append((time.time() - float(item)) * 1000.0)
-        relay.join(30)
-        if relay.exitcode != 0:
-            raise RuntimeError(f"chain {PROGRESS_CHAIN} failed: exit {relay.exitcode}")
-    finally:
-        cleanup = _redis()
-        cleanup.sendall(_resp(b"DEL", key))
-        cleanup.recv(64)
-        cleanup.close()
-        if relay.is_alive():
-            relay.kill()
-    if len(got) != samples + warm:
-        raise RuntimeError(f"chain {PROGRESS_CHAIN} saw {len(got)} of {samples + warm}")
-    return got[warm:]
+        _joined(relay, PROGRESS_CHAIN)
+    return _after_warm_up(PROGRESS_CHAIN, got, samples, warm)
 
 
 def _progress_relay(key: bytes, count: int, interval: float) -> None:
@@ -361,9 +370,8 @@ def _progress_relay(key: bytes, count: int, interval: float) -> None:
     buffered = b""
     while True:
         loop.select()
-        buffered += ours.recv(4096)
-        while len(buffered) >= FRAME:
-            item, buffered = buffered[:FRAME].rstrip(), buffered[FRAME:]
+        items, buffered = _frames(buffered + ours.recv(4096))
+        for item in items:
             push_conn.sendall(_resp(b"LPUSH", key, item))
             push_conn.recv(64)
             if item == STOP:
@@ -374,7 +382,6 @@ def _progress_relay(key: bytes, count: int, interval: float) -> None:
 def _progress_source(sock: socket.socket, count: int, interval: float) -> None:
     """The "task": a thread other than the one reading the socket stamps and sends."""
     _handed_over(lambda: sock.recv(FRAME).rstrip())  # a reader thread, as a pool child has
-    time.sleep(0.2)  # the pace of the samples: the client's reader is blocked by now
     for _ in range(count):
         sock.sendall(repr(time.time()).encode().ljust(FRAME))
         time.sleep(interval)
@@ -389,7 +396,7 @@ def _wait_blocked(client: socket.socket, key: bytes, timeout: float = 10.0) -> N
         listing = b""
         while not listing.endswith(b"\r\n") or listing.count(b"\r\n") < 2:
             listing += client.recv(65536)
-        if b"cmd=blpop" in listing:
+        if b"cmd=brpop" in listing:
             return
         time.sleep(0.01)
     raise TimeoutError("the chain's first process never blocked on its list")
