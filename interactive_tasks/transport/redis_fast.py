@@ -409,8 +409,6 @@ class TaskPublisher:
 
         Raises ``redis.RedisError``.
         """
-        import redis
-
         commands: list[tuple[bytes | str | int, ...]] = []
         if envelope is not None:
             commands.append((b"LPUSH", queue, envelope))
@@ -420,14 +418,7 @@ class TaskPublisher:
             from .redis_fetch import bell_commands
 
             commands.extend(bell_commands(queue))
-        packet = pack_commands(*commands)
-        with self._lock:
-            try:
-                send_packed(self._conn, packet, len(commands))
-            except (redis.ConnectionError, redis.TimeoutError):
-                # The server dropped this idle connection (a restart, a CLIENT KILL):
-                # LPUSH is safe to repeat once on a fresh connection.
-                send_packed(self._conn, packet, len(commands))
+        self._send(pack_commands(*commands), len(commands))
 
     def push(self, queue: str, item: bytes, expire_ms: int) -> None:
         """``LPUSH`` one item and ``PEXPIRE`` the list: what :meth:`publish` sends for a
@@ -435,20 +426,24 @@ class TaskPublisher:
 
         Raises ``redis.RedisError``.
         """
-        import redis
-
         packed = self._packed.get((queue, expire_ms))
         if packed is None:
             name = queue.encode()
             packed = self._packed[queue, expire_ms] = (
                 b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n" % (len(name), name),
                 pack_commands((b"PEXPIRE", queue, expire_ms)))
-        packet = b"%s$%d\r\n%s\r\n%s" % (packed[0], len(item), item, packed[1])
+        self._send(b"%s$%d\r\n%s\r\n%s" % (packed[0], len(item), item, packed[1]), 2)
+
+    def _send(self, packet: bytes, replies: int) -> None:
+        import redis
+
         with self._lock:
             try:
-                send_packed(self._conn, packet, 2)
+                send_packed(self._conn, packet, replies)
             except (redis.ConnectionError, redis.TimeoutError):
-                send_packed(self._conn, packet, 2)  # as in publish(): safe to repeat once
+                # The server dropped this idle connection (a restart, a CLIENT KILL):
+                # LPUSH is safe to repeat once on a fresh connection.
+                send_packed(self._conn, packet, replies)
 
     def close(self) -> None:
         self._conn.close()
