@@ -16,22 +16,23 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def _redis_up() -> bool:
+def _require_redis() -> None:
+    """Skip without Redis on 127.0.0.1:6379; fail instead under CI."""
     try:
         with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return True
+            return
     except OSError:
-        return False
+        pass
+    message = "Redis is not reachable on 127.0.0.1:6379"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: the benchmark smoke test must run)")
+    pytest.skip(message)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_quick_benchmark_reports_every_workload(tmp_path: Path) -> None:
-    if not _redis_up():
-        message = "Redis is not reachable on 127.0.0.1:6379"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: the benchmark smoke test must run)")
-        pytest.skip(message)
+    _require_redis()
     from benchmarks.workloads import WORKLOADS
 
     env = dict(os.environ)
@@ -59,11 +60,7 @@ def test_quick_benchmark_reports_every_workload(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_floor_reports_every_chain() -> None:
-    if not _redis_up():
-        message = "Redis is not reachable on 127.0.0.1:6379"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: the benchmark smoke test must run)")
-        pytest.skip(message)
+    _require_redis()
     from benchmarks.floor import ONE_WAY, PROGRESS_CHAIN, ROUND_TRIP
 
     env = dict(os.environ)
