@@ -128,3 +128,17 @@ def test_unique_task_ids(tasks, start_worker):
     start_worker()
     tid = str(uuid.uuid4())
     assert tasks.add.apply_async((1, 1), task_id=tid).id == tid
+
+
+def test_settings_refuse_unknown_names_and_impossible_values():
+    from interactive_tasks import App, ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"unknown setting.*worker_switch_intervall"):
+        App("bad", worker_switch_intervall=0.001)
+    for bad in (0, -1.0, "fast"):
+        with pytest.raises(ConfigurationError, match="worker_switch_interval must be"):
+            App("bad", worker_switch_interval=bad)
+    app = App("ok", worker_switch_interval=None)  # None keeps Python's own interval
+    with pytest.raises(ConfigurationError, match="worker_switch_interval must be"):
+        app.configure(worker_switch_interval=0)
+    assert app.conf.worker_switch_interval is None  # the refused change left nothing behind

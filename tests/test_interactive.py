@@ -41,6 +41,15 @@ def test_progress_stream_is_ordered_and_complete(tasks, start_worker, pool):
     assert handle.progress.current == 50 and handle.state is TaskState.SUCCEEDED
 
 
+@pytest.mark.parametrize("pool", POOLS)
+def test_tasks_run_with_the_short_switch_interval(tasks, start_worker, pool):
+    # A pool child's control reader waits this long for the interpreter lock behind a
+    # CPU-bound task: the worker_switch_interval setting (0.5 ms), not Python's 5 ms.
+    start_worker(pool=pool)
+    assert tasks.app.conf.worker_switch_interval == 0.0005
+    assert tasks.switch_interval.delay().result(timeout=20) == 0.0005
+
+
 def test_coalesced_progress_flood_is_not_taken_for_lost_events(tasks, start_worker, caplog):
     # 20,000 progress events in a burst: the worker coalesces most of them, and each one
     # it sends says which seqs it covers, so the handle never asks for a resync snapshot.

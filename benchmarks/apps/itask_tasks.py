@@ -57,6 +57,19 @@ def make_app(ns: str, broker_url: str, result_backend: str | None = None) -> Sim
             time.sleep(interval)
         return n
 
+    @app.task(base=InteractiveTask, name="bench.busy")
+    def busy(self: Any, work_s: float) -> int:
+        """CPU-bound work in slices of ``work_s`` seconds, a checkpoint after each, until
+        the message ``"stop"``; returns the number of slices."""
+        slices = 0
+        while True:
+            end = time.perf_counter() + work_s
+            while time.perf_counter() < end:
+                pass
+            if self.receive(timeout=0) == "stop":  # receive is a checkpoint too
+                return slices
+            slices += 1
+
     @app.task(base=InteractiveTask, name="bench.spin")
     def spin(self: Any, seconds: float) -> str:
         """CPU-bound and never reaches a checkpoint: only a forced cancel stops it."""
@@ -67,4 +80,4 @@ def make_app(ns: str, broker_url: str, result_backend: str | None = None) -> Sim
         return "spun"
 
     return SimpleNamespace(app=app, noop=noop, ctl_sink=ctl_sink, echo=echo, chatty=chatty,
-                           ticker=ticker, spin=spin)
+                           ticker=ticker, busy=busy, spin=spin)

@@ -111,6 +111,15 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
                      control.control_oneway_nowait, 0.5),
     _control_latency("control_roundtrip_nowait", "the echo round trip with "
                      "handle.send(data, wait=False)", control.control_roundtrip_nowait, 1.0),
+    Workload("pause_ack", "pause / resume a CPU-bound task (checkpoint every few µs) until "
+             "the watcher sees paused / resumed; 200 cycles (itask only: Celery has no pause)",
+             control.pause_ack, ("itask",),
+             (Metric("pause_p50_ms", "pause → paused p50", "ms", False),
+              Metric("pause_p99_ms", "pause → paused p99", "ms", False),
+              Metric("resume_p50_ms", "resume → resumed p50", "ms", False),
+              Metric("hard_pause_p50_ms", "hard pause (SIGSTOP) → paused p50", "ms", False),
+              Metric("hard_resume_p50_ms", "hard resume → resumed p50", "ms", False)),
+             budget=180),
     Workload("progress_rate", "a task emits progress as fast as it can (itask 100k, "
              "Celery update_state 10k)",
              progress.progress_rate, INTERACTIVE,

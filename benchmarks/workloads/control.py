@@ -2,19 +2,22 @@
 
 interactive_tasks: ``handle.send(data)`` → the worker → the pool child → ``self.receive()``;
 by default ``send`` waits for the worker's acknowledgement, the ``_nowait`` workloads use
-``send(data, wait=False)``.
+``send(data, wait=False)``. ``pause_ack`` times pause and resume of a CPU-bound task until
+the watcher sees them happen (itask only: Celery cannot pause a task).
 Celery has no way to talk to a running task; its closest workaround is a kombu queue per
 task that the task consumes itself (and a second one for replies).
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kombu import Connection
 
-from ..harness import latency_summary
+from ..harness import latency_summary, percentile
 from ..systems import CelerySystem, System
 from .common import CONTROL_GAP, size, wait_itask_started
 
@@ -127,3 +130,50 @@ def _celery_roundtrip(system: CelerySystem, total: int) -> list[float]:
             inq.close()
             outq.close()
     return samples
+
+
+def pause_ack(system: System, quick: bool) -> dict[str, Any]:
+    """``handle.pause()`` → the watcher sees ``paused``; the same for ``resume()`` and for
+    ``pause(hard=True)`` (SIGSTOP of the pool child, acknowledged by the worker).
+
+    The task is CPU-bound and reaches a checkpoint after every few microseconds of work,
+    so the soft figures are the message path plus the wait for the child's interpreter
+    lock, not the task's checkpoint interval.
+    """
+    if system.name != "itask":
+        raise NotImplementedError(system.name)
+    n = size(quick, 200, 20)
+    warm = size(quick, 10, 3)
+    timings: dict[str, list[float]] = {"pause": [], "resume": [], "hard_pause": [],
+                                       "hard_resume": []}
+    with system.worker():
+        handle = system.bench.busy.start(0.0)
+        wait_itask_started(handle)
+        events = handle.events(timeout=10)
+
+        def timed(name: str, verb: Callable[[], None], kind: str, keep: bool) -> None:
+            start = time.perf_counter()
+            verb()
+            for event in events:
+                if event.kind == kind:
+                    break
+                if event.is_final:
+                    raise RuntimeError(f"busy task ended early: {event!r}")
+            if keep:
+                timings[name].append((time.perf_counter() - start) * 1000.0)
+            time.sleep(CONTROL_GAP)
+
+        for i in range(warm + n):
+            keep = i >= warm
+            timed("pause", handle.pause, "paused", keep)
+            timed("resume", handle.resume, "resumed", keep)
+            timed("hard_pause", functools.partial(handle.pause, hard=True), "paused", keep)
+            timed("hard_resume", handle.resume, "resumed", keep)
+        handle.send("stop")
+        handle.result(30)
+    out: dict[str, Any] = {}
+    for name, samples in timings.items():
+        out[f"{name}_p50_ms"] = percentile(samples, 50)
+        out[f"{name}_p99_ms"] = percentile(samples, 99)
+        out[f"{name}_samples_ms"] = samples
+    return out

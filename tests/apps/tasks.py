@@ -46,6 +46,14 @@ def noop() -> None:
 
 
 @app.task
+def switch_interval() -> float:
+    """Python's thread switch interval in the process that runs tasks."""
+    import sys
+
+    return sys.getswitchinterval()
+
+
+@app.task
 def fail(message: str) -> None:
     raise ValueError(message)
 

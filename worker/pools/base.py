@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,13 @@ from typing import Any
 from interactive_tasks.app import App
 
 from ..ipc import FrameReader, FrameWriter
+
+
+def use_switch_interval(app: App) -> None:
+    """Apply ``worker_switch_interval`` to this process, where tasks run (see Settings)."""
+    interval = app.conf.worker_switch_interval
+    if interval is not None:
+        sys.setswitchinterval(interval)
 
 
 @dataclass(eq=False)

@@ -21,7 +21,7 @@ from interactive_tasks.app import App
 
 from ..child import Slot
 from ..ipc import BlockingChannel
-from .base import Pool, PoolSlot, process_state
+from .base import Pool, PoolSlot, process_state, use_switch_interval
 
 logger = logging.getLogger("interactive_tasks.worker.prefork")
 
@@ -48,6 +48,7 @@ def _child_main(app: App, sock: socket.socket, parent_sock_fd: int, hostname: st
         os.close(parent_sock_fd)
     except OSError:
         pass
+    use_switch_interval(app)
     Slot(app, BlockingChannel(sock), hostname).serve()
     os._exit(0)
 

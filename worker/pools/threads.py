@@ -14,11 +14,12 @@ import os
 import threading
 import time
 
+from interactive_tasks.app import App
 from interactive_tasks.errors import Cancelled
 
 from ..child import Slot
 from ..ipc import BlockingChannel
-from .base import Pool, PoolSlot
+from .base import Pool, PoolSlot, use_switch_interval
 
 
 def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> bool:
@@ -33,6 +34,12 @@ def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) ->
 
 class ThreadsPool(Pool):
     name = "threads"
+
+    def __init__(self, app: App, concurrency: int, hostname: str,
+                 max_tasks_per_child: int | None = None) -> None:
+        super().__init__(app, concurrency, hostname, max_tasks_per_child)
+        # Tasks share this process (and its interpreter lock) with the worker loop.
+        use_switch_interval(app)
 
     def spawn(self, index: int) -> PoolSlot:
         parent, child = self._socketpair()
