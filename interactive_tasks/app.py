@@ -89,7 +89,7 @@ class Settings:
     #: thread that wants the interpreter lock waits this long before a CPU-bound task
     #: must hand it over, so it bounds how late a pool child's control reader sees a
     #: pause, cancel or message for such a task (Python's 5 ms default: pause → paused
-    #: took 3.3 ms at the median here, 1.6 ms with 0.5 ms). None keeps Python's default.
+    #: took 3.3 ms at the median here, 1.5–1.7 ms with 0.5 ms). None keeps Python's default.
     worker_switch_interval: float | None = 0.0005
 
 
