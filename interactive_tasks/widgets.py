@@ -472,12 +472,17 @@ def _classes() -> tuple[type, type]:
             self._meter = _RateMeter()
             self._throttle = _Throttle(self._update)
             self._controls = _Controls()
-            self._update()
             self.on_msg(self._on_custom)
+            # Listen first, then draw: a change that came between a first draw and the
+            # listener would be lost for good when nothing follows it (a task that asks
+            # a question and then waits showed as "pending" in JupyterLab, seen in CI).
+            # Every draw goes through the throttle, so an older snapshot never
+            # overwrites a newer one.
             if not handle.state.is_final:
                 handle.add_listener(self._on_change)
-                if handle.state.is_final:  # it ended between the check and add_listener
-                    self._on_change(handle)
+            self._throttle.run()
+            if handle.state.is_final:  # it may have ended before the listener was added
+                handle.remove_listener(self._on_change)
 
         def _on_change(self, handle: TaskHandle[Any]) -> None:
             final = handle.state.is_final
@@ -552,7 +557,10 @@ def _classes() -> tuple[type, type]:
             self.on_msg(self._on_custom)
             for handle in handles:
                 self.add(handle, update=False)
-            self._update()
+            self._throttle.run()
+            for handle in self.handles:
+                if handle.state.is_final:  # it may have ended before the listener was added
+                    handle.remove_listener(self._on_change)
 
         def add(self, handle: TaskHandle[Any], *, update: bool = True) -> None:
             """Show one more task (a handle already shown is ignored)."""
@@ -561,10 +569,13 @@ def _classes() -> tuple[type, type]:
             self.handles.append(handle)
             self._meters[handle.id] = _RateMeter()
             self._controls[handle.id] = _Controls()
+            # Listen, then draw (see TaskWidget.__init__).
             if not handle.state.is_final:
                 handle.add_listener(self._on_change)
             if update:
-                self._update()
+                self._throttle.run()
+                if handle.state.is_final:
+                    handle.remove_listener(self._on_change)
 
         def _on_change(self, handle: TaskHandle[Any]) -> None:
             final = handle.state.is_final

@@ -198,6 +198,32 @@ def test_widget_updates_are_throttled_and_final_state_is_immediate(jupyter, monk
         w.close()
 
 
+def test_events_that_arrive_while_a_widget_is_built_are_shown(jupyter, monkeypatch):
+    # A task's started and question events can reach the handle while its widget is being
+    # built; a task waiting for an answer sends nothing more, so a change the widget
+    # missed stays missed (seen once in CI: JupyterLab showed an asking task as pending).
+    from interactive_tasks import widgets
+
+    for build in (widgets.TaskWidget, lambda h: widgets.watch([h])):
+        h = _handle()
+        register = h.add_listener
+
+        def arrive_then_register(callback: Any, h: Any = h, register: Any = register) -> None:
+            _feed(h, "started", 1.0, worker="w1@host", pid=42)
+            _feed(h, "question", 2.0, prompt="Your name?", qid="q1")
+            register(callback)
+
+        monkeypatch.setattr(h, "add_listener", arrive_then_register)
+        w = build(h)
+        try:
+            view = w.rows[0] if hasattr(w, "rows") else {"state": w.state,
+                                                         "question": w.question}
+            assert view["state"] == "running"
+            assert view["question"]["prompt"] == "Your name?"
+        finally:
+            w.close()
+
+
 def test_control_errors_show_in_the_widget(jupyter):
     from interactive_tasks import widgets
 
