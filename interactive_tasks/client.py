@@ -347,26 +347,23 @@ class Client:
         self.ensure_started()  # also: after a fork, this process's own inbox and publisher
         wire = control_wire(verb, task_id, data, self.inbox.name, None,
                             self.next_cseq(task_id), token, time.time())
-        if self._fast_publisher() is not None:
-            self._publish_control_redis(self.app.names.control_queue_name(worker),
-                                        codec.dumps(wire))
-        else:
-            self.send_control(ControlMessage.from_wire(wire), worker)
+        self._send_control_wire(wire, worker)
 
     def send_control(self, message: ControlMessage, worker: str | None) -> None:
         """Send to one worker's control queue, or to every worker when ``worker`` is None."""
+        self._send_control_wire(message.to_wire(), worker)
+
+    def _send_control_wire(self, wire: dict[str, Any], worker: str | None) -> None:
         if worker is None:
             exchange = self.app.names.broadcast_exchange
-            self.publish(message.to_wire(), routing_key="", exchange=exchange,
-                         declare=[exchange])
+            self.publish(wire, routing_key="", exchange=exchange, declare=[exchange])
+        elif self._fast_publisher() is not None:
+            self._publish_control_redis(self.app.names.control_queue_name(worker),
+                                        codec.dumps(wire))
         else:
-            if self._fast_publisher() is not None:
-                self._publish_control_redis(self.app.names.control_queue_name(worker),
-                                            codec.dumps(message.to_wire()))
-                return
             queue = self.app.names.control_queue(worker)
-            self.publish(message.to_wire(), routing_key=queue.routing_key,
-                         exchange=queue.exchange, declare=[queue])
+            self.publish(wire, routing_key=queue.routing_key, exchange=queue.exchange,
+                         declare=[queue])
 
     def request(
         self,
