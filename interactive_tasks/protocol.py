@@ -1,6 +1,6 @@
 """Messages on the wire, as frozen dataclasses with ``to_wire()`` / ``from_wire()``.
 
-Three streams cross the broker (DESIGN.md §3):
+Three streams cross the broker (docs/architecture.md, 'Queues and exchanges'):
 
 * :class:`TaskMessage` on ``it.tasks.<queue>`` — a request to run a task;
 * :class:`ControlMessage` on ``it.ctl.<worker>`` (or broadcast when the worker is not

@@ -9,7 +9,7 @@ A record is the final :class:`~interactive_tasks.protocol.TaskSnapshot` in wire 
 
 No key per task: Redis records go into one hash per hour (``<ns>.results.<hour>``) whose
 key expires ``result_expires`` after its hour ends, so the number of keys stays fixed
-however many tasks run (DESIGN.md §3).
+however many tasks run (docs/architecture.md, 'Queues and exchanges').
 """
 
 from __future__ import annotations

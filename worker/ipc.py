@@ -1,9 +1,10 @@
 """Framing for the worker ↔ pool-slot channel: 4-byte big-endian length + msgpack.
 
 Each pool slot (a prefork child, or a thread in the threads/solo pools) has its own
-``socketpair`` (DESIGN.md §4). The slot side writes blocking frames; the worker side is
-non-blocking: :class:`FrameReader` parses whatever a ``recv`` returned into whole frames,
-and :class:`FrameWriter` keeps unsent bytes so a stopped child cannot block the worker.
+``socketpair`` (docs/architecture.md, 'Pools'). The slot side writes blocking frames; the
+worker side is non-blocking: :class:`FrameReader` parses whatever a ``recv`` returned into
+whole frames, and :class:`FrameWriter` keeps unsent bytes so a stopped child cannot block
+the worker.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Broker URLs, queue names and connections.
 
 The number of broker queues is fixed by routes, workers and clients, never by tasks
-(DESIGN.md §3): ``<ns>.tasks.<queue>`` per route, ``<ns>.ctl.<worker>`` per worker,
-``<ns>.inbox.<client>`` per client process (with an expiry), one fanout exchange
-``<ns>.bcast`` for requests to every worker, and ``<ns>.dead`` for dead letters.
+(docs/architecture.md, 'Queues and exchanges'): ``<ns>.tasks.<queue>`` per route,
+``<ns>.ctl.<worker>`` per worker, ``<ns>.inbox.<client>`` per client process (with an
+expiry), one fanout exchange ``<ns>.bcast`` for requests to every worker, and ``<ns>.dead``
+for dead letters.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The prefork pool: one billiard process per slot, each with its own socketpair.
 
 Not ``billiard.Pool``: its shared in/out queues cannot address one child, and a child
-stopped while holding the shared queue lock froze its siblings (DESIGN.md §4). With a
-channel per child the worker knows exactly which pid runs which task, so signals go to
-the right process only.
+stopped while holding the shared queue lock froze its siblings (docs/architecture.md,
+'Pools'). With a channel per child the worker knows exactly which pid runs which task, so
+signals go to the right process only.
 """
 
 from __future__ import annotations
