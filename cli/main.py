@@ -110,6 +110,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     app = _get_app(args)
+    if args.what == "scheduled":
+        return _inspect_scheduled(app, args)
     replies = app.inspect(args.what, timeout=args.timeout)
     data = {r.get("worker"): r.get("data") for r in replies}
     if args.json:
@@ -132,6 +134,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if not replies:
             print(f"no worker replied within {args.timeout}s", file=sys.stderr)
     return 0 if replies else 1
+
+
+def _inspect_scheduled(app: App, args: argparse.Namespace) -> int:
+    """Tasks waiting in the broker for their eta (countdown, eta, retry countdown)."""
+    waiting = app.scheduled(limit=args.limit)
+    if args.json:
+        _print_json([{"id": t.id, "name": t.name, "queue": t.queue, "eta": t.eta}
+                     for t in waiting])
+        return 0
+    if not waiting:
+        print("no task waits in the broker for its eta")
+    now = time.time()
+    for t in waiting:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.eta))
+        print(f"{t.id} {t.name} queue={t.queue} eta={when} (in {t.eta - now:.0f}s)")
+    return 0
 
 
 def _all_tasks(app: App, timeout: float) -> list[dict[str, Any]]:
@@ -306,9 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--json", action="store_true")
 
-    p = add("inspect", cmd_inspect, "active / registered / stats of every worker")
-    p.add_argument("what", choices=["active", "registered", "stats", "tasks"])
+    p = add("inspect", cmd_inspect, "active / registered / stats / tasks of every worker; "
+            "scheduled: tasks waiting in the broker for their eta")
+    p.add_argument("what", choices=["active", "registered", "stats", "tasks", "scheduled"])
     p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=100,
+                   help="scheduled: list at most this many, soonest first")
     p.add_argument("--json", action="store_true")
 
     p = add("ls", cmd_ls, "running and recent tasks")

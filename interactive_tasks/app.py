@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from .client import Client
     from .schedules import PeriodicDecorator, Schedule
+    from .transport.redis_delay import ScheduledTask
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -72,15 +73,20 @@ class Settings:
     max_deliveries: int = 3
     #: messages a worker reserves per pool slot
     prefetch_multiplier: int = 4
-    #: seconds between worker heartbeats (to subscribed clients and the events stream)
+    #: seconds between worker heartbeats (to subscribed clients and the events stream,
+    #: and on Redis into the broker's record of live workers)
     worker_heartbeat: float = 2.0
+    #: seconds without a heartbeat in the broker after which a worker counts as dead and
+    #: a live worker returns its unacknowledged tasks to their queues (Redis)
+    worker_lost_timeout: float = 10.0
     #: publish task events (received, started, succeeded …) on ``<ns>.events`` (``-E``)
     worker_send_task_events: bool = False
     #: seconds a worker keeps a subscription that its client stopped renewing
     subscription_ttl: float = 30.0
     #: events kept per task for clients that attach later
     event_history: int = 200
-    #: kombu transport options (e.g. {"visibility_timeout": 3600} on Redis)
+    #: kombu transport options (e.g. {"socket_timeout": 15}; Redis' ``visibility_timeout``
+    #: no longer applies: a dead worker is found by ``worker_lost_timeout``)
     broker_transport_options: dict[str, Any] = field(default_factory=dict)
     #: seconds a graceful shutdown waits for running tasks
     shutdown_timeout: float = 30.0
@@ -98,6 +104,16 @@ _SETTING_NAMES = {f.name for f in fields(Settings)}
 
 def _check_settings(conf: Settings) -> None:
     """Raises ConfigurationError for a setting that cannot work, before anything runs."""
+    for name in ("worker_heartbeat", "worker_lost_timeout"):
+        value = getattr(conf, name)
+        if not (isinstance(value, (int, float)) and value > 0):
+            raise ConfigurationError(f"{name} must be a positive number of seconds, "
+                                     f"not {value!r}")
+    if conf.worker_lost_timeout <= 2 * conf.worker_heartbeat:
+        raise ConfigurationError(
+            f"worker_lost_timeout ({conf.worker_lost_timeout}s) must be more than twice "
+            f"worker_heartbeat ({conf.worker_heartbeat}s), or a live worker that misses "
+            "one beat is taken for dead")
     interval = conf.worker_switch_interval
     if interval is not None and not (isinstance(interval, (int, float)) and interval > 0):
         raise ConfigurationError(
@@ -176,9 +192,11 @@ class App:
         """Where the embedded broker keeps its files (None for other brokers)."""
         return str(embedded_directory(self.broker_url)) if self.is_embedded else None
 
-    def connection(self) -> Connection:
-        """A new kombu connection to the broker (not yet connected)."""
+    def connection(self, transport_options: dict[str, Any] | None = None) -> Connection:
+        """A new kombu connection to the broker (not yet connected); ``transport_options``
+        override the app's ``broker_transport_options``."""
         options = dict(self.conf.broker_transport_options)
+        options.update(transport_options or {})
         if self.is_embedded:
             options.setdefault("polling_interval", 0.01)
         if self.broker_url.startswith(("redis://", "rediss://")):
@@ -434,6 +452,20 @@ class App:
         message = ControlMessage(verb=Verb.REVOKE, data={
             "ids": ids, "tokens": tokens, "expires": until, "terminate": terminate})
         return self.client.request(message, None, timeout, many=True, settle=0.2)
+
+    def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
+        """Tasks waiting in the broker for their ``eta``, soonest first (empty where the
+        broker does not keep delayed tasks: workers hold them, see ``inspect("tasks")``).
+
+        Raises the broker client's connection errors.
+        """
+        from .transport.upkeep import upkeep_for
+
+        upkeep = upkeep_for(self, "tool", lambda: None)
+        try:
+            return upkeep.scheduled(limit)
+        finally:
+            upkeep.close(clean=False)
 
     def inspect(self, what: str, timeout: float = 1.0,
                 expect: int | None = None) -> list[dict[str, Any]]:

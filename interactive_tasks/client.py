@@ -41,8 +41,10 @@ from .transport.redis_fast import (
     decode_frame,
     encode_frame,
     is_redis,
-    kombu_envelope,
+    task_envelope,
 )
+from .transport.redis_liveness import priority_list
+from .transport.upkeep import SCHEDULE_AHEAD
 
 if TYPE_CHECKING:
     from .app import App
@@ -262,9 +264,18 @@ class Client:
                 ) from exc
 
     def send_task(self, message: TaskMessage, priority: int | None = None) -> None:
-        """Publish a task message to its queue (declaring the queue once per process)."""
+        """Publish a task message to its queue (declaring the queue once per process);
+        on Redis a task whose ``eta`` is ahead waits in the broker's delayed set.
+
+        Raises PayloadTooLarge and TransportError.
+        """
         queue = self.app.names.task_queue(message.queue)
         fast = self._fast_publisher()
+        if fast is not None and message.eta is not None \
+                and message.eta - time.time() > SCHEDULE_AHEAD:
+            self._schedule_task_redis(queue.name, codec.dumps(message.to_wire()), priority,
+                                      message.eta)
+            return
         if priority is None and fast is not None:
             self._publish_task_redis(queue.name, codec.dumps(message.to_wire()), bell=True)
             return
@@ -300,6 +311,29 @@ class Client:
                 f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
             ) from exc
 
+    def _check_size(self, body: bytes) -> None:
+        limit = self.app.conf.max_message_size
+        if len(body) > limit:
+            raise PayloadTooLarge(
+                f"message of {len(body)} bytes is over max_message_size={limit}; "
+                "pass a reference (a path or URL) instead of the data")
+
+    def _schedule_task_redis(self, queue: str, body: bytes, priority: int | None,
+                             eta: float) -> None:
+        """ZADD the task to the delayed set (``transport.redis_delay``).
+
+        Raises PayloadTooLarge and TransportError.
+        """
+        self._check_size(body)
+        envelope = task_envelope(body, queue, self.app.secret, priority)
+        try:
+            self._task_publisher.schedule(self.app.conf.namespace,
+                                          priority_list(queue, priority), envelope, eta)
+        except Exception as exc:
+            raise TransportError(
+                f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
+            ) from exc
+
     def _publish_task_redis(self, queue: str, body: bytes | None,
                             expire_ms: int | None = None, bell: bool = False) -> None:
         """Raw LPUSH of ``body`` in kombu's envelope (None: only ring the bell).
@@ -308,15 +342,8 @@ class Client:
         """
         envelope = None
         if body is not None:
-            limit = self.app.conf.max_message_size
-            if len(body) > limit:
-                raise PayloadTooLarge(
-                    f"message of {len(body)} bytes is over max_message_size={limit}; "
-                    "pass a reference (a path or URL) instead of the data")
-            headers = {}
-            if self.app.secret is not None:
-                headers[codec.SIGNATURE_HEADER] = codec.sign(self.app.secret, body)
-            envelope = kombu_envelope(body, queue, codec.CONTENT_TYPE, headers)
+            self._check_size(body)
+            envelope = task_envelope(body, queue, self.app.secret)
         try:
             self._task_publisher.publish(queue, envelope, expire_ms, bell)
         except Exception as exc:

@@ -100,20 +100,6 @@ def test_child_killed_mid_task_is_redelivered(tasks, start_worker, tmp_path: Pat
     assert tasks.add.delay(1, 2).result(timeout=20) == 3
 
 
-def test_worker_killed_mid_task_redelivered_after_restart(tasks, start_worker, broker,
-                                                           tmp_path: Path):
-    if broker.name == "redis":
-        pytest.skip("covered with a short visibility timeout in test_reliability")
-    w = start_worker(concurrency=1)
-    marker = str(tmp_path / "ran")
-    handle = tasks.slow_marked.delay(marker, 1.0, "k2")
-    wait_for(lambda: Path(marker + ".started").exists(), message="task start")
-    w.kill()
-    start_worker(concurrency=1)
-    assert handle.result(timeout=60) == "k2"
-    assert Path(marker).read_text().splitlines() == ["k2"]
-
-
 def test_warm_shutdown_finishes_running_task(tasks, start_worker, tmp_path: Path):
     w = start_worker(concurrency=1)
     marker = str(tmp_path / "ran")

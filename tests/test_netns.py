@@ -5,9 +5,9 @@ and ``2`` run a worker each, ``c`` runs the clients: the one that starts an inte
 task and a second process that attaches to it. They are joined by veth pairs on a bridge
 inside ``b``; the 10.213.0.0/24 addresses exist only inside the namespaces, so nothing
 here can reach any other network. Mid-task, the link of the worker running the task is
-cut (``ip link set … down``: a partition, no TCP reset). With a short Redis
-``visibility_timeout`` the task must be delivered again, to the other worker, and both
-clients must follow it there to its result.
+cut (``ip link set … down``: a partition, no TCP reset). Once the cut-off worker's
+heartbeat in Redis is ``worker_lost_timeout`` old, the other worker must restore the task
+and run it, and both clients must follow it there to its result.
 
 Needs root, ``ip`` (iproute2) and ``redis-server``. Skipped with the reason otherwise; under
 ``CI=true`` it fails instead, so a green CI run always includes it.
@@ -36,20 +36,15 @@ import pytest
 
 from interactive_tasks import App, InteractiveTask
 
-#: seconds before Redis hands an unacknowledged task to another worker
-VISIBILITY = 4.0
+#: seconds without a heartbeat before a worker's tasks go to another worker
+LOST_AFTER = 4.0
 
 app = App(
     "netns",
     namespace=os.environ.get("ITASK_TEST_NS", "it-netns"),
+    worker_heartbeat=1.0,
+    worker_lost_timeout=LOST_AFTER,
     broker_transport_options={
-        "visibility_timeout": VISIBILITY,
-        # kombu sweeps for expired unacked messages every interval × throttle seconds
-        # (10 × 10 by default): without these the redelivery would take 100 s.
-        "unacked_restore_interval": 1,
-        "unacked_restore_throttle": 1,
-        # a worker cut off while holding the sweep mutex must not block others for 5 min
-        "unacked_mutex_expire": 5,
         # a broker behind a dead link never answers: give up instead of hanging
         "socket_timeout": 5,
         "socket_connect_timeout": 3,

@@ -19,6 +19,11 @@ from kombu.asynchronous import Hub
 
 from interactive_tasks.transport.redis_fast import TaskPublisher, kombu_envelope
 from interactive_tasks.transport.redis_fetch import POLL_INTERVAL, TaskFetcher, bell_key
+from interactive_tasks.transport.redis_liveness import (
+    WorkerLiveness,
+    redelivered_key,
+    unacked_keys,
+)
 
 from .conftest import REDIS_URL, wait_for
 
@@ -43,9 +48,6 @@ def ns() -> Iterator[str]:
     r.close()
 
 
-def options(ns: str) -> dict[str, Any]:
-    return {"visibility_timeout": 0.5, "unacked_key": f"{ns}.unacked",
-            "unacked_index_key": f"{ns}.unacked_index", "unacked_mutex_key": f"{ns}.mutex"}
 
 
 def publish(ns: str, bodies: list[bytes], bell: bool = True) -> None:
@@ -59,16 +61,22 @@ def publish(ns: str, bodies: list[bytes], bell: bool = True) -> None:
 
 
 class Fetching:
-    """A kombu connection + channel with a fetcher on ``<ns>.q``; records what arrives."""
+    """A worker's fetch on ``<ns>.q``, with unacked keys and a heartbeat of its own (as
+    a worker process has); records what arrives."""
 
-    def __init__(self, ns: str, prefetch: int = 10) -> None:
-        self.conn = Connection(REDIS_URL, transport_options=options(ns))
+    def __init__(self, ns: str, prefetch: int = 10, name: str = "f") -> None:
+        keys = unacked_keys(ns, name)
+        self.unacked, self.unacked_index = keys["unacked_key"], keys["unacked_index_key"]
+        self.conn = Connection(REDIS_URL, transport_options=keys)
         self.channel = self.conn.channel()
         self.channel.basic_qos(0, prefetch, False)
         self.messages: list[Any] = []
         self.garbage: list[tuple[Any, str]] = []
         self.fetcher = TaskFetcher(REDIS_URL, self.channel, [f"{ns}.q"], self.messages.append,
-                                   lambda m, why: self.garbage.append((m, why)))
+                                   lambda m, why: self.garbage.append((m, why)),
+                                   redelivered_key(ns))
+        self.liveness = WorkerLiveness(redis.Redis.from_url(REDIS_URL), ns, name, 0.5)
+        self.liveness.beat()
 
     def bodies(self) -> list[bytes]:
         return [m.body for m in self.messages]
@@ -85,26 +93,24 @@ def test_a_fetched_message_is_recorded_unacked_before_the_worker_sees_it(ns: str
     r = redis.Redis.from_url(REDIS_URL)
     seen_in_hash: list[int] = []
     f = Fetching(ns)
-    f.fetcher.on_message = lambda m: (seen_in_hash.append(r.hlen(f"{ns}.unacked")),
+    f.fetcher.on_message = lambda m: (seen_in_hash.append(r.hlen(f.unacked)),
                                       f.messages.append(m))
     assert f.fetcher.fetch(2) == 2
     assert f.bodies() == [b"m1", b"m2"]
     assert seen_in_hash[0] == 2  # both recorded on the server before the first delivery
-    assert r.llen(f"{ns}.q") == 1 and r.zcard(f"{ns}.unacked_index") == 2
+    assert r.llen(f"{ns}.q") == 1 and r.zcard(f.unacked_index) == 2
     f.die()
-    # Another worker's restore brings them back once the visibility timeout passed.
-    g = Fetching(ns)
-
-    def restored() -> bool:
-        g.channel.qos.restore_visible(num=10, interval=1)
-        return r.hlen(f"{ns}.unacked") == 0
-
-    wait_for(restored, 5, message="restored after the 0.5 s visibility timeout")
+    # A live worker brings them back once the dead one's heartbeat is 0.5 s old.
+    g = Fetching(ns, name="g")
+    wait_for(lambda: g.liveness.beat()[1], 5, message="restored after the dead one's "
+             "0.5 s liveness timeout")
+    assert r.hlen(f.unacked) == 0
     assert g.fetcher.fetch(10) == 3
     assert sorted(g.bodies()) == [b"m1", b"m2", b"m3"]
+    assert [bool(m.delivery_info.get("redelivered")) for m in g.messages].count(True) == 2
     for m in g.messages:
         m.ack()
-    assert r.hlen(f"{ns}.unacked") == 0 and r.zcard(f"{ns}.unacked_index") == 0
+    assert r.hlen(g.unacked) == 0 and r.zcard(g.unacked_index) == 0
     g.die()
     r.close()
 
@@ -117,7 +123,7 @@ def test_reject_with_requeue_and_channel_close_give_messages_back(ns: str) -> No
     f.fetcher.close()
     f.channel.close()  # kombu restores what it delivered and nobody acked
     f.conn.release()
-    g = Fetching(ns)
+    g = Fetching(ns, name="g")
     assert g.fetcher.fetch(10) == 2 and sorted(g.bodies()) == [b"a", b"b"]
     for m in g.messages:
         m.ack()
@@ -157,7 +163,7 @@ def test_an_idle_fetcher_wakes_on_a_bell_and_polls_without_one(ns: str) -> None:
         next(loop)
     publish(ns, [b"belled"])
     assert spin_until(1, 5) < POLL_INTERVAL  # the bell, not the poll
-    publish(ns, [b"silent"], bell=False)  # e.g. restored by kombu: no bell
+    publish(ns, [b"silent"], bell=False)  # e.g. another publisher: no bell
     spin_until(2, POLL_INTERVAL * 3)
     assert f.bodies() == [b"belled", b"silent"]
     assert redis.Redis.from_url(REDIS_URL).llen(bell_key(f"{ns}.q")) == 0
@@ -177,10 +183,10 @@ def test_garbage_in_the_queue_goes_to_the_dead_letter_handler(ns: str) -> None:
     assert f.bodies() == [b"ok"]
     assert [g[0].body for g in f.garbage] == [b"\x00not json", b'{"json": "but no properties"}']
     assert all("not a kombu message" in why for _, why in f.garbage)
-    assert r.hlen(f"{ns}.unacked") == 1  # only the real message is held
+    assert r.hlen(f.unacked) == 1  # only the real message is held
     f.garbage[0][0].reject(requeue=True)  # dead-lettering failed: it goes back
     assert r.lrange(f"{ns}.q", 0, -1) == [b"\x00not json"]
     f.messages[0].ack()
-    wait_for(lambda: r.hlen(f"{ns}.unacked") == 0, message="acked")
+    wait_for(lambda: r.hlen(f.unacked) == 0, message="acked")
     f.die()
     r.close()

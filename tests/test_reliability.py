@@ -48,34 +48,12 @@ def redis_client() -> Any:
     return redis.Redis.from_url(REDIS_URL)
 
 
-def isolated_redis_transport(namespace: str, visibility: float) -> dict[str, Any]:
-    """Redis transport options for a short visibility timeout that touches only this test.
-
-    kombu keeps unacknowledged messages in server-wide keys (``unacked``, ``unacked_index``)
-    unless told otherwise; a worker with a 2 s visibility timeout would otherwise restore
-    (and so run twice) the long tasks of every other app sharing this Redis.
-    """
-    return {
-        "visibility_timeout": visibility,
-        "unacked_key": f"{namespace}.unacked",
-        "unacked_index_key": f"{namespace}.unacked_index",
-        "unacked_mutex_key": f"{namespace}.unacked_mutex",
-        "unacked_restore_interval": 0.25,
-        "unacked_restore_throttle": 1,
-    }
-
-
 def configure(broker: Any, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
               **settings: Any) -> Any:
     """Extra App settings for this test's workers and for this process; returns ``tasks``.
 
     Must run before anything else asks for the ``tasks`` fixture (it reloads the app).
     """
-    if broker.name == "redis" and "visibility_timeout" in settings:
-        settings["broker_transport_options"] = isolated_redis_transport(
-            broker.namespace, settings.pop("visibility_timeout"))
-    elif "visibility_timeout" in settings:
-        settings.pop("visibility_timeout")
     value = json.dumps(settings)
     broker.extra["ITASK_TEST_SETTINGS"] = value
     monkeypatch.setenv("ITASK_TEST_SETTINGS", value)
@@ -160,12 +138,14 @@ def kinds(events: list[Any]) -> list[str]:
 def test_worker_killed_mid_task_task_comes_back_once_and_watchers_follow(
         broker, start_worker, monkeypatch, request, tmp_path):
     """SIGKILL of the whole worker: watchers are told, the task is delivered again (embedded:
-    lease of a dead owner; Redis: visibility timeout; RabbitMQ: requeue on connection loss),
+    lease of a dead owner; Redis: a live worker restores a dead one's tasks; RabbitMQ: requeue
+    on connection loss),
     runs to the end exactly once, and both the starter and a watcher in another client
     follow it to its new worker."""
     monkeypatch.setattr(client_module, "WORKER_SILENCE", 1.0)
     monkeypatch.setattr(client_module, "RENEW_INTERVAL", 0.5)
-    tasks = configure(broker, monkeypatch, request, worker_heartbeat=0.2, visibility_timeout=2.0)
+    tasks = configure(broker, monkeypatch, request, worker_heartbeat=0.2,
+                      worker_lost_timeout=1.5)
     w1 = start_worker(concurrency=1)
     marker = tmp_path / "ran"
     handle = tasks.marked_steps.start(str(marker), 20, 0.05, "k")
@@ -256,12 +236,13 @@ def spy_inbox_events(app: App, task_id: str, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @redis_only
-def test_frozen_worker_past_visibility_timeout_does_not_report_twice(
+def test_frozen_worker_taken_for_dead_does_not_report_twice(
         broker, start_worker, monkeypatch, request, tmp_path):
-    """Redis only: a worker frozen past the visibility timeout loses the task to another
-    worker. The task body may run twice (at-least-once, as with Celery on Redis), but the
+    """Redis only: a worker frozen past ``worker_lost_timeout`` is taken for dead and its
+    task goes to another worker. The task body may run twice (at-least-once), but the
     client must see one final state, and the stored result must be the run it saw."""
-    tasks = configure(broker, monkeypatch, request, visibility_timeout=1.5)
+    tasks = configure(broker, monkeypatch, request, worker_heartbeat=0.2,
+                      worker_lost_timeout=1.5)
     w1 = start_worker(concurrency=1)
     marker = tmp_path / "ran"
     handle = tasks.marked_steps.start(str(marker), 10, 0.1, "f")
@@ -296,7 +277,7 @@ def test_broker_connections_dropped_under_load(broker, start_worker, monkeypatch
     """The broker drops every connection of the worker and of this client twice while 24
     interactive tasks run: each completes exactly once, every starter gets its result and
     its whole stream, and the worker reconnects by itself and logs it."""
-    tasks = configure(broker, monkeypatch, request, visibility_timeout=30.0)
+    tasks = configure(broker, monkeypatch, request)
     w = start_worker(concurrency=2)
     marker = tmp_path / "ran"
     keys = [f"k{i}" for i in range(24)]
@@ -638,10 +619,10 @@ def test_no_broker_key_per_task(broker, start_worker, monkeypatch, request):
 
 
 #: the only keys the namespace may hold, however many tasks ran (Redis). Measured after
-#: 1,000 tasks: <ns>.results.<hour> and _kombu.binding.<ns>.bcast; lists exist only while
-#: they hold messages. Outside the namespace kombu uses server-wide keys: unacked,
-#: unacked_index, unacked_mutex (see test_short_visibility_timeout_stays_in_its_namespace).
+#: 1,000 tasks: <ns>.results.<hour>, <ns>.workers and _kombu.binding.<ns>.bcast; lists
+#: exist only while they hold messages, and so do each worker's unacked hash and index.
 ALLOWED_KEYS = {
+    "<ns>.workers",                  # live workers and their last heartbeat
     "<ns>.results.<hour>",           # one hash per hour of finished tasks
     "_kombu.binding.<ns>.bcast",     # bindings of the broadcast exchange (one per worker)
     "_kombu.binding.<ns>.events",    # bindings of the monitoring exchange
@@ -669,7 +650,7 @@ def normalise(key: str, namespace: str, worker: str, client: str) -> str:
 @redis_only
 def test_duplicate_publish_of_a_running_task_settles_both_deliveries(
         broker, start_worker, monkeypatch, request, tmp_path):
-    tasks = configure(broker, monkeypatch, request, visibility_timeout=3600.0)
+    tasks = configure(broker, monkeypatch, request)
     w = start_worker(concurrency=1)
     marker = tmp_path / "ran"
     task_id = "dup-" + broker.namespace
@@ -684,34 +665,12 @@ def test_duplicate_publish_of_a_running_task_settles_both_deliveries(
     assert "delivered again while it runs here" in w.log()
     r = redis_client()
     try:
-        unacked = f"{broker.namespace}.unacked"
+        def unacked() -> int:
+            return sum(r.hlen(k) for k in r.scan_iter(f"{broker.namespace}.unacked.*"))
         try:
-            wait_for(lambda: r.hlen(unacked) == 0, 3, message="both deliveries settled")
+            wait_for(lambda: unacked() == 0, 3, message="both deliveries settled")
         except AssertionError:
-            count = r.hlen(unacked)
-            raise AssertionError(f"{count} delivery still unacked after the task ended") from None
+            raise AssertionError(f"{unacked()} delivery still unacked after the task "
+                                 "ended") from None
     finally:
         r.close()
-
-
-@pytest.mark.parametrize("broker", ["redis"], indirect=True)
-def test_short_visibility_timeout_stays_in_its_namespace(broker, start_worker, monkeypatch,
-                                                         request, tmp_path):
-    # A Redis database of its own: the restore below must not touch other test runs.
-    base, _, _ = broker.url.rpartition("/")
-    broker.url = f"{base}/15"
-    monkeypatch.setenv("ITASK_BROKER_URL", broker.url)
-    tasks = request.getfixturevalue("tasks")
-    w = start_worker(concurrency=1)
-    marker = tmp_path / "ran"
-    handle = tasks.marked_steps.start(str(marker), 25, 0.1, "n")  # 2.5 s
-    wait_for(lambda: handle.progress and handle.progress.current >= 12, message="1.2 s in")
-    other_ns = broker.namespace + "x"
-    start_worker(concurrency=1, extra_env={
-        "ITASK_TEST_NS": other_ns,
-        "ITASK_TEST_SETTINGS": json.dumps({"broker_transport_options": {
-            "visibility_timeout": 1.0}})})
-    assert handle.result(timeout=20) == "n"
-    check("delivered again while it runs here" not in w.log(),
-                    "a worker of namespace " + other_ns + " restored this namespace's "
-                    "running task (its log: 'delivered again while it runs here')")

@@ -37,8 +37,10 @@ from interactive_tasks.protocol import (
     Verb,
 )
 from interactive_tasks.task import parse_rate
-from interactive_tasks.transport.redis_fast import ListReader, is_redis
+from interactive_tasks.transport.redis_fast import ListReader, is_redis, task_envelope
 from interactive_tasks.transport.redis_fetch import TaskFetcher
+from interactive_tasks.transport.redis_liveness import incarnation, redelivered_key
+from interactive_tasks.transport.upkeep import SCHEDULE_AHEAD, upkeep_for
 
 from .canvas import after_finish
 from .control import ControlRouter
@@ -118,6 +120,8 @@ class Worker:
     ) -> None:
         self.app = app
         self.hostname = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
+        #: this start of the worker, as the broker's liveness record knows it
+        self.incarnation = incarnation(self.hostname)
         self.concurrency = 1 if pool == "solo" else (concurrency or os.cpu_count() or 1)
         self.pool = make_pool(pool, app, self.concurrency, self.hostname, max_tasks_per_child)
         self.queue_names = queues or [app.conf.task_default_queue]
@@ -141,6 +145,7 @@ class Worker:
         self.task_consumer: Consumer | None = None
         self.fetcher: TaskFetcher | None = None
         self.control_reader: ListReader | None = None
+        self.upkeep = upkeep_for(app, self.incarnation, self._on_declared_dead)
         self._exit_code = 0
         self.control = ControlRouter(self)
         self.relay = Relay(self)
@@ -187,6 +192,7 @@ class Worker:
         finally:
             self._shutdown_pool()
             self._teardown_connection()
+            self.upkeep.close(clean=not self.records)
         logger.info("worker %s stopped", self.hostname)
         return self._exit_code
 
@@ -216,7 +222,7 @@ class Worker:
         app = self.app
         names = app.names
         self.hub = hub = Hub()
-        conn = app.connection()
+        conn = app.connection(self.upkeep.transport_options)
         try:
             conn.ensure_connection(max_retries=1, timeout=10)
         except Exception as exc:
@@ -237,7 +243,8 @@ class Worker:
             task_channel.basic_qos(0, prefetch, False)
             self.fetcher = TaskFetcher(app.broker_url, task_channel,
                                        [q.name for q in task_queues],
-                                       self._on_task_message, self.outcomes.dead_letter)
+                                       self._on_task_message, self.outcomes.dead_letter,
+                                       redelivered_key(app.conf.namespace))
         else:
             self.task_consumer = Consumer(
                 task_channel, queues=task_queues, on_message=self._on_task_message,
@@ -267,6 +274,11 @@ class Worker:
         for slot in self.slots:
             if not slot.closed:
                 hub.add_reader(slot.sock, self._on_slot_readable, slot)
+        try:
+            self.upkeep.start(hub)
+        except Exception as exc:
+            raise TransportError(f"cannot reach the broker at {app.broker_url_display}: "
+                                 f"{exc}") from exc
         hub.call_repeatedly(app.conf.worker_heartbeat, self.relay.heartbeat)
         hub.call_repeatedly(1.0, self.relay.expire)
         hub.call_repeatedly(0.1, self._check_limits)
@@ -337,6 +349,12 @@ class Worker:
             self._terminate = True
             return True
         return False
+
+    def _on_declared_dead(self) -> None:
+        """Other workers took this one for dead: each running task may run elsewhere too,
+        so its end is checked against the stored result before it is reported."""
+        for record in self.records.values():
+            record.maybe_redelivered = True
 
     def _requeue(self, record: TaskRecord) -> None:
         self.records.pop(record.id, None)
@@ -695,12 +713,18 @@ class Worker:
             self.hub.add_reader(new.sock, self._on_slot_readable, new)
 
     def publish_task(self, message: TaskMessage) -> None:
-        """Publish a task message (signed when the app has a secret) to its queue."""
+        """Publish a task message (signed when the app has a secret) to its queue; one
+        whose ``eta`` is ahead waits in the broker where the broker can keep it."""
         body = codec.dumps(message.to_wire())
         queue = self.app.names.task_queue(message.queue)
+        secret = self.app.secret
+        if message.eta is not None and message.eta - time.time() > SCHEDULE_AHEAD and \
+                self.upkeep.schedule(queue.name, task_envelope(body, queue.name, secret),
+                                     None, message.eta):
+            return
         headers = {}
-        if self.app.secret is not None:
-            headers[codec.SIGNATURE_HEADER] = codec.sign(self.app.secret, body)
+        if secret is not None:
+            headers[codec.SIGNATURE_HEADER] = codec.sign(secret, body)
         assert self.producer is not None
         self.producer.publish(body, routing_key=queue.routing_key, exchange="",
                               content_type=codec.CONTENT_TYPE, content_encoding="binary",

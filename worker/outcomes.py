@@ -116,18 +116,15 @@ class Outcomes:
         self.finish(record, EventKind.FAILED, {"error": error_fields("WorkerLost", reason)})
 
     def superseded(self, record: TaskRecord) -> bool:
-        """Whether another worker already recorded this task's end (Redis only).
+        """Whether another worker already recorded this task's end.
 
-        A task that ran longer than Redis's visibility timeout may have been delivered
-        again (this worker was frozen, say) and finished elsewhere: its stale run must not
-        report a second final state nor overwrite the result. Shorter runs need no look.
+        A task whose worker was taken for dead (frozen, or cut off from the broker for
+        longer than ``worker_lost_timeout``) may have been delivered again and finished
+        elsewhere: its stale run must not report a second final state nor overwrite the
+        result. Other runs need no look.
         """
         w = self.worker
-        if not w.app.broker_url.startswith(("redis://", "rediss://")):
-            return False
-        options = w.app.conf.broker_transport_options
-        timeout = float(options.get("visibility_timeout", 3600))
-        if time.time() - record.received < timeout:
+        if not (record.maybe_redelivered or w.upkeep.possibly_lost()):
             return False
         try:
             stored = w.app.results.get(record.id)
@@ -185,8 +182,8 @@ class Outcomes:
         if record.is_final:
             return
         if self.superseded(record):
-            logger.warning("task %s already finished elsewhere after this worker lost it "
-                           "(visibility timeout); dropping this stale run %d",
+            logger.warning("task %s already finished elsewhere after this worker was "
+                           "taken for dead; dropping this stale run %d",
                            record.id, record.run)
             self.cancel_timers(record)
             if record.kombu_message is not None:

@@ -81,6 +81,9 @@ class TaskRecord:
     timers: list[Any] = field(default_factory=list)
     #: further deliveries of the same task that arrived while it ran (acked with it)
     duplicates: list[Any] = field(default_factory=list)
+    #: the broker may have given this task to another worker while it ran here (this
+    #: worker was taken for dead): its end is checked against the stored result
+    maybe_redelivered: bool = False
     history: collections.deque[Event] = field(init=False)
 
     def __post_init__(self) -> None:

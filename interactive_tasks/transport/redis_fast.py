@@ -59,7 +59,7 @@ def decode_frame(raw: bytes, secret: bytes | None) -> bytes:
 
 
 def kombu_envelope(body: bytes, queue: str, content_type: str,
-                   headers: dict[str, Any]) -> bytes:
+                   headers: dict[str, Any], priority: int | None = None) -> bytes:
     """A message exactly as kombu's Redis transport stores it, so kombu consumers read it."""
     import base64
     import json
@@ -72,12 +72,21 @@ def kombu_envelope(body: bytes, queue: str, content_type: str,
         "headers": headers,
         "properties": {
             "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
+            "priority": priority or 0,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
             "delivery_mode": 2,
         },
     }).encode()
+
+
+def task_envelope(body: bytes, queue: str, secret: bytes | None,
+                  priority: int | None = None) -> bytes:
+    """A task message body in kombu's envelope, signed when there is a ``secret``."""
+    headers = {}
+    if secret is not None:
+        headers[codec.SIGNATURE_HEADER] = codec.sign(secret, body)
+    return kombu_envelope(body, queue, codec.CONTENT_TYPE, headers, priority)
 
 
 def kombu_body(raw: bytes) -> tuple[bytes, Any]:
@@ -419,6 +428,13 @@ class TaskPublisher:
 
             commands.extend(bell_commands(queue))
         self._send(pack_commands(*commands), len(commands))
+
+    def schedule(self, namespace: str, list_key: str, envelope: bytes, eta: float) -> None:
+        """Keep ``envelope`` in the broker until ``eta``, then on ``list_key``
+        (:mod:`.redis_delay`). Raises ``redis.RedisError``."""
+        from .redis_delay import schedule_command
+
+        self._send(pack_commands(schedule_command(namespace, list_key, envelope, eta)), 1)
 
     def push(self, queue: str, item: bytes, expire_ms: int) -> None:
         """``LPUSH`` one item and ``PEXPIRE`` the list: what :meth:`publish` sends for a

@@ -6,20 +6,24 @@ good: it is in no list, hash or index any more. Measured here: 1 of 3,000 tasks 
 SIGKILLs under load (``python -m benchmarks.kill``); none since.
 
 :class:`TaskFetcher` takes messages with one Lua script that pops them *and* records them
-in kombu's unacked hash and index, atomically on the server, in the exact format kombu's
-own ``QoS.append`` writes, so everything else stays kombu's: ack, reject, requeue on
-channel close, and the restore of messages whose worker died (visibility timeout).
+in the worker's unacked hash and index, atomically on the server, in the exact format
+kombu's own ``QoS.append`` writes, so ack, reject and requeue on channel close stay
+kombu's. The hash and index are the worker's own (see :mod:`.redis_liveness`): when the
+worker dies, a live worker returns their messages to the queues; the script flags those
+(the ``<ns>.redelivered`` hash) so the worker counts the delivery.
 
 A script cannot block, so publishers ring a *bell*: a short list per queue
 (``<queue>\\x06\\x16bell``) that an idle worker waits on with ``BRPOP``. A bell popped by
 a worker that then finds nothing costs one round trip and loses nothing; a message
-published without a bell (kombu's restores, publishers other than ours) is fetched by the
-poll every :data:`POLL_INTERVAL` seconds.
+published without a bell (publishers other than ours) is fetched by the poll every
+:data:`POLL_INTERVAL` seconds.
 
 The fetcher runs on the worker's event loop (kombu's Hub), like kombu's own consumer: the
-``BRPOP`` is sent without waiting and its socket is watched by the loop. It also restores
-the messages of dead workers after the visibility timeout (kombu's ``restore_visible``),
-which kombu does only for channels its own consumers use.
+``BRPOP`` is sent without waiting and its socket is watched by the loop.
+
+Private parts of kombu used here (its ``QoS`` bookkeeping: ``_delivered``, ``_dirty``,
+``_remove_from_indices``, ``Channel._q_for_pri``) are tested against the kombu versions
+``pyproject.toml`` admits.
 """
 
 from __future__ import annotations
@@ -45,16 +49,18 @@ BELL_EXPIRES_MS = 60_000
 #: fetch this often even without a bell
 POLL_INTERVAL = 1.0
 
-# KEYS: unacked hash, unacked index, then the queue lists in delivery order.
+# KEYS: unacked hash, unacked index, redelivered tags, then the queue lists in delivery
+# order.
 # ARGV: now (seconds), how many at most.
 # Returns a flat list: message, list key, message, list key, ... A message that is not a
 # kombu envelope is returned with the key prefixed by "!" and is not recorded: the worker
-# dead-letters it at once.
+# dead-letters it at once. A message restored from a dead worker comes with "~" before
+# its key.
 FETCH_SCRIPT = """
 local out = {}
 local want = tonumber(ARGV[2])
 local taken = 0
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   while taken < want do
     local raw = redis.call('RPOP', KEYS[i])
     if not raw then break end
@@ -74,7 +80,11 @@ for i = 3, #KEYS do
       redis.call('HSET', KEYS[1], tag,
                  '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
       out[#out + 1] = raw
-      out[#out + 1] = KEYS[i]
+      if redis.call('HDEL', KEYS[3], tag) == 1 then
+        out[#out + 1] = '~' .. KEYS[i]
+      else
+        out[#out + 1] = KEYS[i]
+      end
     else
       out[#out + 1] = raw
       out[#out + 1] = '!' .. KEYS[i]
@@ -112,10 +122,11 @@ class TaskFetcher:
 
     def __init__(self, url: str, channel: Any, queues: list[str],
                  on_message: Callable[[Any], None],
-                 on_garbage: Callable[[Any, str], None]) -> None:
+                 on_garbage: Callable[[Any, str], None], redelivered_key: str) -> None:
         import redis
 
         self.channel = channel
+        self.redelivered_key = redelivered_key
         self.qos = channel.qos
         self.keys = [channel._q_for_pri(q, p) for p in channel.priority_steps for q in queues]
         self.bells = [bell_key(q) for q in queues]
@@ -125,32 +136,16 @@ class TaskFetcher:
         self._bell_wait = HubCommand(url, self._on_bell)  # BRPOP on the bells
         self._script = self._redis.register_script(FETCH_SCRIPT)
         self._hub: Any = None
-        self._restore_timer: Any = None
         self._want = True  # fetch at the next chance (a bell rang, or the last fetch was full)
         self._next_poll = 0.0
         self.stopped = False
 
     # -- the loop ---------
     def register(self, hub: Any) -> None:
-        """Start on ``hub``: fetch, wait for bells, restore the messages of dead workers.
-
-        kombu restores them only from a channel that consumes a queue with its own
-        consumer, and this worker has none on Redis.
-        """
+        """Start on ``hub``: fetch, and wait for bells."""
         self._hub = hub
         self._bell_wait.attach(hub)
-        options = self.channel.connection.client.transport_options
-        interval = options.get("unacked_restore_interval") or 10.0
-        self._restore_timer = hub.call_repeatedly(interval, self._restore)
         self.pump()
-
-    def _restore(self) -> None:
-        channel = self.channel
-        try:
-            self.qos.restore_visible(num=channel.unacked_restore_limit,
-                                     interval=channel.unacked_restore_throttle)
-        except channel.connection_errors:
-            logger.debug("restoring unacked messages failed; next time", exc_info=True)
 
     def stop(self) -> None:
         """Fetch nothing more (warm shutdown); an in-flight wait is left to time out."""
@@ -159,9 +154,6 @@ class TaskFetcher:
 
     def close(self) -> None:
         self.stop()
-        if self._restore_timer is not None:
-            self._restore_timer.cancel()
-            self._restore_timer = None
         self._bell_wait.close()
         try:
             self._redis.close()
@@ -208,10 +200,12 @@ class TaskFetcher:
     def fetch(self, count: int) -> int:
         """Take up to ``count`` messages (recorded unacked on the server) and deliver them."""
         qos = self.qos
-        flat = self._script(keys=[qos.unacked_key, qos.unacked_index_key, *self.keys],
+        flat = self._script(keys=[qos.unacked_key, qos.unacked_index_key,
+                                  self.redelivered_key, *self.keys],
                             args=[time.time(), count])
         for i in range(0, len(flat), 2):
             raw, key = bytes(flat[i]), flat[i + 1].decode()
+            redelivered = key.startswith("~")
             if key.startswith("!"):
                 self.on_garbage(RawMessage(raw, key[1:], self._redis),
                                 "not a kombu message (no JSON envelope with a delivery tag)")
@@ -225,6 +219,8 @@ class TaskFetcher:
                     self.qos._remove_from_indices(payload_tag(raw)).execute()
                 self.on_garbage(RawMessage(raw, key, self._redis), f"undecodable envelope: {exc}")
                 continue
+            if redelivered:
+                message.delivery_info["redelivered"] = True
             # The server side of kombu's QoS.append is done (by the script); this is its
             # local side, so ack/reject/close find the message.
             virtual.QoS.append(qos, message, message.delivery_tag)

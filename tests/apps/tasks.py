@@ -40,6 +40,13 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
+@app.task(bind=True)
+def add_recorded(self: Any, x: int, y: int) -> int:
+    """``add`` that records each start (its time and delivery) in the task's record file."""
+    record(self.request.id, "start", self.request.delivery)
+    return x + y
+
+
 @app.task
 def noop() -> None:
     return None

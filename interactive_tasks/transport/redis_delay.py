@@ -1,0 +1,131 @@
+"""Delayed delivery on Redis: countdown / eta tasks wait in the broker, not in a worker.
+
+A task whose ``eta`` is ahead is added to the sorted set ``<ns>.delayed`` instead of its
+queue: the member is the list it is due on, a NUL byte, and the message in kombu's
+envelope (unique: the envelope carries a fresh delivery tag); the score is its ``eta``
+(epoch seconds). Every worker runs :data:`DUE_SCRIPT` a few times a second: in one atomic
+step it moves the members that are due onto their lists and rings their queues' bells, so
+two workers never move one task twice and a task waits in exactly one place at a time.
+
+So a delayed task survives the death of every worker, costs an idle worker no memory, and
+``itask inspect scheduled`` can list it. It starts within :data:`DUE_INTERVAL` of its
+``eta`` plus the usual fetch (a message fetched a fraction of a second early is held by
+the worker until its ``eta``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .redis_fetch import BELL_EXPIRES_MS, BELL_KEEP, BELL_SUFFIX
+from .redis_liveness import PRIORITY_SEP
+
+#: how often a worker moves due tasks onto their queues (seconds)
+DUE_INTERVAL = 0.25
+#: tasks moved by one run of the script at most (the next run takes the rest)
+DUE_BATCH = 500
+
+# KEYS: [1] the delayed set. ARGV: [1] now (epoch s), [2] batch, [3] priority separator,
+# [4] bell suffix, [5] bells kept, [6] bell expiry (ms).
+# Returns the number moved.
+DUE_SCRIPT = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do
+  local cut = string.find(member, '\\0', 1, true)
+  if cut then
+    local list = string.sub(member, 1, cut - 1)
+    redis.call('LPUSH', list, string.sub(member, cut + 1))
+    local queue = list
+    local sep = string.find(list, ARGV[3], 1, true)
+    if sep then queue = string.sub(list, 1, sep - 1) end
+    local bell = queue .. ARGV[4]
+    redis.call('LPUSH', bell, '1')
+    redis.call('LTRIM', bell, 0, tonumber(ARGV[5]) - 1)
+    redis.call('PEXPIRE', bell, tonumber(ARGV[6]))
+  end
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+
+def delayed_key(namespace: str) -> str:
+    """The sorted set of tasks waiting for their ``eta``."""
+    return f"{namespace}.delayed"
+
+
+def schedule_command(namespace: str, list_key: str, envelope: bytes,
+                     eta: float) -> tuple[bytes | str | float, ...]:
+    """The ``ZADD`` that schedules ``envelope`` onto ``list_key`` at ``eta``
+    (``redis_fast.pack_commands`` form)."""
+    return (b"ZADD", delayed_key(namespace), repr(float(eta)),
+            list_key.encode() + b"\x00" + envelope)
+
+
+@dataclass(frozen=True)
+class ScheduledTask:
+    """One task waiting in the broker for its ``eta``."""
+
+    id: str | None
+    name: str | None
+    queue: str
+    eta: float
+
+
+class DelayedTasks:
+    """A worker's (or a tool's) view of ``<ns>.delayed``; ``client`` is redis-py's.
+
+    Every method raises the client's connection errors.
+    """
+
+    def __init__(self, client: Any, namespace: str) -> None:
+        self.client = client
+        self.key = delayed_key(namespace)
+        self._script = client.register_script(DUE_SCRIPT)
+
+    def move_due(self, now: float | None = None) -> int:
+        """Move every task due by ``now`` (default: this clock) onto its queue."""
+        moved = 0
+        when = time.time() if now is None else now
+        while True:
+            batch = int(self._script(
+                keys=[self.key],
+                args=[repr(when), DUE_BATCH, PRIORITY_SEP, BELL_SUFFIX, BELL_KEEP,
+                      BELL_EXPIRES_MS]))
+            moved += batch
+            if batch < DUE_BATCH:
+                return moved
+
+    def count(self) -> int:
+        return int(self.client.zcard(self.key))
+
+    def listing(self, limit: int = 100) -> list[ScheduledTask]:
+        """The first ``limit`` scheduled tasks, soonest first."""
+        from .redis_fast import kombu_body
+
+        out = []
+        for member, score in self.client.zrange(self.key, 0, limit - 1, withscores=True):
+            list_key, _, raw = bytes(member).partition(b"\x00")
+            queue = list_key.decode(errors="replace").split(PRIORITY_SEP, 1)[0]
+            task_id = name = None
+            try:
+                body, _ = kombu_body(raw)
+                wire = _decode_task(body)
+                task_id, name = wire.get("id"), wire.get("task")
+            except Exception:
+                pass
+            out.append(ScheduledTask(task_id, name, queue, float(score)))
+        return out
+
+
+def _decode_task(body: bytes) -> dict[str, Any]:
+    from .. import codec
+
+    try:
+        wire = codec.loads(body)
+    except Exception:
+        wire = json.loads(body)
+    return wire if isinstance(wire, dict) else {}

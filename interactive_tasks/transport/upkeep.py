@@ -1,0 +1,181 @@
+"""What a worker does for its broker besides consuming: liveness and delayed delivery.
+
+Part of the transport contract (see docs/architecture.md, "Transport"): each broker says
+how a worker proves it is alive, how a dead worker's unacknowledged tasks come back, and
+where a task waits for its ``eta``. The worker calls the same four methods on every
+broker; :func:`upkeep_for` picks the implementation.
+
+* :meth:`BrokerUpkeep.start` — on a fresh connection, before any task is fetched;
+  registers its timers on the worker's loop.
+* :meth:`BrokerUpkeep.schedule` — keep a task until its ``eta`` in the broker; ``False``
+  when this broker cannot (the worker then holds it in memory, as before).
+* :meth:`BrokerUpkeep.scheduled` — what waits in the broker, soonest first.
+* :meth:`BrokerUpkeep.close` — ``clean`` after a warm shutdown that settled every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .redis_fast import is_redis
+
+if TYPE_CHECKING:
+    from ..app import App
+    from .redis_delay import ScheduledTask
+
+logger = logging.getLogger("interactive_tasks.worker")
+
+#: A task due later than this (seconds) waits in the broker where the broker can keep it;
+#: one due sooner goes to its queue and the worker that takes it holds it for the rest.
+SCHEDULE_AHEAD = 0.5
+
+
+class BrokerUpkeep:
+    """The default: nothing kept in the broker (kombu's own redelivery applies)."""
+
+    #: extra kombu transport options for the worker's connection
+    transport_options: dict[str, Any] = {}
+
+    def start(self, hub: Any) -> None:
+        """Begin on ``hub`` (a kombu Hub); raises the broker's connection errors."""
+
+    def schedule(self, queue: str, envelope: bytes, priority: int | None,
+                 eta: float) -> bool:
+        return False
+
+    def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
+        return []
+
+    def possibly_lost(self) -> bool:
+        """Whether other workers may take this one for dead right now (its last
+        heartbeat in the broker is older than the liveness timeout)."""
+        return False
+
+    def close(self, clean: bool) -> None:
+        """Stop the timers; ``clean``: leave the broker's record of live workers."""
+
+
+class RedisUpkeep(BrokerUpkeep):
+    """Redis: heartbeat + restore of dead workers' tasks, and the delayed set.
+
+    ``on_declared_dead()`` is called when this worker learns that others took it for
+    dead (it was frozen or cut off for longer than ``worker_lost_timeout``): its running
+    tasks may have been delivered again elsewhere.
+    """
+
+    def __init__(self, app: App, incarnation: str,
+                 on_declared_dead: Callable[[], None]) -> None:
+        from .redis_liveness import unacked_keys
+
+        self.app = app
+        self.incarnation = incarnation
+        self.on_declared_dead = on_declared_dead
+        # kombu's own restore (visibility timeout) must never run on this worker's keys:
+        # the liveness check alone decides when a task comes back.
+        self.transport_options = {**unacked_keys(app.conf.namespace, incarnation),
+                                  "visibility_timeout": 10 * 365 * 24 * 3600}
+        self._client: Any = None
+        self._liveness: Any = None
+        self._delayed: Any = None
+        self._timers: list[Any] = []
+        self._last_beat = time.monotonic()
+
+    def _connect(self) -> None:
+        import redis
+
+        from .redis_delay import DelayedTasks
+        from .redis_liveness import WorkerLiveness
+
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.app.broker_url,
+                                                socket_connect_timeout=5, socket_timeout=10)
+            ns = self.app.conf.namespace
+            self._liveness = WorkerLiveness(self._client, ns, self.incarnation,
+                                            self.app.conf.worker_lost_timeout)
+            self._delayed = DelayedTasks(self._client, ns)
+
+    def start(self, hub: Any) -> None:
+        from .redis_delay import DUE_INTERVAL
+
+        self._connect()
+        self._cancel_timers()
+        self.beat()  # registered before the first fetch: nothing it takes is unowned
+        self._timers = [hub.call_repeatedly(self.app.conf.worker_heartbeat, self._beat_soft),
+                        hub.call_repeatedly(DUE_INTERVAL, self._move_due_soft)]
+
+    def beat(self) -> None:
+        """Heartbeat, and restore the tasks of dead workers; raises connection errors."""
+        known, dead = self._liveness.beat()
+        self._last_beat = time.monotonic()
+        for name, count in dead.items():
+            logger.warning("worker %s stopped beating (> %.0fs): %d unacknowledged task(s) "
+                           "returned to their queues", name,
+                           self.app.conf.worker_lost_timeout, count)
+        if not known:
+            logger.warning("this worker was taken for dead (no heartbeat for %.0fs): its "
+                           "running tasks may have been delivered to another worker",
+                           self.app.conf.worker_lost_timeout)
+            self.on_declared_dead()
+
+    def _beat_soft(self) -> None:
+        try:
+            self.beat()
+        except Exception as exc:  # the fetcher's connection notices and reconnects
+            logger.debug("heartbeat failed: %s", exc)
+
+    def _move_due_soft(self) -> None:
+        try:
+            self._delayed.move_due()
+        except Exception as exc:
+            logger.debug("moving due tasks failed: %s", exc)
+
+    def schedule(self, queue: str, envelope: bytes, priority: int | None,
+                 eta: float) -> bool:
+        from .redis_delay import schedule_command
+        from .redis_liveness import priority_list
+
+        self._connect()
+        self._client.execute_command(*schedule_command(
+            self.app.conf.namespace, priority_list(queue, priority), envelope, eta))
+        return True
+
+    def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
+        self._connect()
+        return list(self._delayed.listing(limit))
+
+    def possibly_lost(self) -> bool:
+        return time.monotonic() - self._last_beat > self.app.conf.worker_lost_timeout
+
+    def _cancel_timers(self) -> None:
+        for timer in self._timers:
+            try:
+                timer.cancel()
+            except Exception:
+                pass
+        self._timers = []
+
+    def close(self, clean: bool) -> None:
+        self._cancel_timers()
+        if self._client is None:
+            return
+        if clean:
+            try:
+                self._liveness.leave()
+            except Exception as exc:
+                logger.debug("could not leave the worker registry: %s", exc)
+        try:
+            self._client.close()
+        except Exception:
+            pass
+        self._client = None
+
+
+def upkeep_for(app: App, incarnation: str,
+               on_declared_dead: Callable[[], None]) -> BrokerUpkeep:
+    """The upkeep for ``app``'s broker."""
+    if is_redis(app.broker_url):
+        return RedisUpkeep(app, incarnation, on_declared_dead)
+    return BrokerUpkeep()

@@ -1,0 +1,179 @@
+"""Worker liveness and delayed delivery kept by the broker, against real workers.
+
+* A worker SIGKILLed mid-task, with default settings: its task finishes on another worker
+  within 15 s (Redis: a live worker restores a dead worker's unacknowledged tasks once its
+  heartbeat is ``worker_lost_timeout`` old; RabbitMQ: requeue on connection loss; embedded:
+  the lease of a dead owner).
+* A task that runs three times longer than the liveness timeout on a live worker runs once:
+  nothing depends on how long a task runs.
+* A countdown survives the death of every worker: it waits in the broker, runs once and on
+  time after a new worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from interactive_tasks import TaskState
+
+from .conftest import REDIS_URL, ROOT, wait_for
+
+ALL_BROKERS = pytest.mark.parametrize("broker", ["embedded", "redis", "amqp"], indirect=True)
+
+
+def use_settings(broker: Any, request: pytest.FixtureRequest, **settings: Any) -> Any:
+    """Extra App settings for this test's workers and this process; returns ``tasks``."""
+    broker.extra["ITASK_TEST_SETTINGS"] = json.dumps(settings)
+    import os
+
+    os.environ["ITASK_TEST_SETTINGS"] = json.dumps(settings)
+    request.addfinalizer(lambda: os.environ.pop("ITASK_TEST_SETTINGS", None))
+    return request.getfixturevalue("tasks")
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@ALL_BROKERS
+def test_worker_killed_mid_task_finishes_elsewhere_within_15s_by_default(
+        broker, start_worker, tasks, tmp_path):
+    victim = start_worker(concurrency=1)
+    marker = tmp_path / "ran"
+    handle = tasks.marked_steps.start(str(marker), 10, 0.1, "x")  # 1 s
+    wait_for(lambda: handle.progress is not None, message="the task to start")
+    survivor = start_worker(concurrency=1)
+    victim.kill()
+    wait_for(lambda: handle.state is TaskState.SUCCEEDED, 15,
+             message="the task to finish on the other worker within 15 s of the SIGKILL")
+    assert handle.result(0) == "x" and handle.worker == survivor.name
+    assert lines(marker) == ["x"]  # ran to the end exactly once
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)
+def test_task_longer_than_the_liveness_timeout_runs_once_on_a_live_worker(
+        broker, start_worker, request, tmp_path):
+    tasks = use_settings(broker, request, worker_heartbeat=0.2, worker_lost_timeout=1.0)
+    w1 = start_worker(concurrency=1)
+    w2 = start_worker(concurrency=1)
+    marker = tmp_path / "ran"
+    handle = tasks.marked_steps.start(str(marker), 30, 0.1, "long")  # 3 s: 3x the timeout
+    assert handle.result(timeout=30) == "long"
+    assert lines(marker) == ["long"]
+    started = lines(Path(str(marker) + ".started"))
+    assert len(started) == 1, started  # never started a second time, anywhere
+    for w in (w1, w2):
+        assert "delivered again" not in w.log() and "stopped beating" not in w.log()
+
+
+def test_a_restored_task_is_flagged_redelivered(broker_redis_ns):
+    """The liveness script restores a dead worker's messages onto the lists they came
+    from (by priority, as kombu's restore) and flags them; a live worker is left alone."""
+    import redis
+    from kombu import Connection
+
+    from interactive_tasks.transport.redis_fast import TaskPublisher, kombu_envelope
+    from interactive_tasks.transport.redis_fetch import TaskFetcher
+    from interactive_tasks.transport.redis_liveness import (
+        WorkerLiveness,
+        incarnation,
+        priority_list,
+        redelivered_key,
+        unacked_keys,
+    )
+
+    ns = broker_redis_ns
+    queue = f"{ns}.tasks.q"
+    pub = TaskPublisher(REDIS_URL)
+    for body, pri in ((b"p0", 0), (b"p6", 7)):
+        pub.publish(priority_list(queue, pri),
+                    kombu_envelope(body, queue, "application/x-test", {}, pri))
+    pub.close()
+    r = redis.Redis.from_url(REDIS_URL)
+    dead, alive = incarnation("dead@test"), incarnation("alive@test")
+    conn = Connection(REDIS_URL, transport_options=unacked_keys(ns, dead))
+    channel = conn.channel()
+    got: list[Any] = []
+    fetcher = TaskFetcher(REDIS_URL, channel, [queue], got.append, lambda m, w: None,
+                          redelivered_key(ns))
+    WorkerLiveness(r, ns, dead, 0.3).beat()
+    assert fetcher.fetch(10) == 2 and not any(m.delivery_info.get("redelivered") for m in got)
+    fetcher.close()
+    channel.qos._delivered.clear()  # vanish like a SIGKILLed worker: nothing restored
+    conn.release()
+    watcher = WorkerLiveness(r, ns, alive, 0.3)
+    known, restored = watcher.beat()
+    assert known and restored == {}  # 'dead' beat a moment ago: still alive
+    restored = wait_for(lambda: watcher.beat()[1], 5, message="the dead worker's tasks back")
+    assert restored == {dead: 2}
+    assert r.llen(queue) == 1 and r.llen(priority_list(queue, 7)) == 1
+    assert not r.exists(unacked_keys(ns, dead)["unacked_key"])
+    assert r.hkeys(f"{ns}.workers") == [alive.encode()]
+    conn2 = Connection(REDIS_URL, transport_options=unacked_keys(ns, alive))
+    channel2 = conn2.channel()
+    again: list[Any] = []
+    f2 = TaskFetcher(REDIS_URL, channel2, [queue], again.append, lambda m, w: None,
+                     redelivered_key(ns))
+    assert f2.fetch(10) == 2
+    assert sorted(m.body for m in again) == [b"p0", b"p6"]
+    assert all(m.delivery_info.get("redelivered") for m in again)
+    for m in again:
+        m.ack()
+    f2.close()
+    conn2.release()
+    assert watcher.leave() and not r.exists(f"{ns}.workers")
+    r.close()
+
+
+@pytest.fixture
+def broker_redis_ns() -> Any:
+    import uuid
+
+    import redis
+
+    from .conftest import require_broker
+
+    require_broker("redis")
+    ns = f"tl{uuid.uuid4().hex[:8]}"
+    yield ns
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(f"{ns}*"))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_countdown_survives_sigkill_of_every_worker_and_runs_once_on_time(
+        broker, start_worker, tasks, tmp_path):
+    w1 = start_worker(concurrency=1)
+    w2 = start_worker(concurrency=1)
+    countdown = 30.0
+    sent = time.time()
+    handle = tasks.add_recorded.apply_async((20, 22), countdown=countdown)
+    eta = sent + countdown
+    scheduled = wait_for(lambda: [t for t in tasks.app.scheduled() if t.id == handle.id],
+                         5, message="the task listed as scheduled in the broker")
+    assert scheduled[0].name == tasks.add_recorded.name and abs(scheduled[0].eta - eta) < 1
+    out = subprocess.run([sys.executable, "-m", "interactive_tasks.cli.main", "inspect",
+                          "scheduled", "-A", "tests.apps.tasks", "--json"],
+                         capture_output=True, text=True, cwd=str(ROOT), env=broker.env(),
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert handle.id in [t["id"] for t in json.loads(out.stdout)]
+    w1.kill()
+    w2.kill()
+    start_worker(concurrency=1)
+    assert handle.result(timeout=countdown + 15) == 42
+    starts = [r for r in broker.records(handle.id) if r["what"] == "start"]
+    assert len(starts) == 1, starts  # once
+    assert starts[0]["data"] == 1  # its first delivery: the delay cost it none
+    assert eta - 0.05 <= starts[0]["t"] <= eta + 1.0, starts[0]["t"] - eta  # on time, ±1 s
+    assert [t for t in tasks.app.scheduled() if t.id == handle.id] == []
