@@ -111,9 +111,28 @@ def test_warm_shutdown_finishes_running_task(tasks, start_worker, tmp_path: Path
 
 
 def test_unique_task_ids(tasks, start_worker):
+    """Each call gets its own id, the task runs under it, and a given id is the one used."""
     start_worker()
-    tid = str(uuid.uuid4())
-    assert tasks.add.apply_async((1, 1), task_id=tid).id == tid
+    handles = [tasks.whoami.delay() for _ in range(20)]
+    ids = [h.id for h in handles]
+    assert len(set(ids)) == len(ids), ids
+    # each handle gets its own task's result: the task saw the id its handle holds
+    assert [h.result(timeout=30)["id"] for h in handles] == ids
+    tid = f"order-{uuid.uuid4().hex[:8]}"
+    given = tasks.whoami.apply_async(task_id=tid)
+    assert given.id == tid
+    assert given.result(timeout=20)["id"] == tid
+    assert tasks.app.attach(tid).result(timeout=10)["id"] == tid  # stored under that id
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_max_tasks_per_child_replaces_the_pool_process(tasks, start_worker):
+    w = start_worker(concurrency=1, extra_args=["--max-tasks-per-child", "2"])
+    pids = [tasks.whoami.delay().result(timeout=20)["pid"] for _ in range(5)]
+    first, second, third = pids[0], pids[2], pids[4]
+    assert pids == [first, first, second, second, third], pids
+    assert len({first, second, third}) == 3, pids
+    assert "while idle" not in w.log()  # retired on purpose, not taken for a crash
 
 
 def test_settings_refuse_unknown_names_and_impossible_values():

@@ -9,6 +9,7 @@ import pytest
 from interactive_tasks import TaskCancelled, TaskState
 
 from .conftest import IN_CI, wait_for
+from .test_interactive import check_async_def_task
 
 pytestmark = pytest.mark.parametrize("broker", ["redis"], indirect=True)
 
@@ -53,3 +54,19 @@ def test_pause_and_cancel_in_gevent(tasks, start_worker, broker):
         with pytest.raises(TaskCancelled):
             h.result(timeout=20)
     assert [r["data"] for r in broker.records(a.id) if r["what"] == "message"] == ["hi"]
+
+
+def test_async_def_task_in_gevent(tasks, start_worker):
+    start_worker(pool="gevent", concurrency=5)
+    check_async_def_task(tasks)
+
+
+def test_forced_cancel_in_gevent_stops_a_task_that_never_checks(tasks, start_worker, broker):
+    w = start_worker(pool="gevent", concurrency=5)
+    handle = tasks.sleeper.start(120)
+    wait_for(lambda: broker.records(handle.id), message="the sleeper to start")
+    handle.cancel(grace=0)  # no checkpoint ever comes: only the forced stage can end it
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=20)
+    assert "Cancelled raised in greenlet" in w.log()
+    assert tasks.add.delay(1, 1).result(timeout=20) == 2  # the slot serves again

@@ -180,6 +180,23 @@ def test_forced_cancel_of_task_that_never_checks(tasks, start_worker, broker, po
         assert "SIGTERM" in w.log()
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_forced_cancel_ends_with_sigkill_when_sigterm_is_ignored(tasks, start_worker, broker):
+    """The last stage of the cancel ladder: SIGKILL one second after the SIGTERM."""
+    w = start_worker(pool="prefork", concurrency=1)
+    handle = tasks.sleeper.start(120, True)
+    wait_for(lambda: broker.records(handle.id), message="the sleeper to start")
+    pid = handle.pid
+    handle.cancel(grace=0)
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=20)
+    assert handle.snapshot().events[-1].fields.get("forced") is True
+    log = w.log()
+    assert f"SIGTERM to pid {pid}" in log and f"SIGKILL to pid {pid}" in log
+    assert f"task {handle.id} cancelled: killed by SIGKILL" in log
+    assert tasks.add.delay(1, 1).result(timeout=20) == 2  # a new pool process serves
+
+
 def test_hard_pause_freezes_only_that_child(tasks, start_worker, tmp_path: Path):
     start_worker(pool="prefork", concurrency=2)
     beat = tmp_path / "beat"
@@ -321,9 +338,8 @@ def test_time_limit_excludes_paused_time(tasks, start_worker):
     assert "TimeLimitExceeded" in str(info.value)
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_async_def_task(tasks, start_worker, pool):
-    start_worker(pool=pool)
+def check_async_def_task(tasks) -> None:
+    """An ``async def`` task awaits progress, a message and an answer, and returns."""
     handle = tasks.async_steps.start(30)
     wait_for(lambda: handle.progress is not None, message="progress")
     handle.send("ping")
@@ -333,3 +349,9 @@ def test_async_def_task(tasks, start_worker, pool):
     assert result["answer"] == "Ada"
     assert result["got"] == ["ping"]
     assert handle.progress.current == 30
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_async_def_task(tasks, start_worker, pool):
+    start_worker(pool=pool)
+    check_async_def_task(tasks)

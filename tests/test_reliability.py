@@ -209,6 +209,63 @@ def test_prefork_child_killed_watchers_see_worker_lost_and_follow(
         other.close()
 
 
+@pytest.mark.parametrize("broker", ["embedded", "redis", "amqp"], indirect=True)
+def test_acks_late_false_task_is_lost_with_its_worker(broker, start_worker, monkeypatch,
+                                                      request, tmp_path):
+    """``acks_late=False`` acks a task when it starts: SIGKILL of its worker loses it, while
+    the task acked late (the default) that ran beside it is delivered again."""
+    tasks = configure(broker, monkeypatch, request, worker_heartbeat=0.2,
+                      worker_lost_timeout=1.5)
+    w1 = start_worker(concurrency=2)
+    marker = tmp_path / "late"
+    early = tasks.early_ack.apply_async((60,), watch="all")
+    late = tasks.marked_steps.start(str(marker), 10, 0.1, "late")
+    # A worker flushes the acks of a step before its events: an early-acked task seen
+    # running has been acked by the broker.
+    wait_for(lambda: early.state is TaskState.RUNNING and late.state is TaskState.RUNNING,
+             message="both running")
+    w1.kill()
+    start_worker(concurrency=2)
+    assert late.result(timeout=30) == "late"  # the broker gave the unacked task back
+    assert lines(marker) == ["late"]
+    # ... and not the acked one, which would have started again with it
+    assert [r["data"] for r in broker.records(early.id) if r["what"] == "start"] == [1]
+
+
+@redis_only
+def test_lost_pool_process_delivers_an_early_acked_task_again(broker, start_worker,
+                                                               monkeypatch, request):
+    """``reject_on_worker_lost`` (the default) covers ``acks_late=False`` too: the worker saw
+    the pool process die and publishes the task again itself."""
+    tasks = configure(broker, monkeypatch, request)
+    w = start_worker(concurrency=1)
+    handle = tasks.early_ack.delay(60)
+    first = wait_for(lambda: broker.records(handle.id), message="the task to start")[0]
+    os.kill(first["pid"], signal.SIGKILL)
+    assert handle.result(timeout=20) == "done"
+    assert [r["data"] for r in broker.records(handle.id)] == [1, 2]
+    assert f"pool process {first['pid']} killed by SIGKILL" in w.log()
+
+
+@redis_only
+def test_reject_on_worker_lost_false_fails_the_task_of_a_lost_pool_process(
+        broker, start_worker, monkeypatch, request, tmp_path):
+    tasks = configure(broker, monkeypatch, request, reject_on_worker_lost=False)
+    start_worker(concurrency=1)
+    marker = tmp_path / "ran"
+    handle = tasks.marked_steps.start(str(marker), 1000, 0.02, "x")
+    wait_for(lambda: handle.progress, message="progress")
+    pid = handle.pid
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(TaskFailed) as info:
+        handle.result(timeout=20)
+    assert info.value.remote_type == "WorkerLost"
+    assert f"pool process {pid} killed by SIGKILL" in info.value.remote_message
+    assert "worker-lost" not in kinds(handle.snapshot().events)  # no redelivery announced
+    assert tasks.add.delay(1, 2).result(timeout=20) == 3  # the queue behind it moves on
+    assert len(lines(Path(f"{marker}.started"))) == 1 and lines(marker) == []
+
+
 def active_on(app: App, worker: str) -> list[Any] | None:
     """What ``inspect active`` says runs on ``worker`` (None: it did not answer)."""
     for reply in app.inspect("active", timeout=2.0, expect=2):

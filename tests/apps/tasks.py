@@ -369,10 +369,28 @@ def rendezvous(self: Any, key: str, n: int, timeout: float = 60) -> int:
         time.sleep(0.25)
 
 
-@app.task(acks_late=False)
-def early_ack(seconds: float) -> str:
-    time.sleep(seconds)
+@app.task(bind=True, acks_late=False)
+def early_ack(self: Any, seconds: float) -> str:
+    """Acked when it starts; records each start (with its delivery). Runs ``seconds`` on its
+    first delivery and returns at once on later ones (tests kill its first run)."""
+    record(self.request.id, "start", self.request.delivery)
+    if self.request.delivery == 1:
+        time.sleep(seconds)
     return "done"
+
+
+@app.task(base=InteractiveTask)
+def sleeper(self: Any, seconds: float, ignore_sigterm: bool = False) -> str:
+    """Sleeps without a checkpoint: only a forced cancel ends it early. With
+    ``ignore_sigterm`` (prefork) its pool process survives SIGTERM, so only the SIGKILL
+    stage of the cancel ladder can stop it."""
+    if ignore_sigterm:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    record(self.request.id, "start")
+    time.sleep(seconds)
+    return "slept"
 
 
 @app.task
