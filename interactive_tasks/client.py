@@ -43,8 +43,7 @@ from .transport.redis_fast import (
     is_redis,
     task_envelope,
 )
-from .transport.redis_liveness import priority_list
-from .transport.upkeep import SCHEDULE_AHEAD
+from .transport.upkeep import SCHEDULE_AHEAD, BrokerUpkeep, upkeep_for
 
 if TYPE_CHECKING:
     from .app import App
@@ -123,6 +122,8 @@ class Client:
         #: task ids whose handles were collected, pruned from _watchers under the lock
         self._unwatched: collections.deque[str] = collections.deque()
         self._task_publisher: Any = None
+        #: where tasks with an eta ahead wait (created on first use)
+        self._delays: BrokerUpkeep | None = None
 
     # -- lifecycle ----------
     def ensure_started(self, timeout: float = 15.0) -> None:
@@ -146,6 +147,7 @@ class Client:
                 self._pub_conn = None
                 self._producer = None
                 self._task_publisher = None
+                self._delays = None
                 self._declared = set()
             self._pid = os.getpid()
             self._ready.clear()
@@ -183,6 +185,9 @@ class Client:
             if self._task_publisher is not None:
                 self._task_publisher.close()
                 self._task_publisher = None
+            if self._delays is not None:
+                self._delays.close(clean=False)
+                self._delays = None
 
     # -- publishing ----------
     def _producer_for_publish(self) -> Producer:
@@ -270,12 +275,11 @@ class Client:
         Raises PayloadTooLarge and TransportError.
         """
         queue = self.app.names.task_queue(message.queue)
-        fast = self._fast_publisher()
-        if fast is not None and message.eta is not None \
-                and message.eta - time.time() > SCHEDULE_AHEAD:
-            self._schedule_task_redis(queue.name, codec.dumps(message.to_wire()), priority,
-                                      message.eta)
+        if message.eta is not None and message.eta - time.time() > SCHEDULE_AHEAD and \
+                self._schedule(queue.name, codec.dumps(message.to_wire()), priority,
+                               message.eta):
             return
+        fast = self._fast_publisher()
         if priority is None and fast is not None:
             self._publish_task_redis(queue.name, codec.dumps(message.to_wire()), bell=True)
             return
@@ -318,17 +322,19 @@ class Client:
                 f"message of {len(body)} bytes is over max_message_size={limit}; "
                 "pass a reference (a path or URL) instead of the data")
 
-    def _schedule_task_redis(self, queue: str, body: bytes, priority: int | None,
-                             eta: float) -> None:
-        """ZADD the task to the delayed set (``transport.redis_delay``).
+    def _schedule(self, queue: str, body: bytes, priority: int | None, eta: float) -> bool:
+        """Keep the task in the broker until ``eta`` where the broker can (False: it
+        cannot, publish it now and the worker holds it).
 
         Raises PayloadTooLarge and TransportError.
         """
         self._check_size(body)
+        with self._pub_lock:
+            if self._delays is None:
+                self._delays = upkeep_for(self.app, "client", lambda: None)
         envelope = task_envelope(body, queue, self.app.secret, priority)
         try:
-            self._task_publisher.schedule(self.app.conf.namespace,
-                                          priority_list(queue, priority), envelope, eta)
+            return self._delays.schedule(queue, envelope, priority, eta)
         except Exception as exc:
             raise TransportError(
                 f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"

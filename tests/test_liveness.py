@@ -150,7 +150,7 @@ def broker_redis_ns() -> Any:
     r.close()
 
 
-@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+@pytest.mark.parametrize("broker", ["embedded", "redis"], indirect=True)
 def test_countdown_survives_sigkill_of_every_worker_and_runs_once_on_time(
         broker, start_worker, tasks, tmp_path):
     w1 = start_worker(concurrency=1)
@@ -177,3 +177,34 @@ def test_countdown_survives_sigkill_of_every_worker_and_runs_once_on_time(
     assert starts[0]["data"] == 1  # its first delivery: the delay cost it none
     assert eta - 0.05 <= starts[0]["t"] <= eta + 1.0, starts[0]["t"] - eta  # on time, ±1 s
     assert [t for t in tasks.app.scheduled() if t.id == handle.id] == []
+
+
+def test_embedded_scheduled_directory_moves_due_tasks_once_and_returns_dead_claims(tmp_path):
+    """Due entries go to their queue in eta order, later ones stay; an entry claimed by a
+    process that died before publishing it is returned and published by the next mover."""
+    import os
+
+    from interactive_tasks.transport.embedded_delay import MOVING, EmbeddedDelayed
+    from interactive_tasks.transport.embedded_files import process_start_time
+    from interactive_tasks.transport.embedded_store import Store
+
+    store = Store(str(tmp_path / "broker"))
+    delayed = EmbeddedDelayed(store)
+    now = time.time()
+    for i, eta in enumerate((now - 2, now - 1, now + 60)):
+        delayed.schedule("q", json.dumps({"n": i}).encode(), eta)
+    assert [round(t.eta - now) for t in delayed.listing()] == [-2, -1, 60]
+    # a mover that claimed the first entry, then died (a pid that is not running)
+    first = sorted(n for n in os.listdir(delayed.path) if n.endswith(".msg"))[0]
+    dead_pid = 2**22 + 17
+    assert process_start_time(dead_pid) is None
+    os.rename(os.path.join(delayed.path, first),
+              os.path.join(delayed.path, MOVING, f"{first}~{dead_pid}~123"))
+    assert delayed.move_due(now) == 2
+    assert delayed.move_due(now) == 0  # nothing moves twice
+    qdir = store.queue_path("q")
+    bodies = [json.loads(Path(qdir, n).read_text())["n"]
+              for n in sorted(os.listdir(qdir)) if n.endswith(".msg")]
+    assert sorted(bodies) == [0, 1]
+    assert [round(t.eta - now) for t in delayed.listing()] == [60]
+    assert os.listdir(os.path.join(delayed.path, MOVING)) == []

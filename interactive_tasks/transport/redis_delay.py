@@ -15,7 +15,6 @@ the worker until its ``eta``).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -104,28 +103,28 @@ class DelayedTasks:
 
     def listing(self, limit: int = 100) -> list[ScheduledTask]:
         """The first ``limit`` scheduled tasks, soonest first."""
-        from .redis_fast import kombu_body
-
         out = []
         for member, score in self.client.zrange(self.key, 0, limit - 1, withscores=True):
             list_key, _, raw = bytes(member).partition(b"\x00")
             queue = list_key.decode(errors="replace").split(PRIORITY_SEP, 1)[0]
-            task_id = name = None
-            try:
-                body, _ = kombu_body(raw)
-                wire = _decode_task(body)
-                task_id, name = wire.get("id"), wire.get("task")
-            except Exception:
-                pass
+            task_id, name = describe_envelope(raw)
             out.append(ScheduledTask(task_id, name, queue, float(score)))
         return out
 
 
-def _decode_task(body: bytes) -> dict[str, Any]:
+def describe_envelope(raw: bytes) -> tuple[str | None, str | None]:
+    """(task id, task name) of a task message in kombu's envelope; Nones when it is not
+    one this project can read."""
     from .. import codec
+    from .redis_fast import kombu_body
 
     try:
+        body, _ = kombu_body(raw)
         wire = codec.loads(body)
     except Exception:
-        wire = json.loads(body)
-    return wire if isinstance(wire, dict) else {}
+        return None, None
+    if not isinstance(wire, dict):
+        return None, None
+    task_id, name = wire.get("id"), wire.get("task")
+    return (task_id if isinstance(task_id, str) else None,
+            name if isinstance(name, str) else None)

@@ -429,13 +429,6 @@ class TaskPublisher:
             commands.extend(bell_commands(queue))
         self._send(pack_commands(*commands), len(commands))
 
-    def schedule(self, namespace: str, list_key: str, envelope: bytes, eta: float) -> None:
-        """Keep ``envelope`` in the broker until ``eta``, then on ``list_key``
-        (:mod:`.redis_delay`). Raises ``redis.RedisError``."""
-        from .redis_delay import schedule_command
-
-        self._send(pack_commands(schedule_command(namespace, list_key, envelope, eta)), 1)
-
     def push(self, queue: str, item: bytes, expire_ms: int) -> None:
         """``LPUSH`` one item and ``PEXPIRE`` the list: what :meth:`publish` sends for a
         control frame, from commands packed once per queue (the client's control path).

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import is_embedded
 from .redis_fast import is_redis
 
 if TYPE_CHECKING:
@@ -173,9 +174,51 @@ class RedisUpkeep(BrokerUpkeep):
         self._client = None
 
 
+class EmbeddedUpkeep(BrokerUpkeep):
+    """The embedded broker: the queues' leases already return a dead process's messages;
+    delayed tasks wait in its ``scheduled/`` directory (:mod:`.embedded_delay`)."""
+
+    def __init__(self, app: App) -> None:
+        from . import embedded_directory
+        from .embedded_delay import EmbeddedDelayed
+        from .embedded_store import store_for
+
+        self.app = app
+        self._delayed = EmbeddedDelayed(store_for(str(embedded_directory(app.broker_url))))
+        self._timer: Any = None
+
+    def start(self, hub: Any) -> None:
+        from .redis_delay import DUE_INTERVAL
+
+        self.close(clean=False)
+        self._move_due_soft()
+        self._timer = hub.call_repeatedly(DUE_INTERVAL, self._move_due_soft)
+
+    def _move_due_soft(self) -> None:
+        try:
+            self._delayed.move_due()
+        except OSError as exc:
+            logger.warning("moving due tasks failed: %s", exc)
+
+    def schedule(self, queue: str, envelope: bytes, priority: int | None,
+                 eta: float) -> bool:
+        self._delayed.schedule(queue, envelope, eta)
+        return True
+
+    def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
+        return self._delayed.listing(limit)
+
+    def close(self, clean: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 def upkeep_for(app: App, incarnation: str,
                on_declared_dead: Callable[[], None]) -> BrokerUpkeep:
     """The upkeep for ``app``'s broker."""
     if is_redis(app.broker_url):
         return RedisUpkeep(app, incarnation, on_declared_dead)
+    if is_embedded(app.broker_url):
+        return EmbeddedUpkeep(app)
     return BrokerUpkeep()
