@@ -86,10 +86,11 @@ def run_demo(broker: str | None = None, color: bool = True, interactive: bool = 
             except TaskFailed:
                 code = 1
         print()
-        print("Next steps:")
-        print("  itask worker -A examples.progress      # run your own tasks (see examples/)")
-        print(f"  itask attach {handle.id}   # attach again, from any terminal")
-        print("  itask top                               # every worker and task, live")
+        print("Next steps (from a clone of the repository, where examples/ is):")
+        print("  itask worker -A examples.tasks -c 2    # a worker for the examples' tasks")
+        print("  python -m examples.progress            # in a second terminal: stream a task")
+        print(f"  itask attach {handle.id}   # this task again, from any terminal")
+        print("  itask top                              # every worker and task, live")
         return code
     except TransportError as exc:
         print(f"itask: {exc}", file=sys.stderr)

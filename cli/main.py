@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +22,6 @@ from interactive_tasks import App, load_app
 from interactive_tasks.cli import beat_cmd, multi
 from interactive_tasks.errors import (
     ConfigurationError,
-    ControlError,
     InteractiveTasksError,
     TransportError,
     UnknownTask,
@@ -200,14 +200,17 @@ def cmd_control(args: argparse.Namespace) -> int:
             data = args.message
         handle.send(data)
     elif verb == "pause":
-        handle.pause(hard=args.hard)
+        handle.pause(hard=args.hard, wait=args.wait, timeout=args.timeout)
     elif verb == "resume":
-        handle.resume()
+        handle.resume(wait=args.wait, timeout=args.timeout)
     elif verb == "cancel":
-        handle.cancel(grace=args.grace)
+        if not handle.cancel(grace=args.grace, timeout=args.timeout):
+            raise CliError(f"task {handle.id} had already ended ({handle.state.value}); "
+                           "nothing to cancel", code=1)
     elif verb == "answer":
         handle.answer(args.text)
-    print(f"{verb}: delivered to task {handle.id} on {handle.worker or 'its worker'}")
+    print(f"{verb}: delivered to task {handle.id} on {handle.worker or 'its worker'}"
+          + (f"; it is {handle.state.value} now" if getattr(args, "wait", False) else ""))
     return 0
 
 
@@ -284,6 +287,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ----------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="itask",
@@ -291,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 task failed or control refused, 2 usage/config error, "
                "3 broker unreachable. NO_COLOR disables colours.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
@@ -299,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="example:\n  " + EXAMPLES.get(name, f"itask {name}"),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
+        # SUPPRESS: absent after the command, the value given before it (or False) stays
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
         if app:
             p.add_argument("-A", "--app", help="app module, module:attribute (Celery's -A)")
         p.add_argument("-b", "--broker", help="broker URL (default: ITASK_BROKER_URL or the "
@@ -309,12 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-P", "--pool", default="prefork",
                    choices=["prefork", "threads", "solo", "gevent"],
                    help="execution pool (gevent: I/O-bound tasks, needs the gevent extra)")
-    p.add_argument("-c", "--concurrency", type=int, default=None,
+    p.add_argument("-c", "--concurrency", type=_positive_int, default=None,
                    help="pool size (default: number of CPUs)")
     p.add_argument("-Q", "--queues", action="append", help="queues to consume, comma separated")
     p.add_argument("-n", "--hostname", help="node name, e.g. w1@%%h")
     p.add_argument("-l", "--loglevel", default="info")
-    p.add_argument("--max-tasks-per-child", type=int, default=None)
+    p.add_argument("--max-tasks-per-child", type=_positive_int, default=None)
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="seconds a warm shutdown waits for running tasks")
     p.add_argument("-E", "--task-events", action="store_true",
@@ -364,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("text")
         if name == "pause":
             p.add_argument("--hard", action="store_true", help="SIGSTOP the pool process")
+        if name in ("pause", "resume"):
+            p.add_argument("--wait", action="store_true",
+                           help=f"return once the task is {name}d (up to --timeout)")
         if name == "cancel":
             p.add_argument("--grace", type=float, default=5.0,
                            help="seconds before the cancel is forced")
@@ -383,24 +404,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: (error class, exit code, what to do), the first matching class wins
+_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (TransportError, 3, "is the broker running, and do -b / ITASK_BROKER_URL name it?"),
+    (CliError, 2, ""),
+    (ConfigurationError, 2, ""),
+    (UnknownTask, 2, ""),
+    (InteractiveTasksError, 1, ""),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``itask`` command; every error ends in one line on stderr and an exit code
+    (see the module docstring), with the traceback only under ``--debug``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except TransportError as exc:
-        print(f"itask: {exc}", file=sys.stderr)
-        return 3
-    except (ConfigurationError, UnknownTask, CliError) as exc:
-        print(f"itask: {exc}", file=sys.stderr)
-        return getattr(exc, "code", 2)
-    except ControlError as exc:
-        print(f"itask: {exc}", file=sys.stderr)
-        return 1
-    except InteractiveTasksError as exc:
-        print(f"itask: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        for cls, default_code, hint in _ERRORS:
+            if isinstance(exc, cls):
+                code = exc.code if isinstance(exc, CliError) else default_code
+                print(f"itask: {exc}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+                return code
+        print(f"itask: unexpected {type(exc).__name__}: {exc}"
+              + ("" if debug else " (run again with --debug for the traceback)"),
+              file=sys.stderr)
         return 1
 
 

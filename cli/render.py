@@ -338,8 +338,7 @@ def _event_line(ev: Event, base: float | None) -> Text:
         line.append(_clean(ev.prompt or ""))
     elif kind == EventKind.ANSWERED:
         line.append("answer  ", style="yellow")
-        answer = ev.fields.get("answer", ev.fields.get("data"))
-        line.append(_safe_repr(answer, _DATA_CHARS))
+        line.append(_safe_repr(ev.fields.get("value"), _DATA_CHARS))  # as the task emits it
     else:
         line.append(kind.replace("-", " "), style="dim italic")
     return line

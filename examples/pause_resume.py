@@ -12,11 +12,11 @@ if __name__ == "__main__":
     handle = crunch.start(200, 0.02)
     while handle.progress is None or handle.progress.current < 20:
         time.sleep(0.05)
-    handle.pause()  # takes effect at the task's next checkpoint
+    handle.pause(wait=True, timeout=10)  # returns once the task stopped at a checkpoint
     print("paused at", handle.progress.current, "state", handle.state)
     time.sleep(1)
     print("still at", handle.progress.current)
-    handle.resume()
+    handle.resume(wait=True, timeout=10)
     handle.send("keep going")
     for event in handle.events(timeout=60):
         if event.kind in ("resumed", "message", "succeeded"):

@@ -121,6 +121,39 @@ def _check_settings(conf: Settings) -> None:
             f"not {interval!r}")
 
 
+BROKER_URL_HINT = ("use redis://HOST:6379/0, amqp://USER:PASSWORD@HOST:5672// or embedded:// "
+                   "(the default: no server)")
+
+
+def mask_password(url: str) -> str:
+    """``url`` with the password of its credentials, if any, replaced by ``**``."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        if ":" in creds:
+            creds = creds.split(":", 1)[0] + ":**"
+        return f"{scheme}://{creds}@{host}"
+    return url
+
+
+def check_broker_url(url: str) -> str:
+    """``url`` if kombu has a transport for its scheme; else :class:`ConfigurationError`.
+
+    Checked when the app is made, so a typo is one clear line instead of an error deep in
+    a connection thread.
+    """
+    from kombu.transport import TRANSPORT_ALIASES
+
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        raise ConfigurationError(f"broker URL {mask_password(url)!r} is not a URL "
+                                 f"(scheme://host…); {BROKER_URL_HINT}")
+    if scheme.split("+", 1)[0] not in TRANSPORT_ALIASES:
+        raise ConfigurationError(f"unknown broker URL scheme {scheme!r} in "
+                                 f"{mask_password(url)!r}; {BROKER_URL_HINT}")
+    return url
+
+
 class App:
     """A task queue application: where tasks are registered and sent from."""
 
@@ -138,7 +171,13 @@ class App:
                 f"known: {', '.join(sorted(_SETTING_NAMES))}"
             )
         self.main = name
-        self.broker_url = resolve_broker_url(broker)
+        self._broker_url = ""
+        try:
+            self.broker_url = resolve_broker_url(broker)
+        except ConfigurationError as exc:
+            if broker:
+                raise
+            raise ConfigurationError(f"ITASK_BROKER_URL: {exc}") from None
         self.result_backend = result_backend or os.environ.get("ITASK_RESULT_BACKEND") or None
         if "secret" not in settings and os.environ.get("ITASK_SECRET"):
             settings["secret"] = os.environ["ITASK_SECRET"]
@@ -172,16 +211,18 @@ class App:
 
     # -- broker ----------
     @property
+    def broker_url(self) -> str:
+        """The broker URL; setting it checks the scheme (:class:`ConfigurationError`)."""
+        return self._broker_url
+
+    @broker_url.setter
+    def broker_url(self, url: str) -> None:
+        self._broker_url = check_broker_url(url)
+
+    @property
     def broker_url_display(self) -> str:
         """The broker URL with any password masked."""
-        url = self.broker_url
-        if "@" in url and "://" in url:
-            scheme, rest = url.split("://", 1)
-            creds, host = rest.rsplit("@", 1)
-            if ":" in creds:
-                creds = creds.split(":", 1)[0] + ":**"
-            return f"{scheme}://{creds}@{host}"
-        return url
+        return mask_password(self.broker_url)
 
     @property
     def is_embedded(self) -> bool:
@@ -337,7 +378,7 @@ class App:
             self._adopt_class_tasks()
             task = self.tasks.get(name)
         if task is None:
-            raise UnknownTask(f"no task named {name!r} is registered with app {self.main!r}")
+            raise UnknownTask(unknown_task_name(name, self.main, list(self.tasks)))
         return task
 
     def route(self, name: str) -> str:
@@ -499,11 +540,22 @@ def _embedded_secret() -> bytes:
     return path.read_bytes().strip()
 
 
+def unknown_task_name(name: str, app_name: str, known: list[str]) -> str:
+    """The one-line error for a task name that is not registered, with what to do."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return (f"no task named {name!r} is registered with app {app_name!r}; {hint}"
+            "start the worker with -A the module that defines it (itask inspect registered "
+            "lists a worker's tasks)")
+
+
 def load_app(spec: str) -> App:
     """Find the app for ``-A module`` or ``-A module:attribute`` (Celery's rules).
 
-    Raises :class:`ConfigurationError` with a one-line reason when the module cannot be
-    imported or holds no :class:`App`.
+    Raises :class:`ConfigurationError` with a one-line reason (and what to do) when the
+    module cannot be imported, fails while importing, or holds no :class:`App`.
     """
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -511,11 +563,31 @@ def load_app(spec: str) -> App:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if module_name.endswith(".py") or "/" in module_name:
+            dotted = module_name.removesuffix(".py").strip("./").replace("/", ".")
+            raise ConfigurationError(
+                f"-A takes a module name, not a file path: try -A {dotted}"
+                + (f":{attr}" if attr else "")) from exc
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise ConfigurationError(
+                f"cannot import app module {module_name!r}: {exc}; run itask from the "
+                "directory that contains it, or add that directory to PYTHONPATH") from exc
         raise ConfigurationError(f"cannot import app module {module_name!r}: {exc}") from exc
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(
+            f"app module {module_name!r} raised {type(exc).__name__} while importing"
+            f"{_where(exc)}: {exc}") from exc
     if attr:
         app = getattr(module, attr, None)
         if not isinstance(app, App):
-            raise ConfigurationError(f"{spec!r} is not an interactive_tasks App")
+            found = [k for k, v in vars(module).items() if isinstance(v, App)]
+            what = "has no attribute" if app is None else "is not an App:"
+            raise ConfigurationError(
+                f"{spec!r} is not an interactive_tasks App ({module_name!r} {what} {attr!r})"
+                + (f"; its App is -A {module_name}:{found[0]}" if len(found) == 1 else ""))
         return app
     for candidate in ("app", "celery"):
         app = getattr(module, candidate, None)
@@ -528,3 +600,13 @@ def load_app(spec: str) -> App:
         f"module {module_name!r} has {'no' if not apps else 'several'} App; "
         f"name one with -A {module_name}:<attribute>"
     )
+
+
+def _where(exc: BaseException) -> str:
+    """`` at file:line`` of the innermost frame of ``exc``'s traceback (or nothing)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" at {exc.filename}:{exc.lineno}"
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""

@@ -3,7 +3,7 @@
 ::
 
     chain(fetch.s(url), parse.s(), store.s()).delay()      # each result feeds the next
-    group(resize.s(p) for p in paths).delay().results()   # all at once, results gathered
+    group(resize.s(p) for p in paths).delay().result()    # all at once, results in order
     chord(group(count.s(f) for f in files), total.s()).delay()   # then one callback
 
 The client numbers every step up front (ids and capability tokens), so the handles exist
@@ -23,8 +23,8 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import codec
-from .errors import ConfigurationError, TaskTimeout
-from .handle import TaskHandle
+from .errors import ConfigurationError
+from .handle import ResultHandle, TaskHandle, deadline_after, remaining
 from .protocol import HEADER_CHAIN, HEADER_CHORD, Event, TaskMessage, TaskSnapshot, TaskState
 from .task import Signature
 
@@ -175,8 +175,13 @@ class chord:
         return body_handle
 
 
-class GroupHandle:
-    """Handles of a group's tasks, in order."""
+class GroupHandle(ResultHandle[list[Any]]):
+    """Handles of a group's tasks, in order, with the result vocabulary of a task handle.
+
+    ``result()`` (also ``get()``, ``join()``) is the list of results; ``state`` is
+    ``pending`` until a member starts, ``running`` until every member ended, then
+    ``succeeded`` or the final state of the first member that did not succeed.
+    """
 
     def __init__(self, app: App, handles: list[TaskHandle[Any]]) -> None:
         self.app = app
@@ -188,27 +193,51 @@ class GroupHandle:
     def __len__(self) -> int:
         return len(self.handles)
 
-    def ready(self) -> bool:
-        return all(h.ready() for h in self.handles)
+    def __getitem__(self, index: int) -> TaskHandle[Any]:
+        return self.handles[index]
 
-    def results(self, timeout: float | None = None) -> list[Any]:
+    @property
+    def state(self) -> TaskState:
+        states = [h.state for h in self.handles]
+        if not all(s.is_final for s in states):
+            return TaskState.PENDING if all(s is TaskState.PENDING for s in states) \
+                else TaskState.RUNNING
+        return next((s for s in states if s is not TaskState.SUCCEEDED), TaskState.SUCCEEDED)
+
+    def failed(self) -> bool:
+        """Whether any member failed (Celery's ``GroupResult.failed()``)."""
+        return any(h.state is TaskState.FAILED for h in self.handles)
+
+    def wait(self, timeout: float | None = None) -> TaskState:
+        deadline = deadline_after(timeout)
+        for handle in self.handles:
+            handle.wait(remaining(deadline))
+        return self.state
+
+    async def wait_async(self, timeout: float | None = None) -> TaskState:
+        deadline = deadline_after(timeout)
+        for handle in self.handles:
+            await handle.wait_async(remaining(deadline))
+        return self.state
+
+    def result(self, timeout: float | None = None) -> list[Any]:
         """Every result in order; raises the first failure (TaskFailed …) or TaskTimeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        out = []
-        for handle in self.handles:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            out.append(handle.result(remaining))
-        return out
+        deadline = deadline_after(timeout)
+        return [handle.result(remaining(deadline)) for handle in self.handles]
 
-    get = results
+    join = result  # Celery's GroupResult.join()
+    results = result
 
-    def cancel(self, grace: float = 5.0) -> None:
-        for handle in self.handles:
-            if not handle.ready():
-                handle.cancel(grace)
+    def cancel(self, grace: float = 5.0) -> bool:
+        """Cancel every member still running; True when at least one accepted."""
+        accepted = [handle.cancel(grace) for handle in self.handles]
+        return any(accepted)
+
+    def __repr__(self) -> str:
+        return f"<GroupHandle {len(self.handles)} tasks {self.state.value}>"
 
 
-class ChainHandle:
+class ChainHandle(ResultHandle[Any]):
     """One handle over a chain's steps: the current step's state, every step's events."""
 
     def __init__(self, app: App, steps: list[TaskHandle[Any]]) -> None:
@@ -236,9 +265,6 @@ class ChainHandle:
     def progress(self) -> Event | None:
         return self.current.progress
 
-    def ready(self) -> bool:
-        return self.state.is_final
-
     def snapshot(self) -> TaskSnapshot:
         return self.current.snapshot()
 
@@ -251,45 +277,47 @@ class ChainHandle:
                 return
             self._cursor += 1
 
+    def wait(self, timeout: float | None = None) -> TaskState:
+        """Wait until a step fails or the last one ends; returns the chain's state."""
+        deadline = deadline_after(timeout)
+        for step in self.steps:
+            if step.wait(remaining(deadline)) is not TaskState.SUCCEEDED:
+                break
+        return self.state
+
+    async def wait_async(self, timeout: float | None = None) -> TaskState:
+        deadline = deadline_after(timeout)
+        for step in self.steps:
+            if await step.wait_async(remaining(deadline)) is not TaskState.SUCCEEDED:
+                break
+        return self.state
+
     def result(self, timeout: float | None = None) -> Any:
         """The last step's value; raises the failure of the step that stopped the chain."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self.wait(timeout)
         for step in self.steps:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                step.wait(remaining)
-            except TaskTimeout:
-                raise
             if step.state is not TaskState.SUCCEEDED:
                 return step.result(0)
         return self.steps[-1].result(0)
 
-    get = result
+    def cancel(self, grace: float = 5.0) -> bool:
+        """Cancel the running step; the steps after it never start.
 
-    def wait(self, timeout: float | None = None) -> TaskState:
-        try:
-            self.result(timeout)
-        except TaskTimeout:
-            raise
-        except Exception:
-            pass
-        return self.state
-
-    def cancel(self, grace: float = 5.0) -> None:
-        """Cancel the running step; the steps after it never start."""
+        True when something was stopped, False when every step had already ended.
+        """
         current = self.current
         rest = [s for s in self.steps[self.steps.index(current) + 1:] if not s.ready()]
         if rest:
             self.app.revoke([s.id for s in rest], tokens={s.id: s.token for s in rest
                                                           if s.token})
-        if not current.ready():
-            current.cancel(grace)
+        cancelled = current.cancel(grace)
+        return cancelled or bool(rest)
 
-    def pause(self, hard: bool = False) -> None:
-        self.current.pause(hard)
+    def pause(self, hard: bool = False, *, wait: bool = False, timeout: float = 5.0) -> None:
+        self.current.pause(hard, wait=wait, timeout=timeout)
 
-    def resume(self) -> None:
-        self.current.resume()
+    def resume(self, *, wait: bool = False, timeout: float = 5.0) -> None:
+        self.current.resume(wait=wait, timeout=timeout)
 
     def send(self, data: Any) -> None:
         self.current.send(data)

@@ -59,7 +59,65 @@ _ERRORS_BY_TYPE: dict[str, type[ControlError]] = {
 }
 
 
-class TaskHandle(Generic[R]):
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (a ``time.monotonic()`` value), never below 0."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+class ResultHandle(Generic[R]):
+    """The result vocabulary every handle shares: task, chain, group and chord.
+
+    ``result(timeout=)`` (Celery's ``get``), ``wait(timeout=)``, ``ready()``, ``state``,
+    ``successful()``, ``failed()`` and ``await handle``. A subclass provides ``state``,
+    ``wait``, ``wait_async`` and ``result``.
+    """
+
+    @property
+    def state(self) -> TaskState:
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None) -> TaskState:
+        """Block until the final state; returns it. Raises :class:`TaskTimeout`."""
+        raise NotImplementedError
+
+    async def wait_async(self, timeout: float | None = None) -> TaskState:
+        """``await``-able :meth:`wait`; does not block the event loop."""
+        raise NotImplementedError
+
+    def result(self, timeout: float | None = None) -> R:
+        """Wait and return the value; raises the failure, or :class:`TaskTimeout`."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Whether the final state is reached (nothing more will run)."""
+        return self.state.is_final
+
+    def successful(self) -> bool:
+        """Whether it ended ``succeeded`` (Celery's ``successful()``)."""
+        return self.state is TaskState.SUCCEEDED
+
+    def failed(self) -> bool:
+        """Whether it ended ``failed`` (Celery's ``failed()``; cancelled and revoked are not)."""
+        return self.state is TaskState.FAILED
+
+    def get(self, timeout: float | None = None) -> R:
+        """Celery's name for :meth:`result`."""
+        return self.result(timeout)
+
+    async def result_async(self, timeout: float | None = None) -> R:
+        """``await``-able :meth:`result`."""
+        await self.wait_async(timeout)
+        return self.result(0)
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self.result_async().__await__()
+
+
+class TaskHandle(ResultHandle[R]):
     """A live view of one task, and the way to steer it.
 
     Attributes follow the task: ``state`` (:class:`TaskState`), ``progress`` (latest
@@ -106,6 +164,8 @@ class TaskHandle(Generic[R]):
         self._early_events: list[Event] | None = None
         #: every event is sent to us (not only the final one), so a skipped seq is a loss
         self._streaming = streaming
+        #: a streaming handle on the same task, for waits that need every event
+        self._follow: TaskHandle[R] | None = None
         self._resync_deadline: float | None = None
         #: when ``wait`` next asks the result store, and how far apart (it backs off)
         self._next_store_poll: float | None = None
@@ -146,10 +206,6 @@ class TaskHandle(Generic[R]):
     @property
     def seq(self) -> int:
         return self._seq
-
-    def ready(self) -> bool:
-        """Whether the task reached a final state."""
-        return self._state.is_final
 
     def snapshot(self) -> TaskSnapshot:
         """The task as this handle knows it now."""
@@ -427,8 +483,6 @@ class TaskHandle(Generic[R]):
         reason = (self._error or {}).get("message", "revoked")
         raise TaskRevoked(f"task {self.id} was revoked: {reason}")
 
-    get = result  # Celery's name
-
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """Iterate the task's events in order, ending after the final one.
 
@@ -492,13 +546,6 @@ class TaskHandle(Generic[R]):
                     await loop.run_in_executor(None, self._poll_result_store)
         return self._state
 
-    async def result_async(self, timeout: float | None = None) -> R:
-        await self.wait_async(timeout)
-        return self.result(0)
-
-    def __await__(self) -> Generator[Any, None, R]:
-        return self.result_async().__await__()
-
     async def aevents(self, timeout: float | None = None) -> AsyncIterator[Event]:
         """Async form of :meth:`events`."""
         while True:
@@ -535,19 +582,79 @@ class TaskHandle(Generic[R]):
         else:
             self._control(Verb.MESSAGE, data, timeout=timeout, wait=wait)
 
-    def pause(self, hard: bool = False, *, timeout: float = 5.0) -> None:
+    def pause(self, hard: bool = False, *, wait: bool = False, timeout: float = 5.0) -> None:
         """Pause at the next checkpoint, or freeze the child at once with ``hard=True``.
 
-        Raises :class:`HardPauseUnsupported` for ``hard=True`` outside the prefork pool.
+        Returns once the worker acknowledged it; with ``wait=True``, only once the task
+        is paused (its ``paused`` event reached this handle), ``timeout`` bounding the
+        whole call. Raises :class:`HardPauseUnsupported` for ``hard=True`` outside the
+        prefork pool, :class:`TaskFinished` when the task already ended (with ``wait``:
+        or ended before it paused), :class:`TaskTimeout` when ``wait`` ran out of time
+        (a soft pause waits for the task's next checkpoint).
         """
+        deadline = time.monotonic() + timeout
         self._control(Verb.PAUSE, {"hard": True} if hard else None, timeout=timeout)
+        if wait:
+            self._wait_for_state(lambda state: state is TaskState.PAUSED, "pause",
+                                 timeout, deadline)
 
-    def resume(self, *, timeout: float = 5.0) -> None:
+    def resume(self, *, wait: bool = False, timeout: float = 5.0) -> None:
+        """Continue a paused task.
+
+        With ``wait=True`` returns only once the task is no longer paused (its
+        ``resumed`` event reached this handle, or it ended). Raises :class:`TaskFinished`
+        when the task already ended, :class:`TaskTimeout` when ``wait`` ran out of time.
+        """
+        deadline = time.monotonic() + timeout
         self._control(Verb.RESUME, None, timeout=timeout)
+        if wait:
+            self._wait_for_state(lambda state: state is not TaskState.PAUSED, "resume",
+                                 timeout, deadline)
 
-    def cancel(self, grace: float = 5.0, *, timeout: float = 5.0) -> None:
-        """Cancel: ``Cancelled`` at the next checkpoint, forced after ``grace`` seconds."""
-        self._control(Verb.CANCEL, {"grace": float(grace)}, timeout=timeout)
+    def cancel(self, grace: float = 5.0, *, timeout: float = 5.0) -> bool:
+        """Cancel: ``Cancelled`` at the next checkpoint, forced after ``grace`` seconds.
+
+        Returns True when the cancel was accepted, False when the task had already ended
+        (as ``concurrent.futures.Future.cancel()`` does), so a Cancel button or a clean-up
+        loop that races the end of a task needs no ``try``. Raises :class:`NotAuthorized`
+        without a token (or operator secret), :class:`ControlError` when no worker
+        acknowledged in ``timeout``.
+        """
+        if self._state.is_final:
+            return False
+        try:
+            self._control(Verb.CANCEL, {"grace": float(grace)}, timeout=timeout)
+        except TaskFinished:
+            return False
+        return True
+
+    def _wait_for_state(self, reached: Callable[[TaskState], bool], verb: str,
+                        timeout: float, deadline: float) -> None:
+        """Block until ``reached(state)``; for ``pause(wait=True)`` and ``resume(wait=True)``.
+
+        A handle that receives only the final event (a plain task's ``delay()``) follows
+        the task through an attached handle, which gets every event.
+        """
+        watcher = self if self._streaming else self._follower()
+        with watcher._cond:
+            while not reached(watcher._state):
+                state = watcher._state
+                if state.is_final:
+                    raise TaskFinished(f"task {self.id} ended ({state.value}) before it "
+                                       f"could {verb}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    hint = (": a soft pause waits for the task's next checkpoint"
+                            if verb == "pause" else "")
+                    raise TaskTimeout(f"task {self.id} did not {verb} within {timeout}s "
+                                      f"(state {state.value}){hint}")
+                watcher._cond.wait(left)
+
+    def _follower(self) -> TaskHandle[R]:
+        """A handle on this task that receives every event (made once, on first need)."""
+        if self._follow is None:
+            self._follow = self.app.attach(self.id, self._token)
+        return self._follow
 
     def answer(self, value: Any, *, timeout: float = 5.0) -> None:
         """Answer the pending question. Raises :class:`ControlError` when none is pending."""
@@ -632,6 +739,7 @@ def _wake(fut: asyncio.Future[None]) -> None:
 
 def unknown_task(task_id: str) -> UnknownTask:
     return UnknownTask(
-        f"no task {task_id} is known: no worker runs it and no result is stored "
-        "(it may still be queued, or its result expired)"
+        f"no task {task_id} is known: no worker runs it and no result is stored (it may "
+        "still be queued, or its result expired); check the id, and that -A / -b name the "
+        "app and broker it was sent with"
     )

@@ -55,6 +55,7 @@ def test_every_kind_of_bad_task_message_is_dead_lettered(tasks, start_worker):
         handle.result(timeout=20)
     assert info.value.remote_type == "UnknownTask"
     assert "tests.no_such_task" in info.value.remote_message
+    assert "start the worker with -A the module that defines it" in info.value.remote_message
 
     # 2. not msgpack, 3. missing fields, 4. over the worker's size limit, 5. pickle
     publish_raw(app, b"\xc1\xc1 definitely not msgpack")
@@ -138,3 +139,19 @@ def test_garbage_and_kombu_envelopes_on_the_redis_control_list(tasks, start_work
         assert tasks.add.delay(2, 5).result(timeout=20) == 7
     finally:
         r.close()
+
+
+def test_unknown_task_name_says_what_to_do():
+    from interactive_tasks import App, UnknownTask
+
+    app = App("typos", broker="redis://127.0.0.1:6379/0")
+
+    @app.task
+    def resize(path: str) -> str:
+        return path
+
+    with pytest.raises(UnknownTask) as info:
+        app.get_task(resize.name[:-1])  # a letter short
+    message = str(info.value)
+    assert f"did you mean {resize.name!r}?" in message
+    assert "start the worker with -A the module that defines it" in message

@@ -9,7 +9,9 @@ import uuid
 
 import pytest
 
-from .conftest import ROOT, BrokerEnv
+from interactive_tasks import TaskState
+
+from .conftest import ROOT, BrokerEnv, wait_for
 
 pytestmark = pytest.mark.parametrize("broker", ["redis"], indirect=True)
 
@@ -92,3 +94,83 @@ def test_every_command_has_help_with_an_example(broker):
         out = itask(broker, command, "--help", app=False)
         assert out.returncode == 0, (command, out.stderr)
         assert "example" in out.stdout.lower(), command
+
+
+def test_every_typo_ends_in_one_line_that_says_what_to_do(broker, tmp_path):
+    """A newcomer's typos: bad URL, wrong -A, a broken app module, bad numbers. One line on
+    stderr, the exit code of the docstring, no traceback; ``--debug`` shows it."""
+    import time
+
+    started = time.monotonic()
+    out = itask(broker, "ping", "-b", "foo://bar", app=False)
+    assert out.returncode == 2
+    line = one_line(out)
+    assert "unknown broker URL scheme 'foo'" in line and "redis://" in line
+    assert time.monotonic() - started < 10  # refused at once, not after a connect timeout
+
+    out = itask(broker, "ping", "-b", "localhost:6379", app=False)
+    assert out.returncode == 2
+    assert "'localhost:6379' is not a URL" in one_line(out)
+
+    env = broker.env()
+    env["ITASK_BROKER_URL"] = "redis:/127.0.0.1"  # one slash short
+    out = subprocess.run([sys.executable, "-m", "interactive_tasks.cli.main", "ping"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert one_line(out).startswith("itask: ITASK_BROKER_URL: broker URL 'redis:/127.0.0.1'")
+
+    out = itask(broker, "ping", "-A", "tests/apps/tasks.py", app=False)
+    assert out.returncode == 2
+    assert "not a file path: try -A tests.apps.tasks" in one_line(out)
+
+    out = itask(broker, "ping", "-A", "tests.apps.tasks:ap", app=False)
+    assert out.returncode == 2
+    assert "has no attribute 'ap'); its App is -A tests.apps.tasks:app" in one_line(out)
+
+    (tmp_path / "broken_app.py").write_text("from interactive_tasks import App\n"
+                                            "app = App('broken')\nundefined_name\n")
+    out = subprocess.run([sys.executable, "-m", "interactive_tasks.cli.main", "worker",
+                          "-A", "broken_app"], env=broker.env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    line = one_line(out)
+    assert "app module 'broken_app' raised NameError while importing" in line
+    assert "broken_app.py:3" in line
+
+    out = itask(broker, "worker", "-c", "0", app=False)
+    assert out.returncode == 2 and "must be at least 1, not 0" in out.stderr
+
+    out = itask(broker, "ping", "-b", "amqp://guest:wrong@127.0.0.1:5672//", app=False)
+    assert out.returncode == 3
+    assert "ACCESS_REFUSED" in one_line(out) and "guest:**@" in out.stderr
+
+    for args in (["--debug", "ping", "-b", "foo://bar"], ["ping", "-b", "foo://bar", "--debug"]):
+        out = itask(broker, *args, app=False)
+        assert out.returncode == 2
+        assert "Traceback" in out.stderr and "ConfigurationError" in out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("itask: unknown broker URL")
+
+
+def test_steering_typos_and_cancel_of_an_ended_task(tasks, start_worker, broker):
+    start_worker()
+    running = tasks.steerable.start(100000, 0.01)
+    wait_for(lambda: running.progress is not None, message="the task running")
+    out = itask(broker, "pause", running.id, "--token", "not-the-token")
+    assert out.returncode == 1
+    line = one_line(out)
+    assert "wrong or missing token" in line and "handle.token" in line
+
+    out = itask(broker, "pause", running.id, "--token", running.token, "--wait")
+    assert out.returncode == 0, out.stderr
+    assert "it is paused now" in out.stdout
+    assert running.state is TaskState.PAUSED
+    out = itask(broker, "resume", running.id, "--token", running.token, "--wait")
+    assert out.returncode == 0, out.stderr
+    assert "it is running now" in out.stdout
+
+    out = itask(broker, "cancel", running.id, "--token", running.token, "--grace", "0")
+    assert out.returncode == 0, out.stderr
+    assert running.wait(20) is TaskState.CANCELLED
+    out = itask(broker, "cancel", running.id, "--token", running.token)
+    assert out.returncode == 1
+    assert "had already ended (cancelled); nothing to cancel" in one_line(out)

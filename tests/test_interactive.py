@@ -355,3 +355,69 @@ def check_async_def_task(tasks) -> None:
 def test_async_def_task(tasks, start_worker, pool):
     start_worker(pool=pool)
     check_async_def_task(tasks)
+
+
+def test_pause_and_resume_can_wait_for_the_task(tasks, start_worker, broker):
+    """``pause(wait=True)`` returns once the task is paused, not when the worker took the
+    request (the task checks only every 0.3 s here, so the plain ack comes well before)."""
+    start_worker()
+    handle = tasks.steerable.start(100000, 0.3)
+    wait_for(lambda: handle.progress is not None, message="progress")
+    handle.pause(wait=True, timeout=10)
+    assert handle.state is TaskState.PAUSED  # no polling: it is paused on return
+    frozen = handle.progress.current
+    holds_for(lambda: handle.progress.current == frozen, 0.7, message="paused progress")
+    handle.resume(wait=True, timeout=10)
+    assert handle.state is TaskState.RUNNING
+    wait_for(lambda: handle.progress.current > frozen, message="progress after resume")
+
+    # a checkpoint too far away: TaskTimeout says why
+    slow = tasks.steerable.start(100000, 30)
+    wait_for(lambda: slow.progress is not None, message="slow task running")
+    with pytest.raises(TimeoutError, match="next checkpoint"):
+        slow.pause(wait=True, timeout=0.5)
+    assert slow.cancel(grace=0) is True
+    # a task that ends before its next checkpoint never pauses
+    last = tasks.count.start(1, 1.0)
+    wait_for(lambda: last.progress is not None, message="the last step")
+    with pytest.raises(TaskFinished, match=r"ended \(succeeded\) before it could pause"):
+        last.pause(wait=True, timeout=20)
+    for h in (handle, slow):
+        h.cancel(grace=0)
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_hard_pause_wait_of_a_plain_task_follows_its_events(tasks, start_worker):
+    # delay() of a plain task delivers only the final event to its handle: the wait
+    # follows the task through an attached handle instead
+    start_worker()
+    handle = tasks.sleep_then.delay(3, "woke")
+    wait_for(lambda: any(t["id"] == handle.id for r in tasks.app.inspect("active")
+                         for t in r["data"]), message="the task running")
+    handle.pause(hard=True, wait=True, timeout=10)
+    assert handle._follower().state is TaskState.PAUSED
+    handle.resume(wait=True, timeout=10)
+    assert handle.result(timeout=20) == "woke"
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_cancel_says_whether_it_was_accepted(tasks, start_worker):
+    from interactive_tasks import TaskHandle
+
+    start_worker()
+    running = tasks.steerable.start(100000, 0.01)
+    assert running.cancel(grace=0) is True
+    with pytest.raises(TaskCancelled):
+        running.result(timeout=20)
+    assert running.cancel() is False  # ended: no exception, like Future.cancel()
+    with pytest.raises(TaskFinished):
+        running.pause()  # the other verbs still say it ended
+
+    done = tasks.steerable.start(1, 0)
+    assert done.result(timeout=20)["n"] == 1
+    # a handle that has not heard of the end yet: the worker says so, cancel says False
+    stale = TaskHandle(tasks.app, done.id, token=done.token, watch=False)
+    assert stale.state is TaskState.PENDING
+    assert stale.cancel() is False
+    with pytest.raises(TaskFinished):
+        stale.send("too late")

@@ -201,3 +201,49 @@ def test_priority_orders_waiting_tasks(tasks, start_worker, broker):
     assert [m.result(timeout=20) for m in marks] == ["p6", "p9", "p0", "p3"]
     (runs,) = broker.record_dir.glob("runs-*.txt")  # one pool process ran them, in order
     assert runs.read_text().split() == PRIORITY_ORDER[broker.name]
+
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_one_result_vocabulary_on_every_handle(tasks, start_worker):
+    """Task, chain, group and chord handles answer the same names; Celery's too."""
+    import asyncio
+
+    from interactive_tasks import chain, chord, group
+
+    start_worker(concurrency=2)
+    good = {
+        "task": tasks.add.delay(1, 2),
+        "chain": chain(tasks.add.s(1, 2), tasks.double.s()).delay(),
+        "group": group(tasks.double.s(i) for i in range(3)).delay(),
+        "chord": chord(group(tasks.double.s(i) for i in range(3)), tasks.total.s()).delay(),
+    }
+    expected = {"task": 3, "chain": 6, "group": [0, 2, 4], "chord": 6}
+    for kind, handle in good.items():
+        assert handle.result(timeout=30) == expected[kind], kind
+        assert handle.get(timeout=1) == expected[kind], kind
+        assert asyncio.run(_awaited(handle)) == expected[kind], kind
+        assert handle.ready() and handle.successful() and not handle.failed(), kind
+        assert handle.state is TaskState.SUCCEEDED, kind
+        assert handle.wait(1) is TaskState.SUCCEEDED, kind
+    assert good["group"].join(timeout=1) == [0, 2, 4]
+    assert good["chord"].header.join(timeout=1) == [0, 2, 4]
+
+    bad = {
+        "task": tasks.fail.delay("x"),
+        "chain": chain(tasks.fail.s("x"), tasks.double.s()).delay(),
+        "group": group([tasks.double.s(1), tasks.fail.s("x")]).delay(),
+    }
+    for kind, handle in bad.items():
+        with pytest.raises(TaskFailed):
+            handle.result(timeout=30)
+        assert handle.ready() and handle.failed() and not handle.successful(), kind
+        assert handle.state is TaskState.FAILED, kind
+
+    pending = group([tasks.sleep_then.s(0.5, 1), tasks.sleep_then.s(0.5, 2)]).delay()
+    assert not pending.ready() and pending.state in (TaskState.PENDING, TaskState.RUNNING)
+    assert asyncio.run(_awaited(pending)) == [1, 2]
+
+
+async def _awaited(handle):
+    return await handle

@@ -132,7 +132,7 @@ def test_answered_question_is_in_the_tail_and_the_box_is_gone() -> None:
         events=(
             *RUNNING.events,
             ev(6, "question", 25, prompt="Go on?"),
-            ev(7, "answered", 27, qid="q-17", answer="yes"),
+            ev(7, "answered", 27, qid="q-17", value="yes"),
         ),
     )
     rendered = text(render_task(answered, now=T0 + 65))

@@ -138,6 +138,7 @@ def test_attach_answers_a_question(tasks, start_worker, tmux, broker):
     tmux.type("answer Ada")
     tmux.wait_screen(r"SUCCEEDED")
     tmux.wait_screen(r"hello Ada")
+    tmux.wait_screen(r"answer +'Ada'")  # the log line shows the answer the task got
     assert handle.result(10) == "hello Ada"
     assert [r["data"] for r in broker.records(handle.id) if r["what"] == "answer"] == ["Ada"]
 

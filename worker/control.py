@@ -168,7 +168,9 @@ class ControlRouter:
             logger.warning("refused %s for task %s from %s: wrong or missing token",
                            held.verb, record.id, sender)
             reply(False, ("NotAuthorized", f"not authorised to {held.verb} task {record.id}: "
-                                           "wrong or missing token"))
+                                           "wrong or missing token (use the token of the "
+                                           "handle that started it, handle.token, or the "
+                                           "operator secret ITASK_SECRET)"))
             return
         if sender and held.cseq:
             last = record.last_cseq.get(sender, 0)
