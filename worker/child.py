@@ -255,7 +255,13 @@ _local = threading.local()
 
 
 def _runtime_here() -> SlotRuntime | None:
-    return getattr(_local, "runtime", None)
+    try:
+        return getattr(_local, "runtime", None)
+    except RuntimeError:
+        # gevent's thread-local while the interpreter exits ("greenlet is being
+        # finalized"): no task runs any more; raising here made the final flush of
+        # sys.stdout fail, and the worker exit with 120 instead of 0
+        return None
 
 
 class _StreamToEvents(io.TextIOBase):
