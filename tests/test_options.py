@@ -203,7 +203,6 @@ def test_priority_orders_waiting_tasks(tasks, start_worker, broker):
     assert runs.read_text().split() == PRIORITY_ORDER[broker.name]
 
 
-
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_one_result_vocabulary_on_every_handle(tasks, start_worker):
     """Task, chain, group and chord handles answer the same names; Celery's too."""
