@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 import pytest
 
@@ -59,6 +60,36 @@ def test_errors_are_one_line_with_exit_codes(tasks, start_worker, broker):
     assert "delivered" in out.stdout
     out = itask(broker, "cancel", running.id, "--token", running.token, "--grace", "0")
     assert out.returncode == 0, out.stderr
+
+
+def test_send_resume_and_answer_reach_the_task(tasks, start_worker, broker):
+    start_worker()
+    running = tasks.steerable.start(100000, 0.01)
+    token = ["--token", running.token]
+    wait_for(lambda: running.state is TaskState.RUNNING, message="running")
+    assert itask(broker, "pause", running.id, *token).returncode == 0
+    wait_for(lambda: running.state is TaskState.PAUSED, message="paused")
+    out = itask(broker, "resume", running.id, *token)
+    assert out.returncode == 0, out.stderr
+    assert "resume: delivered" in out.stdout
+    wait_for(lambda: running.state is TaskState.RUNNING, message="resumed")
+    for message in ('{"speed": 2}', "plain words"):  # JSON is parsed, anything else is text
+        out = itask(broker, "send", running.id, message, *token)
+        assert out.returncode == 0, out.stderr
+
+    def messages() -> list[Any]:
+        return [r["data"] for r in broker.records(running.id) if r["what"] == "message"]
+
+    wait_for(lambda: len(messages()) >= 2, message="both messages")
+    assert messages() == [{"speed": 2}, "plain words"]
+    running.cancel(grace=0)
+
+    asking = tasks.asker.start("Your name?")
+    wait_for(lambda: asking.question is not None, message="the question")
+    out = itask(broker, "answer", asking.id, "Ada Lovelace", "--token", asking.token)
+    assert out.returncode == 0, out.stderr
+    assert asking.result(timeout=20) == "hello Ada Lovelace"
+    assert [r["data"] for r in broker.records(asking.id)] == ["Ada Lovelace"]
 
 
 def test_json_outputs_and_revoke(tasks, start_worker, broker):
