@@ -205,7 +205,12 @@ class FileResultStore(ResultStore):
     def __init__(self, directory: Path, namespace: str, expires: float) -> None:
         super().__init__(namespace, expires)
         self.directory = Path(directory) / namespace
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            # mode applies to the last directory only: a missing store directory too is 0700
+            self.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.directory.mkdir(exist_ok=True, mode=0o700)
+        except OSError as exc:  # e.g. another user's store
+            raise TransportError(f"result store {self.directory} unreachable: {exc}") from exc
         self._last_sweep = 0.0
 
     def _path(self, bucket: int, task_id: str) -> Path:
@@ -229,6 +234,8 @@ class FileResultStore(ResultStore):
                 raw = self._path(bucket, task_id).read_bytes()
             except FileNotFoundError:
                 continue
+            except OSError as exc:  # e.g. another user's store: its directories are 0700
+                raise TransportError(f"result store {self.directory} unreachable: {exc}") from exc
             record = codec.loads(raw)
             return record if isinstance(record, dict) else None
         return None
