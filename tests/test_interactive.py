@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +26,7 @@ from interactive_tasks import (
     TaskFinished,
     TaskState,
 )
+from interactive_tasks.errors import TransportError
 
 from .conftest import POOLS, ROOT, holds_for, wait_for
 
@@ -303,6 +313,144 @@ def test_control_needs_the_token(tasks, start_worker, broker):
     for h in (a, b):
         with pytest.raises(TaskCancelled):
             h.result(timeout=10)
+
+
+#: the user another user's process runs as (``nobody``)
+FOREIGN_UID = 65534
+
+
+def run_as_another_user(fn: Callable[[], Any], home: Path) -> dict[str, Any]:
+    """``fn()`` in a forked child running as :data:`FOREIGN_UID` with ``ITASK_HOME=home``:
+    ``{"ok": value}`` or ``{"error": "Type: message"}``.
+
+    Forked, not executed: the interpreter lives where other users cannot reach it.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(read)
+        try:
+            os.setgroups([])
+            os.setgid(FOREIGN_UID)
+            os.setuid(FOREIGN_UID)
+            os.environ["ITASK_HOME"] = str(home)
+            out: dict[str, Any] = {"ok": fn()}
+        except BaseException as exc:
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        os.write(write, json.dumps(out, default=repr).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        data = fh.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def _entries(roots: list[Path]) -> list[Path]:
+    """``roots`` and everything under them (entries that vanish meanwhile are skipped)."""
+    found = []
+    for root in roots:
+        found.append(root)
+        if root.is_dir():
+            for directory, dirs, files in os.walk(root):
+                found += [Path(directory, name) for name in dirs + files]
+    return found
+
+
+def open_to_others(roots: list[Path]) -> list[str]:
+    """Entries under ``roots`` whose mode grants anything to group or others."""
+    opened = []
+    for path in _entries(roots):
+        with contextlib.suppress(FileNotFoundError):
+            if path.lstat().st_mode & 0o077:
+                opened.append(str(path))
+    return opened
+
+
+def open_up(roots: list[Path]) -> None:
+    """``chmod -R a+rwX``: what an administrator sharing the directory would do."""
+    for path in _entries(roots):
+        with contextlib.suppress(FileNotFoundError):
+            path.chmod(0o777 if path.is_dir() else 0o666)
+
+
+def foreign_submit_and_pause(task_id: str, token: str) -> dict[str, Any]:
+    """What another user's process gets when it submits a task and, with the task's token,
+    runs ``itask pause`` (its own app: its own secret, none in memory)."""
+    import tests.apps.tasks as tasks_module
+    from interactive_tasks.cli.main import main
+
+    app = importlib.reload(tasks_module).app
+    try:
+        app.send_task("tests.apps.tasks.add", (1, 2))
+        submitted = "accepted"
+    except TransportError as exc:
+        submitted = str(exc)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["pause", task_id, "--token", token, "-A", "tests.apps.tasks"])
+    return {"submit": submitted, "pause": [code, err.getvalue().strip().splitlines()]}
+
+
+@pytest.mark.parametrize("broker", ["embedded"], indirect=True)
+def test_embedded_broker_refuses_another_users_process(broker, start_worker, monkeypatch,
+                                                       request):
+    """On the embedded broker a token never meets another user's process: the broker's and
+    result store's directories are 0700 and their files 0600, so the system refuses that
+    process (one line: permission denied) before it can send anything, token or not; and
+    with the directories opened to everybody, the worker refuses what it signed with its own
+    user's secret."""
+    if os.geteuid() != 0:
+        pytest.skip("running a process as another user needs root")
+    # under /tmp itself: the test's tmp_path lies in a directory only root may enter, which
+    # would refuse the other user whatever the broker's own modes are
+    shared = Path(tempfile.mkdtemp(prefix="itask-shared-"))
+    shared.chmod(0o755)
+    foreign_home = shared / "other-user-home"
+    foreign_home.mkdir()
+    os.chown(foreign_home, FOREIGN_UID, FOREIGN_UID)
+    broker.url = f"embedded://{shared / 'broker'}"
+    broker.apply(monkeypatch)
+    tasks = request.getfixturevalue("tasks")
+    w = start_worker(concurrency=1)
+    try:
+        handle = tasks.steerable.start(100000, 0.01)
+        wait_for(lambda: handle.state is TaskState.RUNNING, message="running")
+        store = shared / "broker-results" / broker.namespace
+        assert open_to_others([shared / "broker", store.parent, broker.home / "secret"]) == []
+
+        got = run_as_another_user(lambda: foreign_submit_and_pause(handle.id, handle.token),
+                                  foreign_home)
+        assert "ok" in got, got
+        submitted = got["ok"]["submit"]
+        assert "cannot reach the broker" in submitted and "Permission denied" in submitted
+        code, err = got["ok"]["pause"]
+        assert code != 0 and len(err) == 1, err
+        assert str(store) in err[0] and "Permission denied" in err[0], err
+        assert handle.state is TaskState.RUNNING  # nothing reached the task
+
+        # Opened to everybody on purpose, the directory still refuses the other user: its
+        # process signs with its own user's secret, checked before any token.
+        open_up([shared / "broker", store.parent])
+        got = run_as_another_user(lambda: foreign_submit_and_pause(handle.id, handle.token),
+                                  foreign_home)
+        assert got["ok"]["submit"] == "accepted", got  # the files took it ...
+        wait_for(lambda: "rejected message from" in w.log(), message="the task refused")
+        assert "the sender lacks the app's secret" in w.log()  # ... the worker did not
+        code, err = got["ok"]["pause"]
+        assert code != 0 and "no task" in err[-1], err
+        wait_for(lambda: "refused control message: control message is unsigned or its "
+                         "signature is wrong" in w.log(), message="the control refused")
+        assert handle.state is TaskState.RUNNING
+        assert "paused" not in kinds(handle.snapshot().events)
+        handle.pause()  # its own user's process, with the token, controls it
+        wait_for(lambda: handle.state is TaskState.PAUSED, message="paused by its owner")
+        handle.cancel(grace=0)
+        with pytest.raises(TaskCancelled):
+            handle.result(timeout=10)
+    finally:
+        w.stop()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_await_handle_and_async_events(tasks, start_worker):
