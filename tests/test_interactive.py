@@ -450,6 +450,7 @@ def test_embedded_broker_refuses_another_users_process(broker, start_worker, mon
             handle.result(timeout=10)
     finally:
         w.stop()
+        tasks.app.close()  # its inbox would come back in the removed directory
         shutil.rmtree(shared, ignore_errors=True)
 
 
