@@ -443,11 +443,8 @@ def test_embedded_broker_refuses_another_users_process(broker, start_worker, mon
                          "signature is wrong" in w.log(), message="the control refused")
         assert handle.state is TaskState.RUNNING
         assert "paused" not in kinds(handle.snapshot().events)
-        handle.pause()  # its own user's process, with the token, controls it
-        wait_for(lambda: handle.state is TaskState.PAUSED, message="paused by its owner")
-        handle.cancel(grace=0)
-        with pytest.raises(TaskCancelled):
-            handle.result(timeout=10)
+        handle.pause(wait=True, timeout=10)  # its own user's process controls it
+        assert handle.cancel(grace=0) and handle.wait(10) is TaskState.CANCELLED
     finally:
         w.stop()
         tasks.app.close()  # its inbox would come back in the removed directory
