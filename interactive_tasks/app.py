@@ -97,6 +97,16 @@ class Settings:
     #: pause, cancel or message for such a task (Python's 5 ms default: pause → paused
     #: took 3.3 ms at the median here, 1.5–1.7 ms with 0.5 ms). None keeps Python's default.
     worker_switch_interval: float | None = 0.0005
+    #: RabbitMQ: seconds after which a worker hands a delivery it still holds (a task
+    #: running, or waiting for a pool slot) over to its held queue and acknowledges it,
+    #: so the server's ``consumer_timeout`` (30 min by default) never closes the channel
+    #: under a long task. Keep it well below ``consumer_timeout``; None: never (then raise
+    #: ``consumer_timeout`` above your longest task). See docs/reliability.md.
+    worker_hold_after: float | None = 60.0
+    #: RabbitMQ: AMQP heartbeat of the worker's connection and of each client's inbox, in
+    #: seconds (Celery's ``broker_heartbeat``; 0 turns them off). The server requeues the
+    #: unacknowledged tasks of a worker it has not heard from for 2-3 times this.
+    broker_heartbeat: float = 10.0
 
 
 _SETTING_NAMES = {f.name for f in fields(Settings)}
@@ -114,6 +124,14 @@ def _check_settings(conf: Settings) -> None:
             f"worker_lost_timeout ({conf.worker_lost_timeout}s) must be more than twice "
             f"worker_heartbeat ({conf.worker_heartbeat}s), or a live worker that misses "
             "one beat is taken for dead")
+    hold = conf.worker_hold_after
+    if hold is not None and not (isinstance(hold, (int, float)) and hold > 0):
+        raise ConfigurationError(
+            f"worker_hold_after must be a positive number of seconds or None, not {hold!r}")
+    beat = conf.broker_heartbeat
+    if not (isinstance(beat, (int, float)) and beat >= 0):
+        raise ConfigurationError(
+            f"broker_heartbeat must be a number of seconds (0: off), not {beat!r}")
     interval = conf.worker_switch_interval
     if interval is not None and not (isinstance(interval, (int, float)) and interval > 0):
         raise ConfigurationError(
@@ -233,9 +251,17 @@ class App:
         """Where the embedded broker keeps its files (None for other brokers)."""
         return str(embedded_directory(self.broker_url)) if self.is_embedded else None
 
-    def connection(self, transport_options: dict[str, Any] | None = None) -> Connection:
+    def connection(self, transport_options: dict[str, Any] | None = None,
+                   heartbeat: bool = False) -> Connection:
         """A new kombu connection to the broker (not yet connected); ``transport_options``
-        override the app's ``broker_transport_options``."""
+        override the app's ``broker_transport_options``.
+
+        ``heartbeat``: on RabbitMQ, negotiate AMQP heartbeats of ``broker_heartbeat``
+        seconds; the caller must then call ``heartbeat_check()`` on the connection at
+        least every ``broker_heartbeat / 2`` seconds, or the server closes it. Without it
+        heartbeats are off: a connection used only now and then (a client's publisher)
+        has nobody to answer them.
+        """
         options = dict(self.conf.broker_transport_options)
         options.update(transport_options or {})
         if self.is_embedded:
@@ -249,7 +275,7 @@ class App:
             options.setdefault("unacked_mutex_key", f"{ns}.unacked_mutex")
         kwargs: dict[str, Any] = {"transport_options": options, "connect_timeout": 5}
         if self.broker_url.startswith(("amqp", "pyamqp")):
-            kwargs["heartbeat"] = 0
+            kwargs["heartbeat"] = self.conf.broker_heartbeat if heartbeat else 0
         return Connection(self.broker_url, **kwargs)
 
     @property

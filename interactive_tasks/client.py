@@ -539,7 +539,10 @@ class Client:
         backoff = 0.2
         next_housekeeping = time.monotonic() + 1.0
         while not self._stop.is_set():
-            conn = self.app.connection()
+            # Heartbeats on (RabbitMQ): this loop wakes every 0.5 s to answer them, and a
+            # broker that went silent (a cut link) is noticed within two intervals and
+            # the inbox reconnects, instead of waiting on a dead socket for TCP to notice.
+            conn = self.app.connection(heartbeat=True)
             try:
                 conn.ensure_connection(max_retries=1, interval_start=0, timeout=10)
                 channel = conn.channel()
@@ -556,6 +559,7 @@ class Client:
                         conn.drain_events(timeout=0.5)
                     except TimeoutError:
                         pass
+                    conn.heartbeat_check(2)
                     now = time.monotonic()
                     if now >= next_housekeeping:
                         next_housekeeping = now + 1.0

@@ -127,12 +127,45 @@ def make_broker_env(name: str, tmp_path: Path) -> BrokerEnv:
                      result_backend=f"file://{tmp_path / 'results'}")
 
 
+def delete_amqp_namespace(url: str, namespace: str,
+                          task_queues: tuple[str, ...] = ("default",)) -> None:
+    """Delete the durable queues and exchanges a test namespace leaves on the shared
+    RabbitMQ: its delay levels (``transport.amqp_delay``), task and dead-letter queues.
+    Names that do not exist are skipped by the server."""
+    import amqp
+
+    from interactive_tasks.transport.amqp_delay import (
+        LEVELS,
+        complete_marker,
+        deliver_exchange,
+        level_name,
+    )
+
+    host = url.split("@", 1)[1].split("/", 1)[0]
+    conn = amqp.Connection(host, userid="guest", password="guest", heartbeat=0)
+    conn.connect()
+    try:
+        channel = conn.channel()
+        for level in range(LEVELS):
+            channel.queue_delete(level_name(namespace, level))
+            channel.exchange_delete(level_name(namespace, level))
+        channel.exchange_delete(deliver_exchange(namespace))
+        channel.exchange_delete(complete_marker(namespace))
+        for queue in task_queues:
+            channel.queue_delete(f"{namespace}.tasks.{queue}")
+        channel.queue_delete(f"{namespace}.dead")
+    finally:
+        conn.close()
+
+
 @pytest.fixture(params=BROKERS)
 def broker(request: pytest.FixtureRequest, tmp_path: Path,
-           monkeypatch: pytest.MonkeyPatch) -> BrokerEnv:
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerEnv]:
     env = make_broker_env(request.param, tmp_path)
     env.apply(monkeypatch)
-    return env
+    yield env
+    if env.name == "amqp":
+        delete_amqp_namespace(env.url, env.namespace)
 
 
 class WorkerProcess:

@@ -150,7 +150,7 @@ def broker_redis_ns() -> Any:
     r.close()
 
 
-@pytest.mark.parametrize("broker", ["embedded", "redis"], indirect=True)
+@ALL_BROKERS
 def test_countdown_survives_sigkill_of_every_worker_and_runs_once_on_time(
         broker, start_worker, tasks, tmp_path):
     w1 = start_worker(concurrency=1)

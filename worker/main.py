@@ -37,6 +37,7 @@ from interactive_tasks.protocol import (
     Verb,
 )
 from interactive_tasks.task import parse_rate
+from interactive_tasks.transport.amqp_hold import redeliveries
 from interactive_tasks.transport.redis_fast import ListReader, is_redis, task_envelope
 from interactive_tasks.transport.redis_fetch import TaskFetcher
 from interactive_tasks.transport.redis_liveness import incarnation, redelivered_key
@@ -145,7 +146,7 @@ class Worker:
         self.task_consumer: Consumer | None = None
         self.fetcher: TaskFetcher | None = None
         self.control_reader: ListReader | None = None
-        self.upkeep = upkeep_for(app, self.incarnation, self._on_declared_dead)
+        self.upkeep = upkeep_for(app, self.incarnation, self._on_declared_dead, self.records)
         self._exit_code = 0
         self.control = ControlRouter(self)
         self.relay = Relay(self)
@@ -222,7 +223,7 @@ class Worker:
         app = self.app
         names = app.names
         self.hub = hub = Hub()
-        conn = app.connection(self.upkeep.transport_options)
+        conn = app.connection(self.upkeep.transport_options, heartbeat=True)
         try:
             conn.ensure_connection(max_retries=1, timeout=10)
         except Exception as exc:
@@ -275,7 +276,7 @@ class Worker:
             if not slot.closed:
                 hub.add_reader(slot.sock, self._on_slot_readable, slot)
         try:
-            self.upkeep.start(hub)
+            self.upkeep.start(hub, conn)
         except Exception as exc:
             raise TransportError(f"cannot reach the broker at {app.broker_url_display}: "
                                  f"{exc}") from exc
@@ -435,9 +436,9 @@ class Worker:
         raw_deliveries = msg.headers.get(HEADER_DELIVERIES, 1)
         delivery = raw_deliveries if isinstance(raw_deliveries, int) and raw_deliveries > 0 \
             else 1
-        if (message.delivery_info or {}).get("redelivered") or getattr(
-                message, "redelivered", False):
-            delivery += 1
+        earlier = redeliveries(message, self.app.conf.namespace)
+        if earlier:
+            delivery += earlier
             stored = self._stored_final(msg.id)
             if stored:
                 logger.info("task %s was already finished; not running it again", msg.id)

@@ -54,6 +54,11 @@ def is_embedded(url: str) -> bool:
     return url.split("://", 1)[0] == EMBEDDED_SCHEME
 
 
+def is_amqp(url: str) -> bool:
+    """RabbitMQ (kombu's py-amqp transport)."""
+    return url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+
+
 def embedded_directory(url: str) -> Path:
     """The directory an ``embedded://[/path]`` URL stores its files in."""
     rest = url.split("://", 1)[1] if "://" in url else ""

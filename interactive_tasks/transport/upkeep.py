@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import is_embedded
+from . import is_amqp, is_embedded
 from .redis_fast import is_redis
 
 if TYPE_CHECKING:
@@ -40,8 +40,9 @@ class BrokerUpkeep:
     #: extra kombu transport options for the worker's connection
     transport_options: dict[str, Any] = {}
 
-    def start(self, hub: Any) -> None:
-        """Begin on ``hub`` (a kombu Hub); raises the broker's connection errors."""
+    def start(self, hub: Any, connection: Any = None) -> None:
+        """Begin on ``hub`` (a kombu Hub) and the worker's connected kombu ``connection``;
+        raises the broker's connection errors."""
 
     def schedule(self, queue: str, envelope: bytes, priority: int | None,
                  eta: float) -> bool:
@@ -98,7 +99,7 @@ class RedisUpkeep(BrokerUpkeep):
                                             self.app.conf.worker_lost_timeout)
             self._delayed = DelayedTasks(self._client, ns)
 
-    def start(self, hub: Any) -> None:
+    def start(self, hub: Any, connection: Any = None) -> None:
         from .redis_delay import DUE_INTERVAL
 
         self._connect()
@@ -187,7 +188,7 @@ class EmbeddedUpkeep(BrokerUpkeep):
         self._delayed = EmbeddedDelayed(store_for(str(embedded_directory(app.broker_url))))
         self._timer: Any = None
 
-    def start(self, hub: Any) -> None:
+    def start(self, hub: Any, connection: Any = None) -> None:
         from .redis_delay import DUE_INTERVAL
 
         self.close(clean=False)
@@ -214,11 +215,16 @@ class EmbeddedUpkeep(BrokerUpkeep):
             self._timer = None
 
 
-def upkeep_for(app: App, incarnation: str,
-               on_declared_dead: Callable[[], None]) -> BrokerUpkeep:
-    """The upkeep for ``app``'s broker."""
+def upkeep_for(app: App, incarnation: str, on_declared_dead: Callable[[], None],
+               records: Mapping[str, Any] | None = None) -> BrokerUpkeep:
+    """The upkeep for ``app``'s broker; ``records``: a worker's live map of its task
+    records (None for clients and tools)."""
     if is_redis(app.broker_url):
         return RedisUpkeep(app, incarnation, on_declared_dead)
     if is_embedded(app.broker_url):
         return EmbeddedUpkeep(app)
+    if is_amqp(app.broker_url):
+        from .amqp_upkeep import AmqpUpkeep
+
+        return AmqpUpkeep(app, incarnation, on_declared_dead, records)
     return BrokerUpkeep()
