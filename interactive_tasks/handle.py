@@ -418,7 +418,8 @@ class TaskHandle(ResultHandle[R]):
 
     # -- waiting ----------
     def _poll_result_store(self) -> bool:
-        """Fetch the final record from the result store; True when the task is final."""
+        """Fetch the final record from the result store; True when this handle is final
+        now (a stored end of an earlier run than the one it follows does not count)."""
         record = self.app.results.get(self.id)
         if record is None:
             return False
@@ -427,7 +428,7 @@ class TaskHandle(ResultHandle[R]):
         except Exception:
             return False
         self._on_snapshot(snapshot)
-        return snapshot.state.is_final
+        return self._state.is_final
 
     def wait(self, timeout: float | None = None) -> TaskState:
         """Block until the task reaches a final state; returns that state.

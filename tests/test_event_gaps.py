@@ -114,6 +114,25 @@ def test_a_loop_of_short_waits_still_falls_back_to_the_result_store(tmp_path: An
     assert h.ready() and h.result(0) == "from the store"
 
 
+def test_a_stored_end_of_an_earlier_run_does_not_end_the_wait(tmp_path: Any) -> None:
+    # A worker taken for dead (frozen past its broker's liveness check) may store the end
+    # of its stale run 1 while the handle follows run 2 on another worker. The handle
+    # ignores the older run, and wait() used to stop there anyway and return "running",
+    # which result() reported as TaskRevoked.
+    from interactive_tasks import TaskTimeout
+
+    app = App("gaps-stale", broker="embedded:///nonexistent-gaps-stale",
+              result_backend=f"file://{tmp_path}")
+    app.results.put("t8", TaskSnapshot(task_id="t8", name="job", state=TaskState.SUCCEEDED,
+                                       seq=3, run=1, result="stale").to_wire())
+    h: TaskHandle[Any] = TaskHandle(app, "t8", name="job", watch=True)
+    h._on_event(Event("t8", 1, EventKind.STARTED, 1000.0, {"worker": "w2", "pid": 8}, 2))
+    with pytest.raises(TaskTimeout):
+        h.result(timeout=0.8)
+    h._on_event(Event("t8", 2, EventKind.SUCCEEDED, 1001.0, {"result": "fresh"}, 2))
+    assert h.result(0) == "fresh"
+
+
 def test_a_handle_collected_while_the_client_lock_is_held_does_not_deadlock() -> None:
     # The garbage collector runs TaskHandle.__del__ at any allocation, also inside the
     # client's own locked sections (watch() appending a weakref, say). A 10,000-task

@@ -29,7 +29,7 @@ from .. import codec
 from .amqp_delay import DelayedPublisher, delay_seconds, peek
 from .amqp_hold import HoldableRecord, TaskHold
 from .redis_fast import kombu_body
-from .upkeep import BrokerUpkeep
+from .upkeep import BrokerUpkeep, cancel_timers
 
 if TYPE_CHECKING:
     from ..app import App
@@ -76,7 +76,7 @@ class AmqpUpkeep(BrokerUpkeep):
     def start(self, hub: Any, connection: Any = None) -> None:
         """Begin on the worker's loop ``hub`` and its connected kombu ``connection``; its
         connection errors now end the loop (and the worker reconnects)."""
-        self._cancel_timers()
+        cancel_timers(self._timers)
         if self._starts:
             # A new connection after a lost one: the server requeued every delivery of
             # the old one, so each task running here may be running elsewhere too.
@@ -106,14 +106,6 @@ class AmqpUpkeep(BrokerUpkeep):
         if heartbeat and heard and now - heard > 2 * heartbeat:
             return True
         return self.hold is not None and self.hold.lapsing(now)
-
-    def _cancel_timers(self) -> None:
-        for timer in self._timers:
-            try:
-                timer.cancel()
-            except Exception:
-                pass
-        self._timers = []
 
     def _call_soon(self, callback: Callable[[], None]) -> None:
         if self._hub is not None:
@@ -211,7 +203,7 @@ class AmqpUpkeep(BrokerUpkeep):
         return out[:limit]
 
     def close(self, clean: bool) -> None:
-        self._cancel_timers()
+        cancel_timers(self._timers)
         if self.hold is not None:
             self.hold.detach()
         self._connection = self._amqp = self._hub = None

@@ -34,6 +34,16 @@ logger = logging.getLogger("interactive_tasks.worker")
 SCHEDULE_AHEAD = 0.5
 
 
+def cancel_timers(timers: list[Any]) -> None:
+    """Cancel the loop's timer entries ``timers`` and forget them."""
+    for timer in timers:
+        try:
+            timer.cancel()
+        except Exception:
+            pass
+    timers.clear()
+
+
 class BrokerUpkeep:
     """The default: nothing kept in the broker (kombu's own redelivery applies)."""
 
@@ -152,12 +162,7 @@ class RedisUpkeep(BrokerUpkeep):
         return time.monotonic() - self._last_beat > self.app.conf.worker_lost_timeout
 
     def _cancel_timers(self) -> None:
-        for timer in self._timers:
-            try:
-                timer.cancel()
-            except Exception:
-                pass
-        self._timers = []
+        cancel_timers(self._timers)
 
     def close(self, clean: bool) -> None:
         self._cancel_timers()
