@@ -134,11 +134,12 @@ def test_a_task_longer_than_consumer_timeout_runs_once_and_its_starter_gets_the_
 
 
 # -- held tasks --------------------------------------------------------------------------------
-def held_queue_of(worker: Any) -> str:
-    """The held queue a worker named in its log when it handed a task over."""
-    log = wait_for(lambda: "handed over to " in worker.log() and worker.log(), 20,
-                   message=f"{worker.name} to hand a task over")
-    return log.split("handed over to ", 1)[1].split()[0]
+def held_queue_of(worker: Any, task_id: str) -> str:
+    """The held queue a worker named in its log when it handed task ``task_id`` over."""
+    mark = f"task {task_id} held for "
+    log = wait_for(lambda: mark in worker.log() and worker.log(), 20,
+                   message=f"{worker.name} to hand task {task_id} over")
+    return log.split(mark, 1)[1].split("handed over to ", 1)[1].split()[0]
 
 
 def queue_depth(url: str, name: str) -> int | None:
@@ -173,7 +174,7 @@ def test_a_held_task_outliving_its_ttl_on_a_live_worker_runs_once_and_its_copy_g
     w1 = start_worker(concurrency=1)
     marker = tmp_path / "ran"
     handle = tasks.marked_steps.start(str(marker), 28, 0.25, "renewed")
-    held = held_queue_of(w1)
+    held = held_queue_of(w1, handle.id)
     start_worker(concurrency=1)
     assert queue_depth(broker.url, held) == 1
     assert handle.result(timeout=30) == "renewed"
@@ -201,7 +202,7 @@ def test_a_held_task_of_a_killed_worker_comes_back_within_the_ttl_and_watchers_f
     w1 = start_worker(concurrency=1)
     marker = tmp_path / "ran"
     handle = tasks.marked_steps.start(str(marker), 40, 0.1, "back")
-    held_queue_of(w1)
+    held_queue_of(w1, handle.id)
     w2 = start_worker(concurrency=1)
     w1.kill()
     killed_at = time.time()
@@ -286,3 +287,26 @@ def test_an_idle_client_answers_heartbeats_and_keeps_its_inbox(
               message="the inbox connection")
     assert tasks.add.delay(2, 2).result(timeout=10) == 4
     assert "inbox connection lost" not in caplog.text and "reconnected" not in caplog.text
+
+
+def test_with_a_secret_delayed_tasks_and_held_copies_stay_signed(
+        broker, start_worker, monkeypatch, request, tmp_path):
+    """With the operator secret on, a task that waited in the delay levels and a held copy
+    that came back from a killed worker still carry their signature, and run."""
+    broker.extra["ITASK_SECRET"] = "s3cret-for-this-test"
+    monkeypatch.setenv("ITASK_SECRET", "s3cret-for-this-test")
+    tasks = configure(broker, monkeypatch, request, worker_hold_after=0.5,
+                      worker_heartbeat=0.25, worker_lost_timeout=3.0)
+    w1 = start_worker(concurrency=1)
+    sent = time.time()
+    delayed = tasks.add.apply_async((2, 3), countdown=2)
+    assert delayed.result(timeout=10) == 5 and time.time() - sent >= 2.0
+    marker = tmp_path / "ran"
+    held = tasks.marked_steps.start(str(marker), 30, 0.1, "signed")
+    held_queue_of(w1, held.id)
+    w2 = start_worker(concurrency=1)
+    w1.kill()
+    assert held.result(timeout=30) == "signed" and held.worker == w2.name
+    assert [s[2] for s in task_starts(marker)] == ["1", "2"]  # its copy came back
+    for w in (w1, w2):
+        assert "rejected message" not in w.log(), w.log()[-3000:]
