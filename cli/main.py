@@ -101,8 +101,9 @@ def cmd_ping(args: argparse.Namespace) -> int:
         for r in replies:
             print(f"{r.get('worker')}: pong")
         if not replies:
-            print(f"no worker replied within {args.timeout}s "
-                  f"(broker {app.broker_url_display})", file=sys.stderr)
+            print(f"no worker replied within {args.timeout}s on {app.broker_url_display}: "
+                  "start one with itask worker -A MODULE (on the same broker), or wait "
+                  "longer with --timeout", file=sys.stderr)
         else:
             print(f"{len(replies)} worker(s) in {time.monotonic() - started:.2f}s")
     return 0 if replies else 1
@@ -406,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: (error class, exit code, what to do), the first matching class wins
 _ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
-    (TransportError, 3, "is the broker running, and do -b / ITASK_BROKER_URL name it?"),
+    (TransportError, 3, "check that the broker runs and that -b / ITASK_BROKER_URL give its "
+                        "address and credentials"),
     (CliError, 2, ""),
     (ConfigurationError, 2, ""),
     (UnknownTask, 2, ""),

@@ -16,7 +16,7 @@ if __name__ == "__main__":
     print("chain:", flow.result(timeout=30))
 
     # group: in parallel, results in order
-    print("group:", group(double.s(i) for i in range(5)).delay().results(timeout=30))
+    print("group:", group(double.s(i) for i in range(5)).delay().result(timeout=30))
 
     # chord: a group, then one callback with the list of results
     print("chord:", chord(group(double.s(i) for i in range(4)), total.s()).delay()

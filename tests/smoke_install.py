@@ -8,7 +8,7 @@ every broker: the ``itask worker`` console script starts, an interactive task st
 its progress and echoes a message, ``pause(wait=True)`` holds it still,
 ``resume(wait=True)`` lets it go on, ``cancel()`` ends it. A plain install also runs
 ``itask demo``; the ``jupyter`` extra builds the widget classes; the ``gevent`` extra runs
-its worker with ``-P gevent``.
+its worker with ``-P gevent``, and the others say in one line what ``-P gevent`` needs.
 
 Exits non-zero when anything failed, after a line per install and broker. Needs Redis on
 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (``.ci/run`` starts them). Only the
@@ -237,6 +237,11 @@ def smoke(install: Install, python: Path, wheel: Path, work: Path) -> list[tuple
                    cwd=work, env=env)
         results.append(("widget classes",
                         "" if out.returncode == 0 else (out.stdout + out.stderr)[-3000:]))
+    if install.extra != "gevent":  # without the extra, -P gevent says how to get it
+        out = _run([str(venv / "bin/itask"), "worker", "-P", "gevent"], cwd=work, env=env)
+        ok = out.returncode == 2 and out.stderr.strip() == (
+            'itask: --pool gevent needs gevent: pip install "interactive_tasks[gevent]"')
+        results.append(("-P gevent without the extra", "" if ok else out.stdout + out.stderr))
     if not install.extra:
         demo_env = dict(env, ITASK_HOME=str(work / f"demo-home-{install.python}"))
         out = _run([str(venv / "bin/itask"), "demo"], cwd=work, env=demo_env, timeout=180)

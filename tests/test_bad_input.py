@@ -155,3 +155,17 @@ def test_unknown_task_name_says_what_to_do():
     message = str(info.value)
     assert f"did you mean {resize.name!r}?" in message
     assert "start the worker with -A the module that defines it" in message
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_unknown_task_name_reaches_the_client(tasks, start_worker):
+    """A misspelt task name: the starter's TaskFailed says what to do, as documented."""
+    from .doc_blocks import documented
+
+    start_worker()
+    handle = tasks.app.send_task("tests.apps.tasks.ad", [1, 2])
+    with pytest.raises(TaskFailed) as info:
+        handle.result(timeout=20)
+    message = f"TaskFailed: {info.value}"
+    assert "did you mean 'tests.apps.tasks.add'?" in message
+    assert documented("TaskFailed: task 6f1c… failed: UnknownTask:").match(message), message

@@ -13,6 +13,7 @@ import pytest
 from interactive_tasks import TaskState
 
 from .conftest import ROOT, BrokerEnv, wait_for
+from .doc_blocks import documented
 
 pytestmark = pytest.mark.parametrize("broker", ["redis"], indirect=True)
 
@@ -158,15 +159,15 @@ def test_every_typo_ends_in_one_line_that_says_what_to_do(broker, tmp_path):
     assert out.returncode == 2
     assert "has no attribute 'ap'); its App is -A tests.apps.tasks:app" in one_line(out)
 
-    (tmp_path / "broken_app.py").write_text("from interactive_tasks import App\n"
-                                            "app = App('broken')\nundefined_name\n")
+    (tmp_path / "proj.py").write_text("from interactive_tasks import App\n"
+                                      "app = App('broken')\nundefined_name\n")
     out = subprocess.run([sys.executable, "-m", "interactive_tasks.cli.main", "worker",
-                          "-A", "broken_app"], env=broker.env(), cwd=tmp_path,
+                          "-A", "proj"], env=broker.env(), cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     line = one_line(out)
-    assert "app module 'broken_app' raised NameError while importing" in line
-    assert "broken_app.py:3" in line
+    assert f"app module 'proj' raised NameError while importing at {tmp_path}/proj.py:3" in line
+    assert documented("itask: app module 'proj' raised NameError").match(line), line
 
     out = itask(broker, "worker", "-c", "0", app=False)
     assert out.returncode == 2 and "must be at least 1, not 0" in out.stderr
@@ -190,6 +191,7 @@ def test_steering_typos_and_cancel_of_an_ended_task(tasks, start_worker, broker)
     assert out.returncode == 1
     line = one_line(out)
     assert "wrong or missing token" in line and "handle.token" in line
+    assert documented("itask: not authorised to pause task").match(line), line
 
     out = itask(broker, "pause", running.id, "--token", running.token, "--wait")
     assert out.returncode == 0, out.stderr
@@ -204,4 +206,6 @@ def test_steering_typos_and_cancel_of_an_ended_task(tasks, start_worker, broker)
     assert running.wait(20) is TaskState.CANCELLED
     out = itask(broker, "cancel", running.id, "--token", running.token)
     assert out.returncode == 1
-    assert "had already ended (cancelled); nothing to cancel" in one_line(out)
+    line = one_line(out)
+    assert "had already ended (cancelled); nothing to cancel" in line
+    assert documented("itask: task 6f1c… had already ended").match(line), line

@@ -1,4 +1,5 @@
-"""The README's examples run exactly as shown, on the embedded broker with no server."""
+"""The README's examples, `itask demo` and every example script run exactly as shown, on
+the embedded broker with no server; the commands come from the docs' own blocks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT, wait_for
+from .doc_blocks import Block, doc_block
 
 
 @pytest.fixture
@@ -22,16 +24,23 @@ def example_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def worker(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def worker(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``itask worker ARGS`` (the words after ``worker``), started and ready."""
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "interactive_tasks.cli.main", "worker", "-A", module,
-             "--pool", "prefork", "--concurrency", "2"],
+            [sys.executable, "-m", "interactive_tasks.cli.main", "worker", *args],
             env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for(lambda: "ready" in log.read_text() or proc.poll() is not None, 20,
              message="example worker")
     assert proc.poll() is None, log.read_text()
     return proc
+
+
+def documented_worker(block: Block) -> list[str]:
+    """The arguments of the block's first line, ``itask worker ARGS  # terminal 1``."""
+    words = block.commands()[0]
+    assert words[:2] == ["itask", "worker"], block
+    return words[2:]
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -46,32 +55,73 @@ def run(args: list[str], env: dict[str, str], stdin: str = "") -> str:
     out = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, input=stdin,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
     return out.stdout
 
 
 def test_hello_as_in_the_readme(example_env, tmp_path):
-    proc = worker("examples.hello", example_env, tmp_path / "w.log")
+    block = doc_block("README.md", "itask worker -A examples.hello --pool prefork "
+                                   "--concurrency 2     # terminal 1")
+    client = block.commands()[1]
+    assert client == ["python", "examples/hello.py"], block
+    proc = worker(documented_worker(block), example_env, tmp_path / "w.log")
     try:
-        assert run(["examples/hello.py"], example_env).strip() == "5"
+        assert run(client[1:], example_env).strip() == "5"
         assert "embedded broker files:" in (tmp_path / "w.log").read_text()
     finally:
         stop(proc)
 
 
+def _progress(out: str) -> None:
+    assert "result: 4950" in out
+
+
+def _pause_resume(out: str) -> None:
+    assert re.search(r"^paused at \d+ state paused$", out, re.M), out
+    assert "resumed" in out and "'echo': 'keep going'" in out
+
+
+#: each script docs/interactive.md lists: what it must print, and its input
+INTERACTIVE = {
+    "examples.progress": (_progress, ""),
+    "examples.pause_resume": (_pause_resume, ""),
+    "examples.ask": (lambda out: _contains(out, "result: hello Ada"), "Ada\n"),
+    "examples.cancel": (lambda out: _contains(out, "state cancelled"), ""),
+}
+
+
+def _contains(out: str, text: str) -> None:
+    assert text in out, out
+
+
 def test_interactive_examples(example_env, tmp_path):
-    proc = worker("examples.tasks", example_env, tmp_path / "w.log")
+    """docs/interactive.md's "Run it" block, line by line (examples.attach needs a running
+    task's id: test_attach_example)."""
+    block = doc_block("docs/interactive.md", "itask worker -A examples.tasks -c 2     # terminal 1")
+    scripts = [words[2] for words in block.commands()[1:]]
+    assert all(words[:2] == ["python", "-m"] for words in block.commands()[1:]), block
+    assert set(scripts) == {*INTERACTIVE, "examples.attach"}, block
+    proc = worker(documented_worker(block), example_env, tmp_path / "w.log")
     try:
-        assert "result: 4950" in run(["-m", "examples.progress"], example_env)
-        out = run(["-m", "examples.pause_resume"], example_env)
-        assert re.search(r"^paused at \d+ state paused$", out, re.M), out
-        assert "resumed" in out and "'echo': 'keep going'" in out
-        assert "result: hello Ada" in run(["-m", "examples.ask"], example_env, "Ada\n")
-        assert "state cancelled" in run(["-m", "examples.cancel"], example_env)
+        for script in scripts:
+            if script in INTERACTIVE:
+                check, stdin = INTERACTIVE[script]
+                check(run(["-m", script], example_env, stdin))
     finally:
         stop(proc)
 
 
+def test_every_example_script_is_run_here_or_by_the_docs_tests():
+    from .test_doc_examples import DEMO_CHECKS
+
+    scripts = {p.stem for p in (ROOT / "examples").glob("*.py")
+               if 'if __name__ == "__main__":' in p.read_text()}
+    run_here = {"hello", "attach", *(name.split(".")[1] for name in INTERACTIVE)}
+    assert scripts == run_here | set(DEMO_CHECKS)
+
+
 def test_itask_demo_without_a_terminal(example_env):
+    assert doc_block("README.md", "itask demo").commands() == [["itask", "demo"]]
     out = subprocess.run([sys.executable, "-m", "interactive_tasks.cli.main", "demo"],
                          env=example_env, cwd=ROOT, capture_output=True, text=True,
                          timeout=120, stdin=subprocess.DEVNULL)
@@ -89,7 +139,7 @@ def test_attach_example(example_env, tmp_path):
     assert out.returncode == 1  # sys.exit(message)
     assert out.stderr.strip() == ("usage: python -m examples.attach TASK_ID [TOKEN]  "
                                   "(examples.progress prints an id)")
-    proc = worker("examples.tasks", example_env, tmp_path / "w.log")
+    proc = worker(["-A", "examples.tasks", "-c", "2"], example_env, tmp_path / "w.log")
     try:
         out = subprocess.run([sys.executable, "-m", "examples.attach", "no-such-id"],
                              env=example_env, cwd=ROOT, capture_output=True, text=True,

@@ -29,6 +29,7 @@ from interactive_tasks import (
 from interactive_tasks.errors import TransportError
 
 from .conftest import POOLS, ROOT, holds_for, wait_for
+from .doc_blocks import documented
 
 
 def kinds(events):
@@ -520,14 +521,17 @@ def test_pause_and_resume_can_wait_for_the_task(tasks, start_worker, broker):
     # a checkpoint too far away: TaskTimeout says why
     slow = tasks.steerable.start(100000, 30)
     wait_for(lambda: slow.progress is not None, message="slow task running")
-    with pytest.raises(TimeoutError, match="next checkpoint"):
+    with pytest.raises(TimeoutError, match="next checkpoint") as info:
         slow.pause(wait=True, timeout=0.5)
+    assert documented("TaskTimeout: task 6f1c… did not pause").match(
+        f"TaskTimeout: {info.value}"), info.value
     assert slow.cancel(grace=0) is True
     # a task that ends before its next checkpoint never pauses
     last = tasks.count.start(1, 1.0)
     wait_for(lambda: last.progress is not None, message="the last step")
-    with pytest.raises(TaskFinished, match=r"ended \(succeeded\) before it could pause"):
+    with pytest.raises(TaskFinished, match=r"ended \(succeeded\) before it could pause") as end:
         last.pause(wait=True, timeout=20)
+    assert documented("TaskFinished: task 6f1c… ended").match(f"TaskFinished: {end.value}")
     for h in (handle, slow):
         h.cancel(grace=0)
 

@@ -26,7 +26,7 @@ from kombu.asynchronous import Hub
 
 from interactive_tasks import codec
 from interactive_tasks.app import App
-from interactive_tasks.errors import ProtocolError, TransportError
+from interactive_tasks.errors import ConfigurationError, ProtocolError, TransportError
 from interactive_tasks.protocol import (
     HEADER_CHAIN,
     HEADER_CHORD,
@@ -59,7 +59,8 @@ REORDER_WAIT = 1.0
 
 def make_pool(name: str, app: App, concurrency: int, hostname: str,
               max_tasks_per_child: int | None) -> Pool:
-    """The pool class for ``--pool NAME``; raises ValueError for an unknown name."""
+    """The pool class for ``--pool NAME``; raises ConfigurationError for an unknown name
+    or a pool whose extra is not installed."""
     if name == "prefork":
         from .pools.prefork import PreforkPool
 
@@ -76,12 +77,12 @@ def make_pool(name: str, app: App, concurrency: int, hostname: str,
         try:
             import gevent  # noqa: F401
         except ImportError:
-            raise ValueError("--pool gevent needs gevent: pip install "
-                             '"interactive_tasks[gevent]"') from None
+            raise ConfigurationError("--pool gevent needs gevent: pip install "
+                                     '"interactive_tasks[gevent]"') from None
         from .pools.gevent import GeventPool
 
         return GeventPool(app, concurrency, hostname, max_tasks_per_child)
-    raise ValueError(f"unknown pool {name!r}; choose prefork, threads, solo or gevent")
+    raise ConfigurationError(f"unknown pool {name!r}; choose prefork, threads, solo or gevent")
 
 
 class TokenBucket:
