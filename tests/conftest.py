@@ -71,6 +71,15 @@ def holds_for(predicate: Callable[[], Any], duration: float, interval: float = 0
         time.sleep(interval)
 
 
+def isolated_env(home: Path) -> dict[str, str]:
+    """This environment without ITASK_ settings, ITASK_HOME at ``home`` (so the default
+    embedded broker is a private one) and the repository importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ITASK_")}
+    env["ITASK_HOME"] = str(home)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
 @dataclass
 class BrokerEnv:
     """Everything a test process and its workers need to share one isolated broker space."""

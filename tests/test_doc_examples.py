@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, require_broker, wait_for
+from .conftest import ROOT, isolated_env, require_broker, wait_for
 from .doc_blocks import Block, all_blocks, doc_block, doc_pattern, documented
 
 WORKER_ARGS = ["-A", "examples.doc_tasks", "-c", "2", "-Q", "default,images,io", "-E"]
@@ -78,6 +78,8 @@ class NotRunnable:
     reason: str
 
 
+#: the first line of each user-guide page's "Run it" block
+DOC_WORKER = "itask worker -A examples.doc_tasks -c 2 -Q default,images,io -E     # terminal 1"
 APP = "from interactive_tasks import App, InteractiveTask\napp = App('proj')\n"
 HERE = "tests/test_doc_examples.py::"
 EXCERPT = "an excerpt of a message that needs a running task: "
@@ -155,22 +157,19 @@ COVERAGE: dict[tuple[str, str], object] = {
     # no worker: with one, its heartbeats (every 2 s) keep events(timeout=5) going
     ("docs/monitoring.md", "from interactive_tasks.monitor import EventReceiver"):
         Snippet(prelude=APP),
-    ("docs/monitoring.md", "itask worker -A examples.doc_tasks -c 2 -Q default,images,io -E"
-                           "     # terminal 1"): Demo("monitoring_demo"),
+    ("docs/monitoring.md", DOC_WORKER): Demo("monitoring_demo"),
     ("docs/monitoring.md", "heartbeat from worker3219@vm: pool=prefork processed=33"):
         Output("monitoring_demo", ordered=False),
     # docs/options.md: sent to a private broker (task_id order-42 is the demo's too)
     ("docs/options.md", "from datetime import datetime, timedelta, timezone"): Snippet(
         prelude="from examples.doc_tasks import add\n"),
     ("docs/options.md", "@app.task(bind=True)"): Snippet(prelude=APP),
-    ("docs/options.md", "itask worker -A examples.doc_tasks -c 2 -Q default,images,io -E     "
-                        "# terminal 1"): Demo("options_demo"),
+    ("docs/options.md", DOC_WORKER): Demo("options_demo"),
     ("docs/options.md", "countdown: 5 after 1.0s"): Output("options_demo"),
     # docs/rate-limits.md
     ("docs/rate-limits.md", '@app.task(rate_limit="10/s")     # also "100/m", "1000/h"; "10" '
                             "alone means per second"): Snippet(prelude=APP),
-    ("docs/rate-limits.md", "itask worker -A examples.doc_tasks -c 2 -Q default,images,io -E"
-                            "     # terminal 1"): Demo("rate_limit_demo"),
+    ("docs/rate-limits.md", DOC_WORKER): Demo("rate_limit_demo"),
     ("docs/rate-limits.md", "gaps between starts (s): [0.2, 0.2, 0.2, 0.2, 0.2]"):
         Output("rate_limit_demo"),
     # docs/retries.md
@@ -179,8 +178,7 @@ COVERAGE: dict[tuple[str, str], object] = {
                         "max_retries=5,"): Snippet(prelude=APP),
     ("docs/retries.md", 'handle = fetch.apply_async(("https://example.org",), watch="all")'):
         Snippet(worker=True, prelude="from examples.doc_tasks import fetch\n"),
-    ("docs/retries.md", "itask worker -A examples.doc_tasks -c 2 -Q default,images,io -E     "
-                        "# terminal 1"): Demo("retries_demo"),
+    ("docs/retries.md", DOC_WORKER): Demo("retries_demo"),
     ("docs/retries.md", "retry: attempt 2 in 0.2s after 'attempt 1 failed'"):
         Output("retries_demo"),
     # docs/revoke.md
@@ -195,8 +193,7 @@ COVERAGE: dict[tuple[str, str], object] = {
                "    assert h.wait(30).value in ('revoked', 'cancelled'), h\n")),
     ("docs/revoke.md", "itask revoke ID [ID …] [--terminate] [--token T] -A proj"):
         NotRunnable("the command's synopsis; tests/test_cli.py runs itask revoke"),
-    ("docs/revoke.md", "itask worker -A examples.doc_tasks -c 2 -Q default,images,io -E     "
-                       "# terminal 1"): Demo("revoke_demo"),
+    ("docs/revoke.md", DOC_WORKER): Demo("revoke_demo"),
     ("docs/revoke.md", "revoked before start: revoked - task 1df8… was revoked: revoked"):
         Output("revoke_demo"),
     # docs/routing.md
@@ -207,8 +204,7 @@ COVERAGE: dict[tuple[str, str], object] = {
                "assert fetch.queue == 'io'")),
     ("docs/routing.md", "itask worker -A proj -Q default,io          # comma separated"):
         NotRunnable("for a project 'proj'; the docs' worker runs -Q default,images,io"),
-    ("docs/routing.md", "itask worker -A examples.doc_tasks -c 2 -Q default,images,io -E     "
-                        "# terminal 1"): Demo("routing_demo"),
+    ("docs/routing.md", DOC_WORKER): Demo("routing_demo"),
     ("docs/routing.md", "image_resize -> images : cat.png resized to 128px"):
         Output("routing_demo"),
     # docs/workflows.md: the fragment's tasks stand for one-argument ones of doc_tasks
@@ -217,8 +213,7 @@ COVERAGE: dict[tuple[str, str], object] = {
         prelude=("from examples.doc_tasks import add, double, total\n"
                  "store = resize = count = double\n"
                  "paths, files = [1, 2], [3, 4]\n")),
-    ("docs/workflows.md", "itask worker -A examples.doc_tasks -c 2 -Q default,images,io -E"
-                          "     # terminal 1"): Demo("workflows_demo"),
+    ("docs/workflows.md", DOC_WORKER): Demo("workflows_demo"),
     ("docs/workflows.md", "progress: step 1 of 4"): Output("workflows_demo"),
     # docs/troubleshooting.md
     ("docs/troubleshooting.md", "$ itask ping -b foo://bar"): Transcript(),
@@ -300,10 +295,7 @@ def test_python_blocks_compile():
 # -- the docs' worker and demos ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def doc_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("doc-examples")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ITASK_")}
-    env["ITASK_HOME"] = str(home / "home")
-    env["PYTHONPATH"] = str(ROOT)
+    env = isolated_env(tmp_path_factory.mktemp("doc-examples") / "home")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -520,10 +512,7 @@ def run_python(script: str, env: dict[str, str], cwd: Path = ROOT) -> str:
 @pytest.fixture
 def private_env(tmp_path: Path) -> dict[str, str]:
     """A broker of its own (embedded, under tmp_path), no worker."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ITASK_")}
-    env["ITASK_HOME"] = str(tmp_path / "home")
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+    return isolated_env(tmp_path / "home")
 
 
 @pytest.mark.parametrize("block", [b for b, how in _covered(Snippet) if not how.worker],

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, wait_for
+from .conftest import ROOT, isolated_env, wait_for
 from .doc_blocks import Block, doc_block
 
 
 @pytest.fixture
 def example_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ITASK_")}
-    env["ITASK_HOME"] = str(tmp_path / "home")
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+    return isolated_env(tmp_path / "home")
 
 
 def worker(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
