@@ -32,6 +32,7 @@ from .transport import (
     is_embedded,
     resolve_broker_url,
 )
+from .transport.redis_urls import check_url, is_redis
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -86,8 +87,13 @@ class Settings:
     #: events kept per task for clients that attach later
     event_history: int = 200
     #: kombu transport options (e.g. {"socket_timeout": 15}; Redis' ``visibility_timeout``
-    #: no longer applies: a dead worker is found by ``worker_lost_timeout``)
+    #: no longer applies: a dead worker is found by ``worker_lost_timeout``); a sentinel://
+    #: broker's {"master_name": …}; {"fsync": True} on the embedded broker
     broker_transport_options: dict[str, Any] = field(default_factory=dict)
+    #: the same for a ``result_backend`` URL (a sentinel:// backend's {"master_name": …},
+    #: a file:// backend's {"fsync": True}); without a result_backend, the results live in
+    #: the broker and follow ``broker_transport_options``
+    result_backend_transport_options: dict[str, Any] = field(default_factory=dict)
     #: seconds a graceful shutdown waits for running tasks
     shutdown_timeout: float = 30.0
     #: Python's thread switch interval (``sys.setswitchinterval``) where tasks run: in
@@ -144,7 +150,10 @@ BROKER_URL_HINT = ("use redis://HOST:6379/0, amqp://USER:PASSWORD@HOST:5672// or
 
 
 def mask_password(url: str) -> str:
-    """``url`` with the password of its credentials, if any, replaced by ``**``."""
+    """``url`` with the password of its credentials, if any, replaced by ``**`` (in each
+    part of a ``;`` list, as in ``sentinel://:pw@h1;sentinel://:pw@h2``)."""
+    if ";" in url:
+        return ";".join(mask_password(part) for part in url.split(";"))
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
@@ -261,12 +270,15 @@ class App:
         least every ``broker_heartbeat / 2`` seconds, or the server closes it. Without it
         heartbeats are off: a connection used only now and then (a client's publisher)
         has nobody to answer them.
+
+        Raises ConfigurationError for a sentinel:// URL without its ``master_name``.
         """
         options = dict(self.conf.broker_transport_options)
         options.update(transport_options or {})
+        check_url(self.broker_url, options)
         if self.is_embedded:
             options.setdefault("polling_interval", 0.01)
-        if self.broker_url.startswith(("redis://", "rediss://")):
+        if is_redis(self.broker_url):
             # kombu keeps unacked messages in server-wide keys by default: another project
             # on the same Redis, with a shorter visibility_timeout, would redeliver ours.
             ns = self.conf.namespace
@@ -296,7 +308,8 @@ class App:
                 if self._results is None:
                     self._results = result_store_for(
                         self.broker_url, self.result_backend, self.conf.namespace,
-                        self.conf.result_expires,
+                        self.conf.result_expires, self.conf.broker_transport_options,
+                        self.conf.result_backend_transport_options,
                     )
         return self._results
 

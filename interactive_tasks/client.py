@@ -293,7 +293,8 @@ class Client:
         if self._task_publisher is None and is_redis(self.app.broker_url):
             with self._pub_lock:
                 if self._task_publisher is None:
-                    self._task_publisher = TaskPublisher(self.app.broker_url)
+                    self._task_publisher = TaskPublisher(
+                        self.app.broker_url, self.app.conf.broker_transport_options)
         return self._task_publisher
 
     def _publish_control_redis(self, queue: str, body: bytes) -> None:
@@ -503,7 +504,8 @@ class Client:
             reader: InboxReader | None = None
             try:
                 # connects at once (one connection of its own), so inside the try
-                reader = InboxReader(self.app.broker_url, self.inbox.name)
+                reader = InboxReader(self.app.broker_url, self.inbox.name,
+                                     self.app.conf.broker_transport_options)
                 reader.ping()
                 if self._ready.is_set():
                     logger.info("inbox reconnected to %s", self.app.broker_url_display)

@@ -1,9 +1,9 @@
 """Result stores: where a finished task's final state lives so any process can read it.
 
 The contract is :class:`ResultStore`; :class:`RedisResultStore` (used when the broker is
-Redis, or for a ``redis://`` ``result_backend``), :class:`FileResultStore` (the embedded
-default) and :class:`NullResultStore` (AMQP without a ``result_backend``: results reach the
-starting client through its inbox only) implement it.
+Redis, or for a ``redis://`` or ``sentinel://`` ``result_backend``),
+:class:`FileResultStore` (the embedded default) and :class:`NullResultStore` (AMQP without
+a ``result_backend``: results reach the starting client through its inbox only) implement it.
 
 A record is the final :class:`~interactive_tasks.protocol.TaskSnapshot` in wire form.
 
@@ -18,6 +18,7 @@ import abc
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,19 @@ class NullResultStore(ResultStore):
 
 
 class RedisResultStore(ResultStore):
-    """Records in one Redis hash per hour of completion."""
+    """Records in one Redis hash per hour of completion.
 
-    def __init__(self, url: str, namespace: str, expires: float) -> None:
+    ``options``: the transport options of a ``sentinel://`` URL (``master_name`` …); the
+    store then follows the primary through failovers (``transport.redis_urls``).
+    """
+
+    def __init__(self, url: str, namespace: str, expires: float,
+                 options: Mapping[str, Any] | None = None) -> None:
         super().__init__(namespace, expires)
-        import redis
+        from .transport.redis_urls import redis_client
 
         self.url = url
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+        self._client = redis_client(url, options, socket_connect_timeout=5, socket_timeout=10)
 
     def _key(self, bucket: int) -> str:
         return f"{self.namespace}.results.{bucket}"
@@ -296,15 +302,20 @@ class FileResultStore(ResultStore):
 
 
 def result_store_for(
-    broker_url: str, backend_url: str | None, namespace: str, expires: float
+    broker_url: str, backend_url: str | None, namespace: str, expires: float,
+    broker_options: Mapping[str, Any] | None = None,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> ResultStore:
-    """Pick the store: the ``result_backend`` URL, else one matching the broker."""
+    """Pick the store: the ``result_backend`` URL (with ``backend_options``), else one
+    matching the broker (with ``broker_options``)."""
     from .transport import default_home, embedded_directory, is_embedded
+    from .transport.redis_urls import is_redis
 
     url = backend_url or broker_url
+    options = backend_options if backend_url else broker_options
     scheme = url.split("://", 1)[0]
-    if scheme in ("redis", "rediss"):
-        return RedisResultStore(url, namespace, expires)
+    if is_redis(url):
+        return RedisResultStore(url, namespace, expires, options)
     if is_embedded(url):
         # Beside the broker directory, never inside it: the broker owns every entry there.
         broker_dir = embedded_directory(url)
@@ -314,6 +325,7 @@ def result_store_for(
         return FileResultStore(Path(url.split("://", 1)[1] or default_home()), namespace, expires)
     if backend_url:
         raise ConfigurationError(
-            f"unsupported result_backend {backend_url!r}; use redis://, file:// or embedded://"
+            f"unsupported result_backend {backend_url!r}; use redis://, sentinel://, file:// "
+            "or embedded://"
         )
     return NullResultStore(namespace, expires)

@@ -384,10 +384,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _redis_url(app: App) -> str | None:
-    for url in (app.broker_url, app.result_backend or ""):
-        if url.split("://", 1)[0] in ("redis", "rediss"):
-            return url
+def _redis_client(app: App) -> Any:
+    """A redis-py client of the broker, else of the result backend, if either is Redis."""
+    from interactive_tasks.transport.redis_urls import is_redis, redis_client
+
+    for url, options in ((app.broker_url, app.conf.broker_transport_options),
+                         (app.result_backend or "", app.conf.result_backend_transport_options)):
+        if is_redis(url):
+            return redis_client(url, options, socket_connect_timeout=5, socket_timeout=10)
     return None
 
 
@@ -407,12 +411,7 @@ def stores_for(
     """
     ns = app.conf.namespace
     key = f"{ns}.beat.{name}"
-    redis_url = _redis_url(app)
-    client = None
-    if redis_url is not None:
-        import redis
-
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10)
+    client = _redis_client(app)
     state: BeatState
     if state_path == "memory":
         state = MemoryState()

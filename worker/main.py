@@ -258,7 +258,8 @@ class Worker:
             # and parse on the latency path of every pause, resume and message.
             self.control_reader = ListReader(app.broker_url,
                                              names.control_queue(self.hostname).name,
-                                             self.control.on_frames)
+                                             self.control.on_frames,
+                                             options=app.conf.broker_transport_options)
         else:
             control_queues.insert(0, names.control_queue(self.hostname))
         control_consumer = Consumer(

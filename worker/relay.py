@@ -76,7 +76,8 @@ class Relay:
                 self.publish_inbox(inbox, payload)
         url = self.worker.app.broker_url
         if self.fast is None and is_redis(url):
-            self.fast = WorkerPipeline(url, self._pipeline_failed, self._pipeline_answered)
+            self.fast = WorkerPipeline(url, self._pipeline_failed, self._pipeline_answered,
+                                       self.worker.app.conf.broker_transport_options)
         if self.fast is not None:
             self.fast.attach(self.worker.hub)
             if self.pending_results or self.pending_acks or self.frames:

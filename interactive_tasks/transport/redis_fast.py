@@ -22,19 +22,20 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from .. import codec
 from ..errors import ProtocolError
+from .redis_urls import is_redis, is_sentinel, primary_moved, redis_client
+
+__all__ = ["HubCommand", "InboxReader", "ListReader", "RespConnection", "TaskPublisher",
+           "WorkerPipeline", "decode_frame", "encode_frame", "is_redis", "kombu_body",
+           "kombu_envelope", "pack_commands", "read_replies", "send_packed"]
 
 logger = logging.getLogger("interactive_tasks.worker")
 
 INBOX_EXPIRES_MS = 60_000
-
-
-def is_redis(url: str) -> bool:
-    return url.split("://", 1)[0] in ("redis", "rediss")
 
 
 def encode_frame(body: bytes, secret: bytes | None) -> bytes:
@@ -114,7 +115,8 @@ def kombu_body(raw: bytes) -> tuple[bytes, Any]:
 class RespConnection:
     """One Redis connection whose replies we parse ourselves.
 
-    redis-py opens it (the URL's address, TLS, ``AUTH`` and ``SELECT``); after that,
+    redis-py opens it (the URL's address — for ``sentinel://``, the primary's, asked of the
+    sentinels at each connect — TLS, ``AUTH`` and ``SELECT``); after that,
     packets go out with one ``sendall`` and replies come back through a ``hiredis.Reader``
     fed straight from the socket. On a cold CPU here redis-py's reply path cost 35–60 µs
     per read in isolation; from the worker's pipeline to a client's inbox, ~20 µs less per
@@ -124,16 +126,17 @@ class RespConnection:
 
     Raises ``redis.ConnectionError`` (``redis.TimeoutError`` after ``socket_timeout``)
     for a connection that failed, and returns an error reply as a ``redis.ResponseError``
-    (see :meth:`read_reply`).
+    (see :meth:`read_reply`). ``options``: the transport options (a sentinel URL's
+    ``master_name`` …, see ``redis_urls``).
     """
 
-    def __init__(self, url: str, socket_timeout: float | None) -> None:
-        import redis
-
-        self.redis = redis.Redis.from_url(url, socket_connect_timeout=5,
-                                          socket_timeout=socket_timeout,
-                                          single_connection_client=True,
-                                          health_check_interval=0)
+    def __init__(self, url: str, socket_timeout: float | None,
+                 options: Mapping[str, Any] | None = None) -> None:
+        self.redis = redis_client(url, options, single_connection=True,
+                                  socket_connect_timeout=5, socket_timeout=socket_timeout,
+                                  health_check_interval=0)
+        #: a demoted primary's refusals mean "reconnect" (sentinel URLs only)
+        self._follows_primary = is_sentinel(url)
         self._sock: Any = None
         self._reader: Any = None
         self._buffer = bytearray(65536)
@@ -166,7 +169,10 @@ class RespConnection:
 
     def read_reply(self, raise_errors: bool = True) -> Any:
         """The next reply (it may block). An error reply is raised as
-        ``redis.ResponseError``, or returned as one with ``raise_errors=False``."""
+        ``redis.ResponseError``, or returned as one with ``raise_errors=False``; behind
+        sentinels, a demoted primary's refusal is a ``redis.ConnectionError`` (its cause is
+        the refusal) and the connection is dropped, so the next command asks the sentinels
+        where the primary went."""
         import redis
 
         reader = self._reader
@@ -187,8 +193,12 @@ class RespConnection:
                 raise redis.ConnectionError("connection closed by the redis server")
             reader.feed(self._buffer, 0, count)
             reply = reader.gets()
-        if raise_errors and isinstance(reply, redis.ResponseError):
-            raise reply
+        if isinstance(reply, redis.ResponseError):
+            if self._follows_primary and primary_moved(reply):
+                self.disconnect()
+                raise redis.ConnectionError(f"the primary moved: {reply}") from reply
+            if raise_errors:
+                raise reply
         return reply
 
     def can_read(self) -> bool:
@@ -201,6 +211,13 @@ class RespConnection:
         if self._reader.has_data() or getattr(sock, "pending", lambda: 0)():
             return True
         return bool(select.select([sock], [], [], 0)[0])
+
+    def drop_if_closed(self) -> None:
+        """Drop a connection with no reply due that the server closed meanwhile (a restart,
+        a ``CLIENT KILL``, a failover), so the next :meth:`send` opens a fresh one instead
+        of sending into a dead one. Anything readable on such a connection means that."""
+        if self._sock is not None and self.can_read():
+            self.disconnect()
 
     def disconnect(self) -> None:
         """Drop the connection (replies still due are lost with it)."""
@@ -255,8 +272,9 @@ class HubCommand:
     the loop's reader callback.
     """
 
-    def __init__(self, url: str, on_reply: Callable[[Any], None]) -> None:
-        self._conn = RespConnection(url, socket_timeout=None)
+    def __init__(self, url: str, on_reply: Callable[[Any], None],
+                 options: Mapping[str, Any] | None = None) -> None:
+        self._conn = RespConnection(url, socket_timeout=None, options=options)
         self._on_reply = on_reply
         self._socket = _HubWatch(self._on_readable)
         #: a command was sent and its reply is not read yet
@@ -312,14 +330,14 @@ class ListReader:
     """
 
     def __init__(self, url: str, key: str, on_items: Callable[[list[bytes]], None],
-                 wait: float = 1.0) -> None:
+                 wait: float = 1.0, options: Mapping[str, Any] | None = None) -> None:
         self.key = key
         self.on_items = on_items
         self.wait = wait
         self._blmpop = True
         self._blmpop_packet = pack_commands(
             (b"BLMPOP", wait, 1, key, b"RIGHT", b"COUNT", 256))
-        self._command = HubCommand(url, self._on_reply)
+        self._command = HubCommand(url, self._on_reply, options)
 
     def register(self, hub: Any) -> None:
         self._command.attach(hub)
@@ -402,10 +420,10 @@ class TaskPublisher:
     """The client side of publishing to task and control queues: one ``LPUSH`` (with the
     ``PEXPIRE`` of an expiring queue and a task queue's bell), sent as one packet."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         import threading
 
-        self._conn = RespConnection(url, socket_timeout=10)
+        self._conn = RespConnection(url, socket_timeout=10, options=options)
         self._lock = threading.Lock()
         #: (queue, expire_ms) -> (packed "LPUSH queue" up to the item, packed PEXPIRE)
         self._packed: dict[tuple[str, int], tuple[bytes, bytes]] = {}
@@ -447,11 +465,16 @@ class TaskPublisher:
         import redis
 
         with self._lock:
+            # An idle connection the server dropped (a restart, a CLIENT KILL, a failover)
+            # is replaced before sending. A packet sent and then cut off is not sent again:
+            # it may have run, and a second LPUSH would queue the task twice.
+            self._conn.drop_if_closed()
             try:
                 send_packed(self._conn, packet, replies)
-            except (redis.ConnectionError, redis.TimeoutError):
-                # The server dropped this idle connection (a restart, a CLIENT KILL):
-                # LPUSH is safe to repeat once on a fresh connection.
+            except redis.ConnectionError as exc:
+                if not primary_moved(exc.__cause__):
+                    raise
+                # A demoted primary refused it (ran nothing): to the new primary.
                 send_packed(self._conn, packet, replies)
 
     def close(self) -> None:
@@ -461,10 +484,10 @@ class TaskPublisher:
 class InboxReader:
     """The client side: blocking reads of one inbox list."""
 
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: str, key: str, options: Mapping[str, Any] | None = None) -> None:
         self.key = key
         self._blmpop = True
-        self._conn = RespConnection(url, socket_timeout=None)
+        self._conn = RespConnection(url, socket_timeout=None, options=options)
         self._redis = self._conn.redis  # BRPOP before Redis 7, PING, DEL
         self._packets: dict[float, bytes] = {}
 
@@ -539,8 +562,9 @@ class WorkerPipeline:
     """
 
     def __init__(self, url: str, on_failed: Callable[[list[Any]], None],
-                 on_answered: Callable[[], None] | None = None) -> None:
-        self._conn = RespConnection(url, socket_timeout=10)
+                 on_answered: Callable[[], None] | None = None,
+                 options: Mapping[str, Any] | None = None) -> None:
+        self._conn = RespConnection(url, socket_timeout=10, options=options)
         self._on_failed = on_failed
         self._on_answered = on_answered
         self._socket = _HubWatch(self._on_readable)

@@ -38,6 +38,7 @@ from typing import Any
 from kombu.transport import virtual
 
 from .redis_fast import HubCommand
+from .redis_urls import redis_client
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -123,8 +124,6 @@ class TaskFetcher:
     def __init__(self, url: str, channel: Any, queues: list[str],
                  on_message: Callable[[Any], None],
                  on_garbage: Callable[[Any, str], None], redelivered_key: str) -> None:
-        import redis
-
         self.channel = channel
         self.redelivered_key = redelivered_key
         self.qos = channel.qos
@@ -132,8 +131,9 @@ class TaskFetcher:
         self.bells = [bell_key(q) for q in queues]
         self.on_message = on_message
         self.on_garbage = on_garbage
-        self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
-        self._bell_wait = HubCommand(url, self._on_bell)  # BRPOP on the bells
+        options = channel.connection.client.transport_options  # a sentinel's master_name …
+        self._redis = redis_client(url, options, socket_connect_timeout=5, socket_timeout=10)
+        self._bell_wait = HubCommand(url, self._on_bell, options)  # BRPOP on the bells
         self._script = self._redis.register_script(FETCH_SCRIPT)
         self._hub: Any = None
         self._want = True  # fetch at the next chance (a bell rang, or the last fetch was full)
