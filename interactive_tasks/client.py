@@ -524,6 +524,9 @@ class Client:
                     if now >= next_housekeeping:
                         next_housekeeping = now + 1.0
                         self._housekeeping()
+                        if reader.primary_in_doubt():
+                            raise TransportError("the sentinels name another primary or fail "
+                                                 "this one over")
                 reader.close(delete=True)
             except Exception as exc:
                 if reader is not None:

@@ -27,7 +27,15 @@ from typing import Any, NamedTuple
 
 from .. import codec
 from ..errors import ProtocolError
-from .redis_urls import is_redis, is_sentinel, primary_moved, redis_client
+from .redis_urls import (
+    is_redis,
+    is_sentinel,
+    primary_in_doubt,
+    primary_moved,
+    redis_client,
+    replica_wait,
+    stays_written,
+)
 
 __all__ = ["HubCommand", "InboxReader", "ListReader", "RespConnection", "TaskPublisher",
            "WorkerPipeline", "decode_frame", "encode_frame", "is_redis", "kombu_body",
@@ -388,42 +396,46 @@ def pack_commands(*commands: tuple[bytes | str | int | float, ...]) -> bytes:
     return bytes(out)
 
 
-def read_replies(conn: RespConnection, count: int) -> Exception | None:
+def read_replies(conn: RespConnection, count: int) -> tuple[Exception | None, Any]:
     """Read ``count`` replies on ``conn``, all of them, so the next command reads its own;
-    returns the first error reply Redis sent (None if none).
+    returns the first error reply Redis sent (None if none) and the last reply.
 
     Raises the connection's errors.
     """
     error: Exception | None = None
+    reply: Any = None
     for _ in range(count):
         reply = conn.read_reply(raise_errors=False)
         if error is None and isinstance(reply, Exception):
             error = reply
-    return error
+    return error, reply
 
 
-def send_packed(conn: RespConnection, packet: bytes, replies: int) -> None:
-    """Send ``packet`` (``pack_commands``) on ``conn`` and read its ``replies`` replies;
-    raises the first ``redis.ResponseError`` among them after reading all (so the
-    connection stays in step) and the connection's errors."""
+def send_packed(conn: RespConnection, packet: bytes, replies: int) -> Any:
+    """Send ``packet`` (``pack_commands``) on ``conn``, read its ``replies`` replies and
+    return the last; raises the first ``redis.ResponseError`` among them after reading
+    all (so the connection stays in step) and the connection's errors."""
     try:
         conn.send(packet)
-        error = read_replies(conn, replies)
+        error, last = read_replies(conn, replies)
     except BaseException:
         conn.disconnect()  # replies may be left unread: never reuse this connection
         raise
     if error is not None:
         raise error
+    return last
 
 
 class TaskPublisher:
     """The client side of publishing to task and control queues: one ``LPUSH`` (with the
-    ``PEXPIRE`` of an expiring queue and a task queue's bell), sent as one packet."""
+    ``PEXPIRE`` of an expiring queue and a task queue's bell), sent as one packet; with
+    the ``wait_replicas`` option a task's packet ends with ``WAIT`` (``redis_urls``)."""
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         import threading
 
         self._conn = RespConnection(url, socket_timeout=10, options=options)
+        self._wait = replica_wait(options)
         self._lock = threading.Lock()
         #: (queue, expire_ms) -> (packed "LPUSH queue" up to the item, packed PEXPIRE)
         self._packed: dict[tuple[str, int], tuple[bytes, bytes]] = {}
@@ -445,7 +457,10 @@ class TaskPublisher:
             from .redis_fetch import bell_commands
 
             commands.extend(bell_commands(queue))
-        self._send(pack_commands(*commands), len(commands))
+        wait = self._wait if envelope is not None else None
+        if wait is not None:
+            commands.append((b"WAIT", *wait))
+        self._send(pack_commands(*commands), len(commands), wait)
 
     def push(self, queue: str, item: bytes, expire_ms: int) -> None:
         """``LPUSH`` one item and ``PEXPIRE`` the list: what :meth:`publish` sends for a
@@ -461,7 +476,9 @@ class TaskPublisher:
                 pack_commands((b"PEXPIRE", queue, expire_ms)))
         self._send(b"%s$%d\r\n%s\r\n%s" % (packed[0], len(item), item, packed[1]), 2)
 
-    def _send(self, packet: bytes, replies: int) -> None:
+    def _send(self, packet: bytes, replies: int, wait: tuple[int, int] | None = None) -> None:
+        """Send ``packet``; with ``wait``, its last command is ``WAIT``. Raises
+        ``redis.RedisError``."""
         import redis
 
         with self._lock:
@@ -469,13 +486,21 @@ class TaskPublisher:
             # is replaced before sending. A packet sent and then cut off is not sent again:
             # it may have run, and a second LPUSH would queue the task twice.
             self._conn.drop_if_closed()
-            try:
-                send_packed(self._conn, packet, replies)
-            except redis.ConnectionError as exc:
-                if not primary_moved(exc.__cause__):
-                    raise
-                # A demoted primary refused it (ran nothing): to the new primary.
-                send_packed(self._conn, packet, replies)
+            for last_try in (False, True):
+                try:
+                    acknowledged = send_packed(self._conn, packet, replies)
+                except redis.ConnectionError as exc:
+                    if last_try or not primary_moved(exc.__cause__):
+                        raise
+                    continue  # a demoted primary refused it, ran nothing: to the new one
+                if wait is None or stays_written(acknowledged, wait, self._conn.redis,
+                                                 "publish"):
+                    return
+                # No replica has it and the sentinels replace, or are replacing, the
+                # primary it went to (which drops what it took since): once more, to the
+                # primary they name now.
+                self._conn.disconnect()
+            raise redis.ConnectionError("the primary kept moving while publishing")
 
     def close(self) -> None:
         self._conn.close()
@@ -528,6 +553,12 @@ class InboxReader:
     def ping(self) -> None:
         self._redis.ping()
 
+    def primary_in_doubt(self) -> bool:
+        """Behind sentinels: do they name another primary than the one read here, or
+        fail it over (after ``SENTINEL FAILOVER`` the old one stays up, and silent, until
+        it is demoted)? See ``redis_urls.primary_in_doubt``."""
+        return primary_in_doubt(self._redis)
+
     def close(self, delete: bool = True) -> None:
         try:
             if delete:
@@ -558,13 +589,15 @@ class WorkerPipeline:
     sent, on one connection, so their effects keep the order of :meth:`submit` calls.
     ``on_failed(contexts)`` gets back the ``context`` of every packet Redis did not
     answer (after one resend on a fresh connection); kombu marks a message acked only
-    once Redis answered the packet with its ack.
+    once Redis answered the packet with its ack. With the ``wait_replicas`` option each
+    packet ends with ``WAIT``, so that answer comes once the replicas have it too.
     """
 
     def __init__(self, url: str, on_failed: Callable[[list[Any]], None],
                  on_answered: Callable[[], None] | None = None,
                  options: Mapping[str, Any] | None = None) -> None:
         self._conn = RespConnection(url, socket_timeout=10, options=options)
+        self._wait = replica_wait(options)
         self._on_failed = on_failed
         self._on_answered = on_answered
         self._socket = _HubWatch(self._on_readable)
@@ -605,6 +638,8 @@ class WorkerPipeline:
             commands.append((b"PEXPIRE", key, INBOX_EXPIRES_MS))
         if not commands:
             return
+        if self._wait is not None:
+            commands.append((b"WAIT", *self._wait))
         packet = _Packet(pack_commands(*commands), len(commands), acks, context,
                          time.monotonic())
         self._in_flight.append(packet)
@@ -663,11 +698,17 @@ class WorkerPipeline:
     def _complete(self, packet: _Packet) -> None:
         from kombu.transport import virtual
 
-        error = read_replies(self._conn, packet.replies)
+        error, last = read_replies(self._conn, packet.replies)
         if error is not None:
             logger.error("redis refused a worker pipeline command (%s); retrying", error)
             self._on_failed([packet.context])
             return
+        if self._wait is not None and not stays_written(last, self._wait, self._conn.redis,
+                                                        "worker pipeline"):
+            import redis
+
+            raise redis.ConnectionError("the packet went to a primary the sentinels are "
+                                        "replacing")
         for message in packet.acks:
             # What kombu's redis QoS.ack does after the broker side: mark it locally.
             virtual.QoS.ack(message.channel.qos, message.delivery_tag)

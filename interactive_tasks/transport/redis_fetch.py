@@ -38,7 +38,7 @@ from typing import Any
 from kombu.transport import virtual
 
 from .redis_fast import HubCommand
-from .redis_urls import redis_client
+from .redis_urls import primary_in_doubt, redis_client, replica_wait, stays_written
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -132,9 +132,13 @@ class TaskFetcher:
         self.on_message = on_message
         self.on_garbage = on_garbage
         options = channel.connection.client.transport_options  # a sentinel's master_name …
-        self._redis = redis_client(url, options, socket_connect_timeout=5, socket_timeout=10)
+        # one connection: WAIT counts the writes of the connection it is sent on
+        self._redis = redis_client(url, options, single_connection=True,
+                                   socket_connect_timeout=5, socket_timeout=10)
         self._bell_wait = HubCommand(url, self._on_bell, options)  # BRPOP on the bells
         self._script = self._redis.register_script(FETCH_SCRIPT)
+        self._wait = replica_wait(options)
+        self._next_primary_check = 0.0
         self._hub: Any = None
         self._want = True  # fetch at the next chance (a bell rang, or the last fetch was full)
         self._next_poll = 0.0
@@ -200,9 +204,9 @@ class TaskFetcher:
     def fetch(self, count: int) -> int:
         """Take up to ``count`` messages (recorded unacked on the server) and deliver them."""
         qos = self.qos
-        flat = self._script(keys=[qos.unacked_key, qos.unacked_index_key,
-                                  self.redelivered_key, *self.keys],
-                            args=[time.time(), count])
+        flat = self._run_script(keys=[qos.unacked_key, qos.unacked_index_key,
+                                      self.redelivered_key, *self.keys],
+                                args=[time.time(), count])
         for i in range(0, len(flat), 2):
             raw, key = bytes(flat[i]), flat[i + 1].decode()
             redelivered = key.startswith("~")
@@ -226,6 +230,28 @@ class TaskFetcher:
             virtual.QoS.append(qos, message, message.delivery_tag)
             self.on_message(message)
         return len(flat) // 2
+
+    def _run_script(self, keys: list[str], args: list[Any]) -> Any:
+        """The fetch script's reply. With ``wait_replicas``, once the replicas have its
+        pops too, so a failover cannot put back in the queue a message this worker runs.
+        Messages no replica took from a primary in doubt (``redis_urls.primary_in_doubt``)
+        are dropped here — the new primary still has them — and ``redis.ConnectionError``
+        is raised, as for an empty fetch from such a primary (checked once a second)."""
+        import redis
+
+        flat = self._script(keys=keys, args=args)
+        if self._wait is None:
+            return flat
+        if flat:
+            acknowledged = self._redis.execute_command("WAIT", *self._wait)
+            moved = not stays_written(acknowledged, self._wait, self._redis, "task fetch")
+        else:
+            now = time.monotonic()
+            moved = now >= self._next_primary_check and primary_in_doubt(self._redis)
+            self._next_primary_check = now + 1.0
+        if moved:
+            raise redis.ConnectionError("fetched from a primary the sentinels are replacing")
+        return flat
 
     def _on_bell(self, reply: Any) -> None:
         if isinstance(reply, Exception):
