@@ -37,11 +37,20 @@ def require_redis_server() -> str:
     return path
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now (the kernel's pick, above 1024)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing listened on a moment ago (the kernel's pick), never the same
+    twice in this process. Another process may still take it first: ``start`` then
+    picks another."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 class RedisProcess:
@@ -58,6 +67,7 @@ class RedisProcess:
         self.args = list(args or [])
         self.sentinel_config = sentinel_config
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started_before = False
         directory.mkdir(parents=True, exist_ok=True)
         self.log_path = directory / "server.log"
 
@@ -66,6 +76,20 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
+        """Start and wait until it answers. The first start moves to another port when
+        someone else took this one; a restart keeps its port (the test's point)."""
+        for _ in range(5):
+            self._launch()
+            if wait_for(self._started, timeout, interval=0.02,
+                        message=f"redis-server on port {self.port} to answer") == "up":
+                self._started_before = True
+                return self
+            if self._started_before:
+                raise AssertionError(f"port {self.port} was taken: {self.log_tail()}")
+            self.port = free_port()
+        raise AssertionError(f"no free port for redis-server: {self.log_tail()}")
+
+    def _launch(self) -> None:
         binary = require_redis_server()
         common = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                   "--logfile", str(self.log_path), "--daemonize", "no"]
@@ -81,17 +105,18 @@ class RedisProcess:
                     *self.args]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_for(self._answers, timeout, interval=0.02,
-                 message=f"redis-server on port {self.port} to answer ({self.log_tail()})")
-        return self
 
-    def _answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
+    def _started(self) -> str | None:
+        """"up" once this process answers on its port, "taken" if the port was not free."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            if "Address already in use" in self.log_tail():
+                return "taken"
             raise AssertionError(f"redis-server on port {self.port} exited: {self.log_tail()}")
-        try:
-            return bool(self.client().ping())
+        try:  # the process on the port must be ours, not whoever had the port
+            return "up" if self.client().info("server")["process_id"] == self.proc.pid else None
         except Exception:
-            return False
+            return None
 
     def client(self, **kwargs: Any) -> Any:
         import redis
@@ -115,27 +140,36 @@ class RedisProcess:
             return "(no log)"
 
 
+def replica_online(primary: RedisProcess, replica: RedisProcess) -> bool:
+    """Does ``primary`` stream its writes to ``replica`` (its only one)? A write and a
+    ``WAIT`` tell: after a diskless sync the replica reports its link up at once, and the
+    primary lists it "online", but streams only after its first ``REPLCONF ACK`` (up to a
+    second later); a write in between reaches it late, or never if the primary dies
+    first (seen here: a failover 0.4 s after the sync lost one)."""
+    client = primary.client()
+    client.set("redis_servers.synced", replica.port)
+    return bool(client.execute_command("WAIT", 1, 100) >= 1)
+
+
 class SentinelSetup:
     """A primary, one replica and one sentinel watching them (quorum 1)."""
 
     def __init__(self, root: Path, down_after_ms: int = 1000) -> None:
+        self.down_after_ms = down_after_ms
         self.primary = RedisProcess(root / "a", free_port())
-        self.replica = RedisProcess(root / "b", free_port(),
-                                    ["--replicaof", "127.0.0.1", str(self.primary.port)])
-        sentinel_port = free_port()
+        self.replica = RedisProcess(root / "b", free_port())
         # The sentinel fsyncs its config file at every step of a failover; one fsync
         # stalled behind other I/O on this shared machine for 3.5 s, the sentinel took
         # that for a clock jump and stopped acting for 30 s (TILT mode). On tmpfs an
         # fsync costs nothing.
         self._sentinel_dir = Path(tempfile.mkdtemp(
             prefix="itask-sentinel-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-        self.sentinel = RedisProcess(self._sentinel_dir, sentinel_port, sentinel_config=(
-            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.primary.port} 1\n"
-            f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n"
-            f"sentinel failover-timeout {MASTER_NAME} 4000\n"
-            f"sentinel parallel-syncs {MASTER_NAME} 1\n"))
-        self.url = f"sentinel://127.0.0.1:{sentinel_port}"
+        self.sentinel = RedisProcess(self._sentinel_dir, free_port())
         self.transport_options = {"master_name": MASTER_NAME}
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.sentinel.port}"
 
     @property
     def processes(self) -> list[RedisProcess]:
@@ -146,9 +180,15 @@ class SentinelSetup:
         (the sentinel starts last: it finds replicas in the primary's INFO, which it
         asks for at once and then only every 10 s)."""
         self.primary.start()
+        self.replica.args = ["--replicaof", "127.0.0.1", str(self.primary.port)]
         self.replica.start()
-        wait_for(lambda: self.replica.client().info("replication").get(
-            "master_link_status") == "up", 20, interval=0.05, message="the replica to sync")
+        wait_for(lambda: replica_online(self.primary, self.replica), 20, interval=0.05,
+                 message="the replica to sync")
+        self.sentinel.sentinel_config = (
+            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.primary.port} 1\n"
+            f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {MASTER_NAME} 4000\n"
+            f"sentinel parallel-syncs {MASTER_NAME} 1\n")
         self.sentinel.start()
         wait_for(self._sentinel_sees_replica, 20, interval=0.05,
                  message="the sentinel to see the replica")
@@ -173,6 +213,8 @@ class SentinelSetup:
                  message="the sentinel to promote the replica")
         self.primary.args = ["--replicaof", "127.0.0.1", str(self.replica.port)]
         self.primary.start()
+        wait_for(lambda: replica_online(self.replica, self.primary), 20, interval=0.05,
+                 message="the old primary to sync as a replica")
 
     def hand_over(self) -> None:
         """``SENTINEL FAILOVER``: the replica is promoted while the primary stays up; the

@@ -30,6 +30,7 @@ from interactive_tasks.transport.redis_fast import (
     kombu_envelope,
 )
 from interactive_tasks.transport.redis_fetch import TaskFetcher
+from interactive_tasks.transport.redis_liveness import redelivered_key
 from interactive_tasks.transport.redis_urls import (
     SentinelTarget,
     parse_sentinel_url,
@@ -38,7 +39,7 @@ from interactive_tasks.transport.redis_urls import (
 )
 
 from .conftest import wait_for
-from .redis_servers import RedisProcess, SentinelSetup, free_port
+from .redis_servers import RedisProcess, SentinelSetup, free_port, replica_online
 
 OPTIONS = {"master_name": "mymaster"}
 
@@ -142,10 +143,7 @@ def test_wait_replicas_holds_each_write_until_the_replica_has_it(
                            ["--replicaof", "127.0.0.1", str(primary.port)])
     servers.append(replica)
     replica.start()
-    wait_for(lambda: primary.client().info("replication")["connected_slaves"] == 1, 10,
-             message="the replica to connect")
-    wait_for(lambda: replica.client().info("replication")["master_link_status"] == "up", 10,
-             message="the replica to sync")
+    wait_for(lambda: replica_online(primary, replica), 10, message="the replica to sync")
     options = {"wait_replicas": 1, "wait_replicas_timeout": 0.3}
     queue = f"q{uuid.uuid4().hex[:6]}"
     envelope = kombu_envelope(b"body", queue, "application/x-test", {})
@@ -157,7 +155,7 @@ def test_wait_replicas_holds_each_write_until_the_replica_has_it(
     channel.basic_qos(0, 10, False)
     fetched: list[Any] = []
     fetcher = TaskFetcher(primary.url, channel, [queue], fetched.append,
-                          lambda message, why: None)
+                          lambda message, why: None, redelivered_key(queue))
 
     def took(action: Any) -> float:
         start = time.monotonic()

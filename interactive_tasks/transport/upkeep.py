@@ -96,14 +96,14 @@ class RedisUpkeep(BrokerUpkeep):
         self._last_beat = time.monotonic()
 
     def _connect(self) -> None:
-        import redis
-
         from .redis_delay import DelayedTasks
         from .redis_liveness import WorkerLiveness
+        from .redis_urls import redis_client
 
         if self._client is None:
-            self._client = redis.Redis.from_url(self.app.broker_url,
-                                                socket_connect_timeout=5, socket_timeout=10)
+            self._client = redis_client(self.app.broker_url,
+                                        self.app.conf.broker_transport_options,
+                                        socket_connect_timeout=5, socket_timeout=10)
             ns = self.app.conf.namespace
             self._liveness = WorkerLiveness(self._client, ns, self.incarnation,
                                             self.app.conf.worker_lost_timeout)
