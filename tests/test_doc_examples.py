@@ -117,6 +117,15 @@ COVERAGE: dict[tuple[str, str], object] = {
     ("docs/deploy.md", 'app = App("proj", broker="redis://redis.internal:6379/0", '
                        "worker_lost_timeout=30,"): Snippet(prelude="from interactive_tasks "
                                                            "import App\n"),
+    ("docs/deploy.md", "# redis.conf"): RunBy(
+        "tests/test_failover.py::test_redis_restart_with_aof_under_load_loses_no_task_and_"
+        "runs_none_twice"),
+    ("docs/deploy.md", "ITASK_BROKER_URL='sentinel://:PASSWORD@s1.internal:26379;"
+                       "sentinel://s2.internal:26379;sentinel://s3.internal:26379'"):
+        NotRunnable("names the hosts of a deployment"),
+    ("docs/deploy.md", 'app = App("proj", broker="sentinel://s1:26379;sentinel://s2:26379;'
+                       'sentinel://s3:26379",'): Snippet(
+        prelude="from interactive_tasks import App\n"),
     ("docs/deploy.md", "ITASK_BROKER_URL=amqp://itask:PASSWORD@rabbit.internal:5672/itask"):
         NotRunnable("names the hosts of a deployment"),
     ("docs/deploy.md", "ITASK_BROKER_URL=sqs://                       # credentials from the "

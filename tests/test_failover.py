@@ -26,6 +26,7 @@ import pytest
 from interactive_tasks.errors import TransportError
 
 from .conftest import BrokerEnv, WorkerProcess, wait_for
+from .doc_blocks import doc_block
 from .redis_servers import RedisProcess, SentinelSetup, free_port, wait_gone
 
 #: tasks submitted per test, and how many of them run or wait at once
@@ -176,14 +177,23 @@ def test_sentinel_failover_under_load_loses_no_task_and_runs_none_twice(
 
 
 # -- a Redis restart with AOF ------------------------------------------------------------------
+def documented_redis_conf() -> list[str]:
+    """The production ``redis.conf`` lines of docs/deploy.md as command-line arguments."""
+    block = doc_block("docs/deploy.md", "# redis.conf")
+    return [word for words in block.commands() if words
+            for word in (f"--{words[0]}", *words[1:])]
+
+
 def test_redis_restart_with_aof_under_load_loses_no_task_and_runs_none_twice(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: list[Any]) -> None:
-    """Redis with ``appendonly yes`` (``appendfsync everysec``, the production setting of
-    docs/deploy.md) is SIGKILLed and started again on its directory and port while tasks
-    are queued, running and being published: what it acknowledged was written to its
-    AOF, so every queued task, every unacked record and every result is back."""
-    server = RedisProcess(tmp_path / "redis", free_port(),
-                          ["--appendonly", "yes", "--appendfsync", "everysec"])
+    """Redis with the production setting of docs/deploy.md (``appendonly yes``,
+    ``appendfsync everysec``) is SIGKILLed and started again on its directory and port
+    while tasks are queued, running and being published: what it acknowledged was
+    written to its AOF, so every queued task, every unacked record and every result is
+    back."""
+    conf = documented_redis_conf()
+    assert conf == ["--appendonly", "yes", "--appendfsync", "everysec"]
+    server = RedisProcess(tmp_path / "redis", free_port(), conf)
     started.append(server)
     server.start()
     run = start_run(server.url, {}, tmp_path, monkeypatch, started)
