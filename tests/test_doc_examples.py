@@ -678,7 +678,6 @@ def notebook_worker(doc_env: dict[str, str],
 
 def test_jupyter_cells(notebook_worker, doc_env):
     """docs/jupyter.md's cells in order, in one namespace, top-level ``await`` included."""
-    pytest.importorskip("anywidget", reason="the jupyter extra (in dev)")
     cells = [doc_block("docs/jupyter.md", first).text for first in (
         "handle = train.start(epochs=3)",
         "result = await handle              # or: state = await handle.wait_async()",
