@@ -24,6 +24,7 @@ from typing import Any
 
 from . import codec
 from .errors import ConfigurationError, TransportError
+from .transport.embedded_files import fsync_dir
 
 #: Records are bucketed by this many seconds.
 BUCKET_SECONDS = 3600
@@ -206,15 +207,26 @@ class RedisResultStore(ResultStore):
 
 
 class FileResultStore(ResultStore):
-    """Records as files under ``<dir>/<hour>/<task id>``, written atomically."""
+    """Records as files under ``<dir>/<hour>/<task id>``, written atomically.
 
-    def __init__(self, directory: Path, namespace: str, expires: float) -> None:
+    ``fsync``: a record (and a revoke, a chord's count) is on disk, with its directory
+    entry, before the call returns, so it survives a power cut; a worker acknowledges a
+    task only after its record is stored, so a task redelivered after a crash finds it
+    and does not run again.
+    """
+
+    def __init__(self, directory: Path, namespace: str, expires: float,
+                 fsync: bool = False) -> None:
         super().__init__(namespace, expires)
+        self.fsync = fsync
         self.directory = Path(directory) / namespace
         try:
             # mode applies to the last directory only: a missing store directory too is 0700
             self.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.directory.mkdir(exist_ok=True, mode=0o700)
+            if fsync:  # the namespace and store directories' own entries
+                fsync_dir(str(self.directory.parent))
+                fsync_dir(str(self.directory.parent.parent))
         except OSError as exc:  # e.g. another user's store
             raise TransportError(f"result store {self.directory} unreachable: {exc}") from exc
         self._last_sweep = 0.0
@@ -227,10 +239,21 @@ class FileResultStore(ResultStore):
     def put(self, task_id: str, record: dict[str, Any]) -> None:
         now = time.time()
         path = self._path(int(now // BUCKET_SECONDS), task_id)
-        path.parent.mkdir(exist_ok=True, mode=0o700)
+        try:
+            path.parent.mkdir(mode=0o700)
+            if self.fsync:  # a new hour's directory
+                fsync_dir(str(self.directory))
+        except FileExistsError:
+            pass
         tmp = path.with_name(f".{task_id}.{os.getpid()}.tmp")
-        tmp.write_bytes(codec.dumps(record))
+        with open(tmp, "wb") as fh:
+            fh.write(codec.dumps(record))
+            if self.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
+        if self.fsync:
+            fsync_dir(str(path.parent))
         if now - self._last_sweep > 60:
             self._sweep(now)
 
@@ -251,6 +274,9 @@ class FileResultStore(ResultStore):
         with open(path, "ab") as fh:  # one append per call: atomic enough for one machine
             fh.write(b"".join(codec.dumps([k, v]).hex().encode() + b"\n"
                               for k, v in entries.items()))
+            if self.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def revoked(self) -> dict[str, list[Any]]:
         try:
@@ -282,6 +308,8 @@ class FileResultStore(ResultStore):
             os.lseek(fd, 0, os.SEEK_SET)
             os.ftruncate(fd, 0)
             os.write(fd, str(count).encode())
+            if self.fsync:
+                os.fsync(fd)
             return count
         finally:
             os.close(fd)
@@ -316,13 +344,15 @@ def result_store_for(
     scheme = url.split("://", 1)[0]
     if is_redis(url):
         return RedisResultStore(url, namespace, expires, options)
+    fsync = bool((options or {}).get("fsync"))
     if is_embedded(url):
         # Beside the broker directory, never inside it: the broker owns every entry there.
         broker_dir = embedded_directory(url)
         return FileResultStore(broker_dir.with_name(broker_dir.name + "-results"),
-                               namespace, expires)
+                               namespace, expires, fsync)
     if scheme == "file":
-        return FileResultStore(Path(url.split("://", 1)[1] or default_home()), namespace, expires)
+        return FileResultStore(Path(url.split("://", 1)[1] or default_home()), namespace,
+                               expires, fsync)
     if backend_url:
         raise ConfigurationError(
             f"unsupported result_backend {backend_url!r}; use redis://, sentinel://, file:// "

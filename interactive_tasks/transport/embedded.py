@@ -19,7 +19,9 @@ Event loop: ``register_with_event_loop`` polls the consumed queues from a hub ti
 poll costs one ``stat`` per consumed queue.
 
 Transport options: ``polling_interval`` (0.01 s, also the sleep of a blocking
-``drain_events``), ``sweep_interval`` (1 s), ``housekeeping_interval`` (5 s).
+``drain_events``), ``sweep_interval`` (1 s), ``housekeeping_interval`` (5 s), ``fsync``
+(False: publishes and acks of task queues reach the disk before they return, so they
+survive a power cut; see ``embedded_store``).
 """
 
 from __future__ import annotations
@@ -407,7 +409,8 @@ class Transport(virtual.Transport):
         hostname = client.hostname or ""
         url = hostname if "://" in hostname else "embedded://"
         self.directory = str(embedded_directory(url))
-        self.broker: Store = store_for(self.directory)
+        self.broker: Store = store_for(self.directory,
+                                       fsync=bool(client.transport_options.get("fsync")))
         #: Unacked deliveries of every channel of this connection, by delivery tag.
         self.claims: dict[str, _Claim] = {}
         self._tref: Any = None

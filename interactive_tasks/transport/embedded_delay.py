@@ -8,7 +8,8 @@ records the claimer's pid and start time, publishes its message to the queue, th
 it. A claimer that dies in between leaves its claim to be returned by the next sweep (the
 same lease-of-a-dead-owner rule the queues use), so a scheduled task is never lost; a
 claimer killed between publishing and removing would publish it a second time — a window
-of one ``unlink``.
+of one ``unlink``. With the store's ``fsync`` on, a scheduled file and the removal of a
+moved one reach the disk before the call returns (the publish itself is the store's).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 from .embedded_files import (
     current_owner,
+    fsync_dir,
     mkdirs,
     new_stem,
     owner_alive,
@@ -52,6 +54,9 @@ class EmbeddedDelayed:
             for sub in (self.path, os.path.join(self.path, MOVING),
                         os.path.join(self.path, TMP)):
                 mkdirs(sub)
+            if self.store.fsync:  # scheduled/ and .moving/ themselves
+                fsync_dir(self.store.root)
+                fsync_dir(self.path)
             self._ready = True
 
     def schedule(self, queue: str, message: bytes, eta: float) -> None:
@@ -59,7 +64,8 @@ class EmbeddedDelayed:
         self._ensure()
         name = f"{int(eta * 1e9):020d}-{new_stem()}{SUFFIX}"
         data = json.dumps({"queue": queue, "eta": eta, "message": message.decode()}).encode()
-        write_atomic(self.path, name, data, os.path.join(self.path, TMP))
+        write_atomic(self.path, name, data, os.path.join(self.path, TMP),
+                     fsync=self.store.fsync)
 
     def _due_names(self, now: float) -> list[str]:
         limit = f"{int(now * 1e9):020d}"
@@ -82,6 +88,8 @@ class EmbeddedDelayed:
                 entry = json.loads(fh.read())
             self.store.put(entry["queue"], entry["message"].encode())
             os.unlink(claimed)
+            if self.store.fsync:  # a claim back after a power cut would publish it twice
+                fsync_dir(os.path.dirname(claimed))
             moved += 1
         return moved
 

@@ -3,8 +3,9 @@
 Queue and exchange names made safe for the file system; message names that sort in publish
 order and count how often a message was returned; the identity of a process
 (``<pid>~<start time>``, so a reused pid is not taken for a dead owner); files written whole
-or not at all; and when a directory's mtime can be trusted to show a change. Nothing here
-knows the store's directory layout, or kombu.
+or not at all, and forced to disk with their directory entry when asked (``fsync``); and
+when a directory's mtime can be trusted to show a change. Nothing here knows the store's
+directory layout, or kombu.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "current_owner",
     "delivery_count",
     "dir_version",
+    "fsync_dir",
     "idle_seconds",
     "mkdirs",
     "mtime_trusted",
@@ -183,22 +185,38 @@ def mkdirs(path: str) -> None:
         os.mkdir(path, 0o700)
 
 
-def write_file(path: str, data: bytes) -> None:
-    """Create ``path`` (mode 0600; it must not exist) holding ``data``."""
+def write_file(path: str, data: bytes, fsync: bool = False) -> None:
+    """Create ``path`` (mode 0600; it must not exist) holding ``data``; with ``fsync``, on
+    disk before this returns (its directory entry is the caller's: :func:`fsync_dir`)."""
     fd = os.open(path, _O_CREATE, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_atomic(directory: str, name: str, data: bytes, tmpdir: str | None = None) -> None:
-    """Replace ``directory/name`` atomically; the temp file is a dotfile readers skip."""
+def fsync_dir(path: str) -> None:
+    """Force ``path``'s entries (files created, renamed in or out, removed) to disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(directory: str, name: str, data: bytes, tmpdir: str | None = None,
+                 fsync: bool = False) -> None:
+    """Replace ``directory/name`` atomically; the temp file is a dotfile readers skip.
+    With ``fsync`` the file and its new name are on disk before this returns."""
     tmp = os.path.join(tmpdir or directory, f".tmp~{current_owner()}~{_clock.stem()}")
-    write_file(tmp, data)
+    write_file(tmp, data, fsync)
     os.replace(tmp, os.path.join(directory, name))
+    if fsync:
+        fsync_dir(directory)
 
 
 def mtime_trusted(before_stat_ns: int, mtime_ns: int) -> bool:

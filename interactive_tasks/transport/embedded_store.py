@@ -26,8 +26,16 @@ On-disk layout (directories 0700, files 0600)::
 Guarantees:
 
 * **No loss.** A publish writes ``.tmp/…`` and renames it into the queue directory, so a
-  consumer sees a whole file or none. Messages survive the death of any process; they are
-  not fsync'ed, so an OS crash or power cut may lose the latest ones.
+  consumer sees a whole file or none. Messages survive the death of any process. They
+  survive an OS crash or power cut only with ``fsync`` on (the ``fsync`` transport option,
+  :func:`store_for`): a publish to a queue without ``expires`` (task queues, dead letters)
+  then returns once the file and its name in the queue directory are on disk (and, the
+  first time, the directories above), and an ack from such a queue once its removal is.
+  Claims and returns to the queue are not forced: after a crash a message is either ready
+  or reserved by a process that is gone, and is delivered either way. Queues with
+  ``expires`` (inboxes, control queues) are never forced: they do not outlive their
+  processes. Without ``fsync`` a power cut may lose the latest messages (their files
+  missing or empty) and undo the latest acks.
 * **Order.** Names sort in publish order: wall-clock nanoseconds forced strictly increasing
   within a process, then pid and counter. Consumers list, sort and take the first file they
   can claim, so one producer's messages reach a queue's consumers in publish order; between
@@ -81,6 +89,7 @@ from interactive_tasks.transport.embedded_files import (
     MSG,
     current_owner,
     dir_version,
+    fsync_dir,
     idle_seconds,
     mkdirs,
     new_stem,
@@ -152,6 +161,10 @@ class Store:
         self._declared_bindings: dict[str, set[tuple[str, str, str | None]]] = {}
         #: Consumers this process has registered per queue (one marker file per process).
         self._consuming: dict[str, int] = {}
+        #: Force publishes and acks of queues without ``expires`` to disk (see the module doc).
+        self.fsync = False
+        #: Queue directories whose own entries this process has forced to disk.
+        self._synced_dirs: set[str] = set()
 
     def ensure(self) -> None:
         """Create the top-level directories (once per process)."""
@@ -253,21 +266,35 @@ class Store:
         tmp = os.path.join(qdir, ".tmp", f"{stem}~{current_owner()}")
         try:
             try:
-                self._publish(tmp, os.path.join(qdir, stem + MSG), data)
+                self._publish(queue, tmp, stem + MSG, data)
             except FileNotFoundError:
                 # A queue nobody declared is created by publishing to it, as on Redis; so is
                 # one deleted between our write and our rename (its temp file went with it).
                 self._create_queue(queue, None, replace=False)
-                self._publish(tmp, os.path.join(qdir, stem + MSG), data)
+                self._publish(queue, tmp, stem + MSG, data)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
 
-    @staticmethod
-    def _publish(tmp: str, final: str, data: bytes) -> None:
-        write_file(tmp, data)
-        os.rename(tmp, final)
+    def _publish(self, queue: str, tmp: str, name: str, data: bytes) -> None:
+        durable = self.durable(queue)
+        qdir = self.queue_path(queue)
+        write_file(tmp, data, fsync=durable)
+        os.rename(tmp, os.path.join(qdir, name))
+        if durable:
+            fsync_dir(qdir)
+            if qdir not in self._synced_dirs:
+                # the queue directory itself must survive too (created by whoever came
+                # first): its entry in queues/, and queues/ in the root
+                fsync_dir(self.queues)
+                fsync_dir(self.root)
+                self._synced_dirs.add(qdir)
+
+    def durable(self, queue: str) -> bool:
+        """Whether publishes and acks of ``queue`` are forced to disk (``fsync`` is on and
+        the queue has no ``expires``)."""
+        return self.fsync and self.expires(queue) is None
 
     def queue_version(self, queue: str) -> tuple[tuple[int, int], bool] | None:
         """``((inode, mtime_ns), trusted)`` of the queue's directory (``dir_version``).
@@ -330,9 +357,13 @@ class Store:
             return None
 
     def settle(self, queue: str, reserved: str) -> None:
-        """Delete a reserved message for good (ack, reject without requeue)."""
+        """Delete a reserved message for good (ack, reject without requeue); on disk
+        before this returns when the queue is :meth:`durable`."""
+        rdir = os.path.join(self.queue_path(queue), ".reserved")
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.queue_path(queue), ".reserved", reserved))
+            os.unlink(os.path.join(rdir, reserved))
+            if self.durable(queue):
+                fsync_dir(rdir)
 
     def unreserve(self, queue: str, reserved: str) -> None:
         """Return a reserved message to its original position in the queue."""
@@ -682,11 +713,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def store_for(root: str) -> Store:
-    """The one ``Store`` of this process for directory ``root``."""
+def store_for(root: str, fsync: bool = False) -> Store:
+    """The one ``Store`` of this process for directory ``root``; ``fsync`` turns forcing
+    to disk on for it (for every connection of this process to ``root``: once on, it
+    stays on)."""
     root = os.path.abspath(root)
     with _stores_lock:
         store = _stores.get(root)
         if store is None:
             store = _stores[root] = Store(root)
+        store.fsync = store.fsync or bool(fsync)
         return store

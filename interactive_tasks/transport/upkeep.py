@@ -190,7 +190,9 @@ class EmbeddedUpkeep(BrokerUpkeep):
         from .embedded_store import store_for
 
         self.app = app
-        self._delayed = EmbeddedDelayed(store_for(str(embedded_directory(app.broker_url))))
+        fsync = bool(app.conf.broker_transport_options.get("fsync"))
+        self._delayed = EmbeddedDelayed(store_for(str(embedded_directory(app.broker_url)),
+                                                  fsync=fsync))
         self._timer: Any = None
 
     def start(self, hub: Any, connection: Any = None) -> None:

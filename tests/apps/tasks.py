@@ -215,6 +215,18 @@ if _test_settings:
                   **_test_settings.pop("broker_transport_options", {})}
     app.configure(broker_transport_options=_transport, **_test_settings)
 
+# ITASK_TEST_FSYNC_LOG: a file the worker appends the path of everything it fsyncs to, one
+# line each (tests/test_embedded_fsync.py: which files and directories reach the disk).
+if os.environ.get("ITASK_TEST_FSYNC_LOG"):
+    _fsync_log, _real_fsync = os.environ["ITASK_TEST_FSYNC_LOG"], os.fsync
+
+    def _logged_fsync(fd: Any) -> None:
+        with open(_fsync_log, "a") as fh:
+            fh.write(os.readlink(f"/proc/self/fd/{int(fd)}") + "\n")
+        _real_fsync(fd)
+
+    os.fsync = _logged_fsync
+
 
 @app.task(base=InteractiveTask)
 def marked_steps(self: Any, path: str, n: int, delay: float, key: str) -> str:
