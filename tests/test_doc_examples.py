@@ -117,6 +117,8 @@ COVERAGE: dict[tuple[str, str], object] = {
     ("docs/deploy.md", 'app = App("proj", broker="redis://redis.internal:6379/0", '
                        "worker_lost_timeout=30,"): Snippet(prelude="from interactive_tasks "
                                                            "import App\n"),
+    ("docs/deploy.md", 'app = App("proj", broker_transport_options={"fsync": True})'): Snippet(
+        prelude="from interactive_tasks import App\n"),
     ("docs/deploy.md", "# redis.conf"): RunBy(
         "tests/test_failover.py::test_redis_restart_with_aof_under_load_loses_no_task_and_"
         "runs_none_twice"),
