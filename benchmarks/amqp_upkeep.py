@@ -53,6 +53,7 @@ class _Record:
     kombu_message: Any
     message: _Message
     received: float = 0.0
+    started: float | None = 0.0
     is_final: bool = False
     duplicates: list[Any] = field(default_factory=list)
 
@@ -63,7 +64,8 @@ def fmt(samples: list[float]) -> str:
 
 
 def held_records(conn: Connection, ns: str, n: int) -> list[_Record]:
-    """``n`` real deliveries of a task queue, unacknowledged, wrapped as records."""
+    """``n`` real deliveries of ``<ns>.tasks.bench``, unacknowledged, wrapped as worker
+    records (also used by tests/test_amqp_hold.py)."""
     queue = Queue(f"{ns}.tasks.bench", routing_key=f"{ns}.tasks.bench", durable=True)
     producer = Producer(conn.channel())
     for i in range(n):
@@ -76,6 +78,7 @@ def held_records(conn: Connection, ns: str, n: int) -> list[_Record]:
     consumer.consume()
     while len(got) < n:
         conn.drain_events(timeout=5)
+    consumer.cancel()  # the deliveries stay unacknowledged; no more come
     return [_Record(f"t{i}-{uuid.uuid4().hex[:6]}", m, _Message("bench"))
             for i, m in enumerate(got)]
 
@@ -90,7 +93,7 @@ def bench_hold(url: str, ns: str, n: int, rounds: int) -> tuple[list[float], lis
             hold = TaskHold(namespace=ns, incarnation=f"bench/{uuid.uuid4().hex[:8]}",
                             task_queue=lambda q: f"{ns}.tasks.{q}", hold_after=0.0,
                             ttl=30.0, records=records, call_soon=lambda cb: None,
-                            on_lapsed=lambda: None)
+                            on_lapsed=lambda: None, give_back=lambda record: None)
             hold.attach(conn)
             started = time.perf_counter()
             hold.renew()

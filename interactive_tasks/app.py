@@ -103,11 +103,11 @@ class Settings:
     #: pause, cancel or message for such a task (Python's 5 ms default: pause → paused
     #: took 3.3 ms at the median here, 1.5–1.7 ms with 0.5 ms). None keeps Python's default.
     worker_switch_interval: float | None = 0.0005
-    #: RabbitMQ: seconds after which a worker hands a delivery it still holds (a task
-    #: running, or waiting for a pool slot) over to its held queue and acknowledges it,
-    #: so the server's ``consumer_timeout`` (30 min by default) never closes the channel
-    #: under a long task. Keep it well below ``consumer_timeout``; None: never (then raise
-    #: ``consumer_timeout`` above your longest task). See docs/reliability.md.
+    #: RabbitMQ: seconds after which a worker hands the delivery of a running task over to
+    #: its held queue and acknowledges it (and gives one that has not started back to the
+    #: end of its queue), so the server's ``consumer_timeout`` (30 min by default) never
+    #: closes the channel under a long task. Keep it well below ``consumer_timeout``; None:
+    #: never (then raise ``consumer_timeout`` above your longest task and wait).
     worker_hold_after: float | None = 60.0
     #: RabbitMQ: AMQP heartbeat of the worker's connection and of each client's inbox, in
     #: seconds (Celery's ``broker_heartbeat``; 0 turns them off). The server requeues the

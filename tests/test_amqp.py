@@ -133,6 +133,31 @@ def test_a_task_longer_than_consumer_timeout_runs_once_and_its_starter_gets_the_
         assert "timed out" not in w.log() and "connection lost" not in w.log(), w.log()[-3000:]
 
 
+@pytest.mark.serial
+def test_a_task_waiting_for_a_slot_longer_than_consumer_timeout_goes_back_to_its_queue(
+        broker, start_worker, monkeypatch, request, tmp_path):
+    """One worker with one pool slot and a 3 s ``consumer_timeout``: a 10 s task runs, a
+    second task waits for the slot. The waiting one is given back to its queue (and comes
+    back) instead of being held past the timeout; the server never closes the channel,
+    and each task runs once."""
+    tasks = configure(broker, monkeypatch, request, worker_hold_after=0.5,
+                      worker_heartbeat=0.5)
+    with lowered_consumer_timeout(3000) as restore:
+        w = start_worker(concurrency=1)
+        restore()
+        long_marker, short_marker = tmp_path / "long", tmp_path / "short"
+        long_task = tasks.marked_steps.start(str(long_marker), 20, 0.5, "long")
+        wait_for(lambda: task_starts(long_marker), 10, message="the long task to start")
+        waiting = tasks.marked_steps.start(str(short_marker), 1, 0.0, "short")
+        assert long_task.result(timeout=60) == "long"
+        assert waiting.result(timeout=20) == "short"
+    assert lines(long_marker) == ["long"] and lines(short_marker) == ["short"]
+    assert len(task_starts(long_marker)) == len(task_starts(short_marker)) == 1
+    assert f"task {waiting.id} waited" in w.log()
+    for line in ("timed out", "connection lost"):
+        assert line not in w.log(), w.log()[-3000:]
+
+
 # -- held tasks --------------------------------------------------------------------------------
 def held_queue_of(worker: Any, task_id: str) -> str:
     """The held queue a worker named in its log when it handed task ``task_id`` over."""
@@ -219,27 +244,6 @@ def test_a_held_task_of_a_killed_worker_comes_back_within_the_ttl_and_watchers_f
     assert again.ts - killed_at < 3.0 + 1.5, again.ts - killed_at
 
 
-def test_warm_shutdown_gives_a_held_waiting_task_back_at_once(
-        broker, start_worker, monkeypatch, request, tmp_path):
-    """A task that waited for a pool slot long enough to be handed over goes back to its
-    queue when its worker shuts down, at once (not after the 30 s TTL of its copy)."""
-    tasks = configure(broker, monkeypatch, request, worker_hold_after=0.5,
-                      worker_heartbeat=0.25, worker_lost_timeout=30.0)
-    w1 = start_worker(concurrency=1)
-    marker = tmp_path / "ran"
-    running = tasks.marked_steps.start(str(marker), 16, 0.25, "running")
-    wait_for(lambda: task_starts(marker), 10, message="the first task to start")
-    waiting = tasks.marked_steps.start(str(marker), 1, 0.0, "waiting")
-    wait_for(lambda: w1.log().count("handed over to ") >= 2, 10,
-             message="both tasks handed over")
-    w1.signal(signal.SIGTERM)
-    w2 = start_worker(concurrency=1)
-    assert waiting.result(timeout=10) == "waiting"
-    assert waiting.worker == w2.name
-    assert running.result(timeout=20) == "running"
-    assert sorted(lines(marker)) == ["running", "waiting"]
-
-
 # -- AMQP heartbeats ---------------------------------------------------------------------------
 def test_a_frozen_worker_loses_its_task_to_another_within_three_heartbeats(
         broker, start_worker, monkeypatch, request, tmp_path):
@@ -310,3 +314,56 @@ def test_with_a_secret_delayed_tasks_and_held_copies_stay_signed(
     assert [s[2] for s in task_starts(marker)] == ["1", "2"]  # its copy came back
     for w in (w1, w2):
         assert "rejected message" not in w.log(), w.log()[-3000:]
+
+
+def test_a_worker_frozen_past_its_copys_ttl_holds_the_task_again_when_it_comes_back(
+        broker, start_worker, monkeypatch, request, tmp_path):
+    """SIGSTOP of the only worker, holding a handed-over task, for longer than its copy's
+    TTL (3 s) but shorter than the server's heartbeat check: the copy expires back to the
+    task queue, and the server delivers it to that same worker. When it resumes it logs
+    the expired copy, keeps one run, and hands the task over again — so when it is then
+    SIGKILLed, the task still comes back and finishes on another worker."""
+    tasks = configure(broker, monkeypatch, request, worker_hold_after=0.5,
+                      worker_heartbeat=0.25, worker_lost_timeout=3.0, broker_heartbeat=60)
+    w1 = start_worker(concurrency=1)
+    marker = tmp_path / "ran"
+    handle = tasks.marked_steps.start(str(marker), 100, 0.1, "again")
+    held = held_queue_of(w1, handle.id)
+    os.killpg(w1.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: queue_depth(broker.url, held) == 0, 10, interval=0.2,
+                 message="the frozen worker's copy to expire")
+    finally:
+        os.killpg(w1.pid, signal.SIGCONT)
+    wait_for(lambda: "held copy expired" in w1.log(), 10,
+             message="the resumed worker to find its copy gone")
+    wait_for(lambda: w1.log().count(f"task {handle.id} held for ") == 2, 10,
+             message="the task handed over again")
+    assert "delivered again while it runs here" in w1.log()
+    w2 = start_worker(concurrency=1)
+    w1.kill()
+    assert handle.result(timeout=30) == "again" and handle.worker == w2.name
+    assert lines(marker) == ["again"]
+
+
+def test_a_held_task_keeps_its_copy_across_a_dropped_connection(
+        broker, start_worker, monkeypatch, request, tmp_path):
+    """The server closes a worker's connection while it runs a handed-over task (what a
+    broker restart or a network blip does): the worker reconnects and renews the same
+    copy, and the task runs once, to the end, on that worker."""
+    from .test_reliability import drop_broker_connections
+
+    tasks = configure(broker, monkeypatch, request, worker_hold_after=0.5,
+                      worker_heartbeat=0.25, worker_lost_timeout=3.0)
+    w1 = start_worker(concurrency=1)
+    marker = tmp_path / "ran"
+    handle = tasks.marked_steps.start(str(marker), 50, 0.1, "kept")
+    held_queue_of(w1, handle.id)
+    w2 = start_worker(concurrency=1)
+    assert drop_broker_connections(broker, [w1.pid]) >= 1
+    wait_for(lambda: w1.log().count(" ready") >= 2, 15, message="the worker to reconnect")
+    assert handle.result(timeout=30) == "kept" and handle.worker == w1.name
+    holds_for(lambda: len(task_starts(marker)) == 1, 3.5, interval=0.1, message="one start")
+    assert lines(marker) == ["kept"]
+    for line in ("held copy expired", "delivered again", "rejected message"):
+        assert line not in w1.log() + w2.log(), w1.log()[-3000:]

@@ -147,7 +147,8 @@ class Worker:
         self.task_consumer: Consumer | None = None
         self.fetcher: TaskFetcher | None = None
         self.control_reader: ListReader | None = None
-        self.upkeep = upkeep_for(app, self.incarnation, self._on_declared_dead, self.records)
+        self.upkeep = upkeep_for(app, self.incarnation, self._on_declared_dead, self.records,
+                                 self._give_back)
         self._exit_code = 0
         self.control = ControlRouter(self)
         self.relay = Relay(self)
@@ -358,6 +359,15 @@ class Worker:
         so its end is checked against the stored result before it is reported."""
         for record in self.records.values():
             record.maybe_redelivered = True
+
+    def _give_back(self, record: TaskRecord) -> None:
+        """A task that waited here too long without starting goes to the end of its queue
+        (its delivery count unchanged), for any worker to take."""
+        try:
+            self.ready.remove(record)  # when it comes back it is a new record
+        except ValueError:
+            pass
+        self.outcomes.republish(record, deliveries=record.delivery)
 
     def _requeue(self, record: TaskRecord) -> None:
         self.records.pop(record.id, None)

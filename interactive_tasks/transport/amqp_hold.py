@@ -6,12 +6,19 @@ than ``consumer_timeout`` (30 min by default, checked once per channel tick), an
 delivery of that channel goes back to its queue: a long task runs twice. RabbitMQ 3.10
 has no per-queue or per-consumer timeout, so the worker stops holding long deliveries:
 
-* A delivery held for ``worker_hold_after`` seconds (running, or waiting for a pool slot)
-  is **handed over**: the worker publishes a copy of the message to its own *held queue*,
+* The delivery of a task that is running after ``worker_hold_after`` seconds is **handed
+  over**: the worker publishes a copy of the message to its own *held queue*,
   ``<ns>.held.<incarnation>.<queue>``, declared with ``x-message-ttl`` =
   ``worker_lost_timeout``, ``x-dead-letter-exchange`` "" and ``x-dead-letter-routing-key``
   = the task queue, then acknowledges the delivery. Shorter tasks never get here: the
   fast path (unacknowledged delivery, ack at the end) is untouched.
+* A delivery that has *waited* that long without starting (every pool slot busy, a rate
+  limit) is **given back** instead (``give_back(record)``: the worker publishes it to the
+  end of its queue and acknowledges it), so that an idle worker can take it. Handing
+  waiting tasks over would let the worker take ever more: an acknowledged delivery no
+  longer counts against its prefetch window, so it would be sent the next one, and so on
+  through the queue. Handing over only running tasks keeps a worker at its window plus
+  one held task per pool slot.
 * While the worker lives it **renews** its copies every ``worker_heartbeat``: it takes
   every message of its held queue (``basic.get``), publishes a fresh copy of each task it
   still holds and acknowledges what it took, in one AMQP transaction on that one queue
@@ -94,6 +101,8 @@ class HoldableRecord(Protocol):
     kombu_message: Any
     duplicates: list[Any]
     received: float
+    #: when the task started (None: it has not)
+    started: float | None
     message: Any  # TaskMessage: its ``queue`` is the task queue's short name
 
 
@@ -144,6 +153,12 @@ class HeldDelivery:
         self.content_encoding = original.content_encoding
         self.delivery_info = original.delivery_info
 
+    @property
+    def given_away(self) -> bool:
+        """Its held copy expired while the task ran here (this worker was taken for dead):
+        the task went back to its queue."""
+        return self._copy.given_away
+
     def ack(self) -> None:
         self._hold.release(self._copy.task_id)
 
@@ -175,14 +190,17 @@ class TaskHold:
     worker's live map of task records (read at each renewal). ``call_soon`` schedules a
     callback on the worker's loop; ``task_queue`` maps a queue's short name to the name
     of its broker queue; ``on_lapsed()`` is called when a copy expired while its task
-    still ran here (this worker was taken for dead: the task may run elsewhere too).
+    still ran here (this worker was taken for dead: the task may run elsewhere too);
+    ``give_back(record)`` returns a task that waited ``hold_after`` without starting to
+    the end of its queue (publish a copy, acknowledge the delivery, forget the record).
     """
 
     def __init__(self, *, namespace: str, incarnation: str,
                  task_queue: Callable[[str], str], hold_after: float, ttl: float,
                  records: Mapping[str, HoldableRecord],
                  call_soon: Callable[[Callable[[], None]], Any],
-                 on_lapsed: Callable[[], None]) -> None:
+                 on_lapsed: Callable[[], None],
+                 give_back: Callable[[HoldableRecord], None]) -> None:
         self.namespace = namespace
         self.incarnation = incarnation
         self.task_queue = task_queue
@@ -191,6 +209,7 @@ class TaskHold:
         self.records = records
         self.call_soon = call_soon
         self.on_lapsed = on_lapsed
+        self.give_back_record = give_back
         self.queues: dict[str, _QueueState] = {}
         self.channel: Any = None
         self.connection: Any = None
@@ -246,26 +265,39 @@ class TaskHold:
         if self.channel is None:
             return
         due: dict[str, list[HoldableRecord]] = {}
-        for record in self._due_for_hand_over():
-            due.setdefault(record.message.queue, []).append(record)
+        for record in self._held_too_long():
+            if record.started is None:
+                logger.info("task %s waited %.0fs without starting: back to its queue",
+                            record.id, time.time() - record.received)
+                self.give_back_record(record)
+            else:
+                due.setdefault(record.message.queue, []).append(record)
         for queue in set(self.queues) | set(due):
             state = self._state(queue)
             records = due.get(queue, [])
             if state.copies or state.unsure or records:
                 self._renew_queue(state, records)
         for record in list(self.records.values()):
-            if isinstance(record.kombu_message, HeldDelivery) and record.duplicates:
-                # another delivery of a task held here: the copy stands for it
-                for message in record.duplicates:
-                    _ack_quietly(message, record.id)
-                record.duplicates.clear()
+            delivery = record.kombu_message
+            if not (isinstance(delivery, HeldDelivery) and record.duplicates):
+                continue
+            if delivery.given_away:
+                # Its copy expired and came back to this very worker, which still runs
+                # the task: that delivery stands for the task now (handed over again
+                # at the next step). Acknowledging it would leave the task nowhere.
+                record.kombu_message = record.duplicates.pop(0)
+                continue
+            # another delivery of a task held here: the copy stands for it
+            for message in record.duplicates:
+                _ack_quietly(message, record.id)
+            record.duplicates.clear()
 
     def lapsing(self, now: float) -> bool:
         """Whether copies held here went unrenewed for their TTL (they may be gone)."""
         return any(state.copies and now - state.renewed_at > self.ttl
                    for state in self.queues.values())
 
-    def _due_for_hand_over(self) -> list[HoldableRecord]:
+    def _held_too_long(self) -> list[HoldableRecord]:
         """Records whose live delivery has been held for ``hold_after`` seconds."""
         due_before = time.time() - self.hold_after
         due = []

@@ -45,24 +45,28 @@ CHECKS_PER_INTERVAL = 4
 class AmqpUpkeep(BrokerUpkeep):
     """RabbitMQ: heartbeats and held tasks on the worker's connection, delayed delivery.
 
-    ``records``: the worker's live map of task records (None for clients and tools: no
-    hold). ``on_declared_dead()`` is called when the tasks this worker holds may have been
-    given to other workers: after a lost connection (the server requeued its deliveries)
-    and when a held copy expired while its task still ran here.
+    ``records``: the worker's live map of task records and ``give_back(record)`` its way
+    to return a waiting task to its queue (None for clients and tools: no hold).
+    ``on_declared_dead()`` is called when the tasks this worker holds may have been given
+    to other workers: after a lost connection (the server requeued its deliveries) and
+    when a held copy expired while its task still ran here.
     """
 
     def __init__(self, app: App, incarnation: str, on_declared_dead: Callable[[], None],
-                 records: Mapping[str, HoldableRecord] | None = None) -> None:
+                 records: Mapping[str, HoldableRecord] | None = None,
+                 give_back: Callable[[Any], None] | None = None) -> None:
         self.app = app
         self.on_declared_dead = on_declared_dead
         conf = app.conf
         self.hold: TaskHold | None = None
-        if records is not None and conf.worker_hold_after is not None:
+        if records is not None and give_back is not None and \
+                conf.worker_hold_after is not None:
             self.hold = TaskHold(namespace=conf.namespace, incarnation=incarnation,
                                  task_queue=app.names.task_queue_name,
                                  hold_after=conf.worker_hold_after,
                                  ttl=conf.worker_lost_timeout, records=records,
-                                 call_soon=self._call_soon, on_lapsed=on_declared_dead)
+                                 call_soon=self._call_soon, on_lapsed=on_declared_dead,
+                                 give_back=give_back)
         self._connection: Any = None  # the worker's kombu connection
         self._amqp: Any = None  # ... and its py-amqp connection
         self._hub: Any = None

@@ -223,9 +223,11 @@ class EmbeddedUpkeep(BrokerUpkeep):
 
 
 def upkeep_for(app: App, incarnation: str, on_declared_dead: Callable[[], None],
-               records: Mapping[str, Any] | None = None) -> BrokerUpkeep:
+               records: Mapping[str, Any] | None = None,
+               give_back: Callable[[Any], None] | None = None) -> BrokerUpkeep:
     """The upkeep for ``app``'s broker; ``records``: a worker's live map of its task
-    records (None for clients and tools)."""
+    records, ``give_back(record)``: its way to return a task that has not started to the
+    end of its queue (both None for clients and tools)."""
     if is_redis(app.broker_url):
         return RedisUpkeep(app, incarnation, on_declared_dead)
     if is_embedded(app.broker_url):
@@ -233,5 +235,5 @@ def upkeep_for(app: App, incarnation: str, on_declared_dead: Callable[[], None],
     if is_amqp(app.broker_url):
         from .amqp_upkeep import AmqpUpkeep
 
-        return AmqpUpkeep(app, incarnation, on_declared_dead, records)
+        return AmqpUpkeep(app, incarnation, on_declared_dead, records, give_back)
     return BrokerUpkeep()
