@@ -2,7 +2,17 @@
 
 * ``consumer_timeout`` (the server closes the channel of a consumer that keeps a delivery
   unacknowledged longer than that) no longer makes a long task run twice: the worker hands
-  a long task over to its held queue (``interactive_tasks.transport.amqp_hold``).
+  a long task over to its held queue (``interactive_tasks.transport.amqp_hold``) and gives
+  a task that waited as long without starting back to its queue. The held copy is
+  renewed while the worker lives, dropped when the task ends, and comes back when the
+  worker dies, is frozen past its TTL, or loses its connection.
+* AMQP heartbeats: the server drops a frozen worker and gives its task to another; an
+  idle client keeps its inbox.
+* With a secret, delayed tasks and held copies stay signed.
+
+The two ``consumer_timeout`` tests change the shared server's setting for about a second
+(see :func:`lowered_consumer_timeout`); the delay levels are tested in
+``test_amqp_delay.py`` and the hold step by step in ``test_amqp_hold.py``.
 """
 
 from __future__ import annotations
