@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kombu import Connection, Consumer, Producer, Queue
+from kombu import Connection, Producer, Queue
 
 from . import codec
 from .errors import PayloadTooLarge, ProtocolError, TransportError
@@ -34,24 +34,14 @@ from .protocol import (
     Verb,
     control_wire,
 )
-from .transport import CONTROL_QUEUE_EXPIRES
-from .transport.redis_fast import (
-    InboxReader,
-    TaskPublisher,
-    decode_frame,
-    encode_frame,
-    is_redis,
-    task_envelope,
-)
+from .transport.client_side import ClientSide, InboxSession, client_side_for
+from .transport.redis_fast import task_envelope
 from .transport.upkeep import SCHEDULE_AHEAD, BrokerUpkeep, upkeep_for
 
 if TYPE_CHECKING:
     from .app import App
 
 logger = logging.getLogger("interactive_tasks.client")
-
-#: a control list's expiry on Redis, as kombu's x-expires would set it
-CONTROL_QUEUE_EXPIRES_MS = int(CONTROL_QUEUE_EXPIRES * 1000)
 
 #: A client renews its subscriptions this often; workers drop them after 3 × this.
 RENEW_INTERVAL = 10.0
@@ -121,7 +111,8 @@ class Client:
         self._rids = itertools.count(1)
         #: task ids whose handles were collected, pruned from _watchers under the lock
         self._unwatched: collections.deque[str] = collections.deque()
-        self._task_publisher: Any = None
+        #: this process's side of the broker (publishing, the inbox), made on first use
+        self._side: ClientSide | None = None
         #: where tasks with an eta ahead wait (created on first use)
         self._delays: BrokerUpkeep | None = None
 
@@ -146,7 +137,7 @@ class Client:
                 # After a fork the parent's connections and thread are not ours.
                 self._pub_conn = None
                 self._producer = None
-                self._task_publisher = None
+                self._side = None
                 self._delays = None
                 self._declared = set()
             self._pid = os.getpid()
@@ -182,9 +173,9 @@ class Client:
                     pass
             self._pub_conn = None
             self._producer = None
-            if self._task_publisher is not None:
-                self._task_publisher.close()
-                self._task_publisher = None
+            if self._side is not None:
+                self._side.close()
+                self._side = None
             if self._delays is not None:
                 self._delays.close(clean=False)
                 self._delays = None
@@ -269,52 +260,26 @@ class Client:
                 ) from exc
 
     def send_task(self, message: TaskMessage, priority: int | None = None) -> None:
-        """Publish a task message to its queue (declaring the queue once per process);
-        on Redis a task whose ``eta`` is ahead waits in the broker's delayed set.
+        """Publish a task message to its queue (declaring the queue once per process); a
+        task whose ``eta`` is ahead waits in the broker where the broker can keep it.
 
         Raises PayloadTooLarge and TransportError.
         """
         queue = self.app.names.task_queue(message.queue)
+        body = codec.dumps(message.to_wire())
         if message.eta is not None and message.eta - time.time() > SCHEDULE_AHEAD and \
-                self._schedule(queue.name, codec.dumps(message.to_wire()), priority,
-                               message.eta):
+                self._schedule(queue.name, body, priority, message.eta):
             return
-        fast = self._fast_publisher()
-        if priority is None and fast is not None:
-            self._publish_task_redis(queue.name, codec.dumps(message.to_wire()), bell=True)
-            return
-        self.publish(message.to_wire(), routing_key=queue.routing_key,
-                     exchange=queue.exchange, declare=[queue], priority=priority)
-        if fast is not None:  # kombu published it (a priority list): wake a worker
-            self._publish_task_redis(queue.name, None, bell=True)
+        self._check_size(body)
+        self._client_side().publish_task(queue, body, priority)
 
-    def _fast_publisher(self) -> Any:
-        """Redis: a raw publisher (kombu's envelope, one LPUSH), else None."""
-        if self._task_publisher is None and is_redis(self.app.broker_url):
+    def _client_side(self) -> ClientSide:
+        """This process's side of the broker (created on first use)."""
+        if self._side is None:
             with self._pub_lock:
-                if self._task_publisher is None:
-                    self._task_publisher = TaskPublisher(
-                        self.app.broker_url, self.app.conf.broker_transport_options)
-        return self._task_publisher
-
-    def _publish_control_redis(self, queue: str, body: bytes) -> None:
-        """A raw frame (``redis_fast.encode_frame``) on a worker's control list.
-
-        Raises PayloadTooLarge and TransportError.
-        """
-        limit = self.app.conf.max_message_size
-        if len(body) > limit:
-            raise PayloadTooLarge(f"control message of {len(body)} bytes is over "
-                                  f"max_message_size={limit}")
-        try:
-            # x-expires as kombu would set it: the list of a worker gone for good
-            # disappears instead of collecting control messages.
-            self._task_publisher.push(queue, encode_frame(body, self.app.secret),
-                                      CONTROL_QUEUE_EXPIRES_MS)
-        except Exception as exc:
-            raise TransportError(
-                f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
-            ) from exc
+                if self._side is None:
+                    self._side = client_side_for(self.app, self.publish_raw)
+        return self._side
 
     def _check_size(self, body: bytes) -> None:
         limit = self.app.conf.max_message_size
@@ -336,23 +301,6 @@ class Client:
         envelope = task_envelope(body, queue, self.app.secret, priority)
         try:
             return self._delays.schedule(queue, envelope, priority, eta)
-        except Exception as exc:
-            raise TransportError(
-                f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
-            ) from exc
-
-    def _publish_task_redis(self, queue: str, body: bytes | None,
-                            expire_ms: int | None = None, bell: bool = False) -> None:
-        """Raw LPUSH of ``body`` in kombu's envelope (None: only ring the bell).
-
-        Raises PayloadTooLarge and TransportError.
-        """
-        envelope = None
-        if body is not None:
-            self._check_size(body)
-            envelope = task_envelope(body, queue, self.app.secret)
-        try:
-            self._task_publisher.publish(queue, envelope, expire_ms, bell)
         except Exception as exc:
             raise TransportError(
                 f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"
@@ -388,16 +336,17 @@ class Client:
         self._send_control_wire(message.to_wire(), worker)
 
     def _send_control_wire(self, wire: dict[str, Any], worker: str | None) -> None:
+        """Raises PayloadTooLarge and TransportError."""
         if worker is None:
             exchange = self.app.names.broadcast_exchange
             self.publish(wire, routing_key="", exchange=exchange, declare=[exchange])
-        elif self._fast_publisher() is not None:
-            self._publish_control_redis(self.app.names.control_queue_name(worker),
-                                        codec.dumps(wire))
-        else:
-            queue = self.app.names.control_queue(worker)
-            self.publish(wire, routing_key=queue.routing_key, exchange=queue.exchange,
-                         declare=[queue])
+            return
+        body = codec.dumps(wire)
+        limit = self.app.conf.max_message_size
+        if len(body) > limit:
+            raise PayloadTooLarge(f"control message of {len(body)} bytes is over "
+                                  f"max_message_size={limit}")
+        self._client_side().publish_control(worker, body)
 
     def request(
         self,
@@ -490,47 +439,32 @@ class Client:
 
     # -- the inbox thread ----------
     def _run(self) -> None:
-        if is_redis(self.app.broker_url):
-            self._run_redis()
-        else:
-            self._run_kombu()
-
-    def _run_redis(self) -> None:
-        """Redis: the inbox is a plain list read with BRPOP (see transport.redis_fast)."""
+        """The inbox thread: read, dispatch, keep subscriptions alive; reconnect with a
+        growing delay when the broker goes away."""
         backoff = 0.2
         next_housekeeping = time.monotonic() + 1.0
-        secret = self.app.secret
+        side = self._client_side()
         while not self._stop.is_set():
-            reader: InboxReader | None = None
+            session: InboxSession | None = None
             try:
-                # connects at once (one connection of its own), so inside the try
-                reader = InboxReader(self.app.broker_url, self.inbox.name,
-                                     self.app.conf.broker_transport_options)
-                reader.ping()
+                session = side.open_inbox(self.inbox)
                 if self._ready.is_set():
                     logger.info("inbox reconnected to %s", self.app.broker_url_display)
                     self._renew(force=True)
                 self._ready.set()
                 backoff = 0.2
                 while not self._stop.is_set():
-                    for raw in reader.read(0.5):
-                        try:
-                            body = decode_frame(raw, secret)
-                        except ProtocolError as exc:
-                            logger.warning("dropped a malformed inbox message: %s", exc)
-                            continue
+                    for body in session.read(0.5):
                         self._handle_body(body)
                     now = time.monotonic()
                     if now >= next_housekeeping:
                         next_housekeeping = now + 1.0
                         self._housekeeping()
-                        if reader.primary_in_doubt():
-                            raise TransportError("the sentinels name another primary or fail "
-                                                 "this one over")
-                reader.close(delete=True)
+                        session.check()
+                session.close(delete=True)
             except Exception as exc:
-                if reader is not None:
-                    reader.close(delete=False)
+                if session is not None:
+                    session.close(delete=False)
                 if not self._ready.is_set():
                     self._thread_error = exc
                     self._ready.set()
@@ -539,67 +473,6 @@ class Client:
                                exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-
-    def _run_kombu(self) -> None:
-        backoff = 0.2
-        next_housekeeping = time.monotonic() + 1.0
-        while not self._stop.is_set():
-            # Heartbeats on (RabbitMQ): this loop wakes every 0.5 s to answer them, and a
-            # broker that went silent (a cut link) is noticed within two intervals and
-            # the inbox reconnects, instead of waiting on a dead socket for TCP to notice.
-            conn = self.app.connection(heartbeat=True)
-            try:
-                conn.ensure_connection(max_retries=1, interval_start=0, timeout=10)
-                channel = conn.channel()
-                consumer = Consumer(channel, queues=[self.inbox], no_ack=True,
-                                    on_message=self._on_message, accept=None)
-                consumer.consume()
-                if self._ready.is_set():
-                    logger.info("inbox reconnected to %s", self.app.broker_url_display)
-                    self._renew(force=True)
-                self._ready.set()
-                backoff = 0.2
-                while not self._stop.is_set():
-                    try:
-                        conn.drain_events(timeout=0.5)
-                    except TimeoutError:
-                        pass
-                    conn.heartbeat_check(2)
-                    now = time.monotonic()
-                    if now >= next_housekeeping:
-                        next_housekeeping = now + 1.0
-                        self._housekeeping()
-                try:
-                    # Cancel first: deleting a queue under its own consumer makes the
-                    # broker cancel it mid-close and leaks the socket (py-amqp).
-                    consumer.cancel()
-                    channel.queue_delete(self.inbox.name)
-                except Exception:
-                    pass
-            except Exception as exc:
-                if not self._ready.is_set():
-                    self._thread_error = exc
-                    self._ready.set()
-                    conn.release()
-                    return
-                logger.warning("inbox connection lost (%s); reconnecting in %.1fs",
-                               exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                try:
-                    conn.release()
-                except Exception:
-                    pass
-
-    def _on_message(self, message: Any) -> None:
-        body = message.body
-        if self.app.secret is not None and not codec.verify(
-            self.app.secret, body, (message.headers or {}).get(codec.SIGNATURE_HEADER)
-        ):
-            logger.warning("dropped an unsigned or badly signed inbox message")
-            return
-        self._handle_body(body)
 
     def _handle_body(self, body: bytes) -> None:
         """Decode one inbox message and dispatch it; a bad one is logged, never raised."""

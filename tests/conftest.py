@@ -167,6 +167,22 @@ def delete_amqp_namespace(url: str, namespace: str,
         conn.close()
 
 
+@pytest.fixture
+def redis_ns() -> Iterator[str]:
+    """A fresh key prefix on the test Redis (skipped locally when Redis is down), whose
+    keys are deleted afterwards."""
+    import redis
+
+    require_broker("redis")
+    namespace = f"tr{uuid.uuid4().hex[:8]}"
+    yield namespace
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(f"{namespace}*"))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
 @pytest.fixture(params=BROKERS)
 def broker(request: pytest.FixtureRequest, tmp_path: Path,
            monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerEnv]:

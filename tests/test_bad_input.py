@@ -130,10 +130,11 @@ def test_garbage_and_kombu_envelopes_on_the_redis_control_list(tasks, start_work
         wait_for(lambda: "refused control message: inbox frame has an unknown format"
                  in w.log(), message="garbage refused")
 
-        def publish_as_kombu(queue: str, body: bytes) -> None:
+        def publish_as_kombu(worker: str, body: bytes) -> None:
+            queue = app.names.control_queue_name(worker)
             r.lpush(queue, kombu_envelope(body, queue, codec.CONTENT_TYPE, {}))
 
-        monkeypatch.setattr(client, "_publish_control_redis", publish_as_kombu)
+        monkeypatch.setattr(client._client_side(), "publish_control", publish_as_kombu)
         replies = client.request(ControlMessage(verb="ping"), w.name, 5)
         assert replies and replies[0]["ok"] is True and replies[0]["data"] == {"pong": True}
         assert tasks.add.delay(2, 5).result(timeout=20) == 7

@@ -73,7 +73,7 @@ def test_task_longer_than_the_liveness_timeout_runs_once_on_a_live_worker(
         assert "delivered again" not in w.log() and "stopped beating" not in w.log()
 
 
-def test_a_restored_task_is_flagged_redelivered(broker_redis_ns):
+def test_a_restored_task_is_flagged_redelivered(redis_ns):
     """The liveness script restores a dead worker's messages onto the lists they came
     from (by priority, as kombu's restore) and flags them; a live worker is left alone."""
     import redis
@@ -89,7 +89,7 @@ def test_a_restored_task_is_flagged_redelivered(broker_redis_ns):
         unacked_keys,
     )
 
-    ns = broker_redis_ns
+    ns = redis_ns
     queue = f"{ns}.tasks.q"
     pub = TaskPublisher(REDIS_URL)
     for body, pri in ((b"p0", 0), (b"p6", 7)):
@@ -129,24 +129,6 @@ def test_a_restored_task_is_flagged_redelivered(broker_redis_ns):
     f2.close()
     conn2.release()
     assert watcher.leave() and not r.exists(f"{ns}.workers")
-    r.close()
-
-
-@pytest.fixture
-def broker_redis_ns() -> Any:
-    import uuid
-
-    import redis
-
-    from .conftest import require_broker
-
-    require_broker("redis")
-    ns = f"tl{uuid.uuid4().hex[:8]}"
-    yield ns
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(f"{ns}*"))
-    if keys:
-        r.delete(*keys)
     r.close()
 
 

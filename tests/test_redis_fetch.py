@@ -8,8 +8,6 @@ and records in one script, so a message is always in the queue or in the unacked
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,14 +36,8 @@ def redis_available() -> None:
 
 
 @pytest.fixture
-def ns() -> Iterator[str]:
-    namespace = f"tf{uuid.uuid4().hex[:8]}"
-    yield namespace
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(f"{namespace}*"))
-    if keys:
-        r.delete(*keys)
-    r.close()
+def ns(redis_ns: str) -> str:
+    return redis_ns
 
 
 

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Any
 
-from kombu import Consumer, Producer
+from kombu import Producer
 from kombu.asynchronous import Hub
 
 from interactive_tasks import codec
@@ -38,10 +38,10 @@ from interactive_tasks.protocol import (
 )
 from interactive_tasks.task import parse_rate
 from interactive_tasks.transport.amqp_hold import redeliveries
-from interactive_tasks.transport.redis_fast import ListReader, is_redis, task_envelope
-from interactive_tasks.transport.redis_fetch import TaskFetcher
-from interactive_tasks.transport.redis_liveness import incarnation, redelivered_key
+from interactive_tasks.transport.redis_fast import task_envelope
+from interactive_tasks.transport.redis_liveness import incarnation
 from interactive_tasks.transport.upkeep import SCHEDULE_AHEAD, upkeep_for
+from interactive_tasks.transport.worker_side import intake_for
 
 from .canvas import after_finish
 from .control import ControlRouter
@@ -144,15 +144,16 @@ class Worker:
         self.hub: Hub | None = None
         self.connection: Any = None
         self.producer: Producer | None = None
-        self.task_consumer: Consumer | None = None
-        self.fetcher: TaskFetcher | None = None
-        self.control_reader: ListReader | None = None
         self.upkeep = upkeep_for(app, self.incarnation, self._on_declared_dead, self.records,
                                  self._give_back)
-        self._exit_code = 0
         self.control = ControlRouter(self)
-        self.relay = Relay(self)
         self.outcomes = Outcomes(self)
+        self.intake = intake_for(app, self.hostname, on_task=self._on_task_message,
+                                 on_garbage=self.outcomes.dead_letter,
+                                 on_control=self.control.on_message,
+                                 on_control_frames=self.control.on_frames)
+        self._exit_code = 0
+        self.relay = Relay(self)
         #: revoked task ids -> [expires (epoch), token | None, signed]
         self.revoked: dict[str, list[Any]] = {}
         self._buckets: dict[str, TokenBucket | None] = {}
@@ -168,7 +169,7 @@ class Worker:
         logger.info("worker %s starting: pool=%s concurrency=%d queues=%s broker=%s",
                     self.hostname, self.pool.name, self.concurrency,
                     ",".join(self.queue_names), app.broker_url_display)
-        if app.is_embedded:
+        if app.embedded_directory is not None:
             logger.info("embedded broker files: %s", app.embedded_directory)
         try:
             self.revoked.update(app.results.revoked())
@@ -234,52 +235,16 @@ class Worker:
         self.connection = conn
         self.producer = Producer(conn.channel())
         self.relay.reset()
-        task_channel = conn.channel()
-        task_queues = [names.task_queue(q) for q in self.queue_names]
         prefetch = self.concurrency * app.conf.prefetch_multiplier
-        on_redis = is_redis(app.broker_url)
-        if on_redis:
-            # Our own fetch: kombu's BRPOP loses a message when the worker dies before
-            # recording it unacked (see transport.redis_fetch).
-            for queue in task_queues:
-                queue.bind(task_channel).declare()
-            task_channel.basic_qos(0, prefetch, False)
-            self.fetcher = TaskFetcher(app.broker_url, task_channel,
-                                       [q.name for q in task_queues],
-                                       self._on_task_message, self.outcomes.dead_letter,
-                                       redelivered_key(app.conf.namespace))
-        else:
-            self.task_consumer = Consumer(
-                task_channel, queues=task_queues, on_message=self._on_task_message,
-                accept=None, prefetch_count=prefetch,
-            )
-        control_queues = [names.broadcast_queue(self.hostname)]
-        if on_redis:
-            # A plain list of raw frames, read on this loop: no kombu envelope to build
-            # and parse on the latency path of every pause, resume and message.
-            self.control_reader = ListReader(app.broker_url,
-                                             names.control_queue(self.hostname).name,
-                                             self.control.on_frames,
-                                             options=app.conf.broker_transport_options)
-        else:
-            control_queues.insert(0, names.control_queue(self.hostname))
-        control_consumer = Consumer(
-            conn.channel(), queues=control_queues,
-            on_message=self.control.on_message, accept=None, no_ack=True,
-        )
+        self.intake.start(conn, hub, self.queue_names, prefetch, take_tasks=not self._stopping)
         dead = names.dead_letter_queue
         dead.bind(self.producer.channel).declare()
-        if not self._stopping and self.task_consumer is not None:
-            self.task_consumer.consume()
-        control_consumer.consume()
         conn.transport.register_with_event_loop(conn.connection, hub)
-        if self.control_reader is not None:
-            self.control_reader.register(hub)
         for slot in self.slots:
             if not slot.closed:
                 hub.add_reader(slot.sock, self._on_slot_readable, slot)
         try:
-            self.upkeep.start(hub, conn)
+            self.upkeep.start(hub, conn)  # before the first fetch: nothing taken is unowned
         except Exception as exc:
             raise TransportError(f"cannot reach the broker at {app.broker_url_display}: "
                                  f"{exc}") from exc
@@ -290,15 +255,13 @@ class Worker:
                                     "ts": time.time()})
         logger.info("worker %s ready", self.hostname)
         self._dispatch()
-        fetcher = self.fetcher
-        if fetcher is not None and not self._stopping:
-            fetcher.register(hub)
+        self.intake.after_registered(hub, take_tasks=not self._stopping)
+        intake = self.intake
         loop = hub.create_loop()
         while not self._terminate:
             if self._stopping and self._check_stop():
                 break
-            if fetcher is not None:
-                fetcher.pump()
+            intake.pump()
             next(loop)
         self.relay.flush(wait=True)
         self.relay.publish_monitor({"t": "worker-offline", "worker": self.hostname,
@@ -317,13 +280,7 @@ class Worker:
                 pass
         conn, self.connection = self.connection, None
         self.producer = None
-        self.task_consumer = None
-        fetcher, self.fetcher = self.fetcher, None
-        if fetcher is not None:
-            fetcher.close()
-        reader, self.control_reader = self.control_reader, None
-        if reader is not None:
-            reader.close()
+        self.intake.close()
         if conn is not None:
             try:
                 conn.release()
@@ -334,16 +291,9 @@ class Worker:
         """During warm shutdown: stop consuming, give back queued tasks, wait for running."""
         if not self._stopping:
             return False
-        if self.fetcher is not None and not self.fetcher.stopped:
-            self.fetcher.stop()
-        if self.task_consumer is not None and self.task_consumer.queues:
-            try:
-                self.task_consumer.cancel()
-            except Exception:
-                pass
-            while self.ready:
-                record = self.ready.popleft()
-                self._requeue(record)
+        self.intake.stop_tasks()
+        while self.ready:  # reserved here but not started: back to the queue for others
+            self._requeue(self.ready.popleft())
         running = [r for r in self.records.values() if r.slot is not None]
         if not running:
             return True
@@ -742,8 +692,7 @@ class Worker:
         self.producer.publish(body, routing_key=queue.routing_key, exchange="",
                               content_type=codec.CONTENT_TYPE, content_encoding="binary",
                               headers=headers, declare=[queue])
-        if self.fetcher is not None:
-            self.fetcher.ring_for(queue.name)
+        self.intake.ring_for(queue.name)
 
     # -- timers ----------
     def _check_limits(self) -> None:

@@ -21,7 +21,8 @@ from interactive_tasks import codec
 from interactive_tasks.errors import ConfigurationError
 from interactive_tasks.protocol import Envelope, Event, EventKind, TaskSnapshot, TaskState
 from interactive_tasks.results import RedisResultStore
-from interactive_tasks.transport.redis_fast import WorkerPipeline, encode_frame, is_redis
+from interactive_tasks.transport.redis_fast import WorkerPipeline, encode_frame
+from interactive_tasks.transport.worker_side import pipeline_for
 
 from .records import TaskRecord
 
@@ -74,10 +75,9 @@ class Relay:
             logger.info("resending %d inbox message(s) held while disconnected", len(pending))
             for inbox, payload in pending:
                 self.publish_inbox(inbox, payload)
-        url = self.worker.app.broker_url
-        if self.fast is None and is_redis(url):
-            self.fast = WorkerPipeline(url, self._pipeline_failed, self._pipeline_answered,
-                                       self.worker.app.conf.broker_transport_options)
+        if self.fast is None:
+            self.fast = pipeline_for(self.worker.app, self._pipeline_failed,
+                                     self._pipeline_answered)
         if self.fast is not None:
             self.fast.attach(self.worker.hub)
             if self.pending_results or self.pending_acks or self.frames:
