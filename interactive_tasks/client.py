@@ -268,7 +268,7 @@ class Client:
         queue = self.app.names.task_queue(message.queue)
         body = codec.dumps(message.to_wire())
         if message.eta is not None and message.eta - time.time() > SCHEDULE_AHEAD and \
-                self._schedule(queue.name, body, priority, message.eta):
+                self._schedule(queue.name, message.id, body, priority, message.eta):
             return
         self._check_size(body)
         self._client_side().publish_task(queue, body, priority)
@@ -288,7 +288,8 @@ class Client:
                 f"message of {len(body)} bytes is over max_message_size={limit}; "
                 "pass a reference (a path or URL) instead of the data")
 
-    def _schedule(self, queue: str, body: bytes, priority: int | None, eta: float) -> bool:
+    def _schedule(self, queue: str, task_id: str, body: bytes, priority: int | None,
+                  eta: float) -> bool:
         """Keep the task in the broker until ``eta`` where the broker can (False: it
         cannot, publish it now and the worker holds it).
 
@@ -300,7 +301,7 @@ class Client:
                 self._delays = upkeep_for(self.app, "client", lambda: None)
         envelope = task_envelope(body, queue, self.app.secret, priority)
         try:
-            return self._delays.schedule(queue, envelope, priority, eta)
+            return self._delays.schedule(queue, task_id, envelope, priority, eta)
         except Exception as exc:
             raise TransportError(
                 f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from interactive_tasks import TaskState
+from interactive_tasks import TaskRevoked, TaskState
 
 from .conftest import REDIS_URL, ROOT, wait_for
 
@@ -174,7 +174,7 @@ def test_embedded_scheduled_directory_moves_due_tasks_once_and_returns_dead_clai
     delayed = EmbeddedDelayed(store)
     now = time.time()
     for i, eta in enumerate((now - 2, now - 1, now + 60)):
-        delayed.schedule("q", json.dumps({"n": i}).encode(), eta)
+        delayed.schedule("q", f"t{i}", json.dumps({"n": i}).encode(), eta)
     assert [round(t.eta - now) for t in delayed.listing()] == [-2, -1, 60]
     # a mover that claimed the first entry, then died (a pid that is not running)
     first = sorted(n for n in os.listdir(delayed.path) if n.endswith(".msg"))[0]
@@ -190,3 +190,26 @@ def test_embedded_scheduled_directory_moves_due_tasks_once_and_returns_dead_clai
     assert sorted(bodies) == [0, 1]
     assert [round(t.eta - now) for t in delayed.listing()] == [60]
     assert os.listdir(os.path.join(delayed.path, MOVING)) == []
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"], indirect=True)
+def test_revoking_a_scheduled_task_ends_it_at_once(broker, start_worker, tasks):
+    """A revoke takes a task out of the broker's wait and ends it now (not at its eta);
+    without the task's token (and no operator secret) it is refused and the task stays."""
+    start_worker(concurrency=1)
+    handle = tasks.add_recorded.apply_async((1, 2), countdown=60)
+
+    def waiting() -> bool:
+        return any(t.id == handle.id for t in tasks.app.scheduled())
+
+    wait_for(waiting, 5, message="the task waiting in the broker")
+    if broker.name == "redis":  # the embedded broker's processes share a secret
+        replies = tasks.app.revoke([handle.id], tokens={handle.id: "0" * 32})
+        assert [r["data"]["refused"] for r in replies] == [[handle.id]], replies
+        assert waiting()
+    handle.revoke()
+    with pytest.raises(TaskRevoked, match="revoked before it started"):
+        handle.result(timeout=5)
+    assert not waiting()
+    assert tasks.app.results.get(handle.id)["state"] == "revoked"
+    assert broker.records(handle.id) == []  # it never ran

@@ -21,16 +21,20 @@ from typing import TYPE_CHECKING, Any
 from interactive_tasks import codec
 from interactive_tasks.errors import ProtocolError
 from interactive_tasks.protocol import (
+    HEADER_CHAIN,
+    HEADER_CHORD,
     READ_VERBS,
     TASK_VERBS,
     ControlMessage,
     Envelope,
     EventKind,
+    TaskMessage,
     TaskState,
     Verb,
 )
 from interactive_tasks.transport.redis_fast import decode_frame, kombu_body
 
+from .canvas import after_finish
 from .outcomes import error_fields
 from .records import HeldControl, Subscriber, TaskRecord
 
@@ -330,12 +334,18 @@ class ControlRouter:
         if not isinstance(expires, (int, float)):
             expires = time.time() + w.app.conf.result_expires
         terminate = bool(data.get("terminate"))
-        handled, refused = [], []
+        handled: list[str] = []
+        refused: list[str] = []
         for task_id in ids:
             entry = [float(expires), tokens.get(task_id), signed]
             w.revoked[task_id] = entry
             record = w.records.get(task_id)
-            if record is None or record.is_final:
+            if record is None:
+                outcome = self._revoke_scheduled(task_id, entry)
+                if outcome is not None:
+                    (handled if outcome else refused).append(task_id)
+                continue
+            if record.is_final:
                 continue
             if not self.revoke_applies(entry, record):
                 refused.append(task_id)
@@ -355,6 +365,31 @@ class ControlRouter:
         if ctl.sender:
             self.reply(ctl.sender, ctl.rid, True, data={"revoked": handled,
                                                         "refused": refused})
+
+    def _revoke_scheduled(self, task_id: str, entry: list[Any]) -> bool | None:
+        """A task waiting in the broker for its eta: take it out and end it now, instead
+        of refusing it when it comes due. True: ended here; False: the revoke lacks
+        authority; None: it does not wait in the broker (or another worker took it out)."""
+        w = self.worker
+        envelope = w.upkeep.find(task_id)
+        if envelope is None:
+            return None
+        try:
+            body, _ = kombu_body(envelope)
+            msg = TaskMessage.from_wire(codec.loads(body, w.app.conf.max_message_size))
+        except Exception:
+            return None  # not ours to judge: the worker that fetches it dead-letters it
+        if entry[0] < time.time() or not (
+                entry[2] or codec.token_matches(entry[1], msg.token_digest)):
+            return False
+        if w.upkeep.unschedule(task_id) is None:
+            return None  # due meanwhile: the revoked ids refuse it when it arrives
+        fields = {"error": error_fields("TaskRevoked", "revoked before it started")}
+        w.relay.send_final_direct(msg.id, msg.task, msg.reply_to, EventKind.REVOKED, fields,
+                                  store=True)
+        if HEADER_CHAIN in msg.headers or HEADER_CHORD in msg.headers:
+            after_finish(w, msg, EventKind.REVOKED, fields)
+        return True
 
     def revoke_applies(self, entry: list[Any], record: TaskRecord) -> bool:
         """A revoke counts when it was signed or carried the task's token."""

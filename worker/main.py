@@ -682,8 +682,9 @@ class Worker:
         queue = self.app.names.task_queue(message.queue)
         secret = self.app.secret
         if message.eta is not None and message.eta - time.time() > SCHEDULE_AHEAD and \
-                self.upkeep.schedule(queue.name, task_envelope(body, queue.name, secret),
-                                     None, message.eta):
+                self.upkeep.schedule(queue.name, message.id,
+                                     task_envelope(body, queue.name, secret), None,
+                                     message.eta):
             return
         headers = {}
         if secret is not None:

@@ -1,15 +1,16 @@
 """Delayed delivery on the embedded broker: a ``scheduled/`` directory beside the queues.
 
 A task whose ``eta`` is ahead is written (atomically: a temp file renamed into place) to
-``<root>/scheduled/<eta in ns>-<stem>.msg`` with its queue and its message in kombu's form;
-names sort by ``eta``. Any process that moves due tasks (every worker, a few times a
-second) claims a due file by renaming it into ``scheduled/.moving/`` under a name that
-records the claimer's pid and start time, publishes its message to the queue, then removes
-it. A claimer that dies in between leaves its claim to be returned by the next sweep (the
-same lease-of-a-dead-owner rule the queues use), so a scheduled task is never lost; a
-claimer killed between publishing and removing would publish it a second time — a window
-of one ``unlink``. With the store's ``fsync`` on, a scheduled file and the removal of a
-moved one reach the disk before the call returns (the publish itself is the store's).
+``<root>/scheduled/<eta in ns>-<stem>-<task id>.msg`` with its queue and its message in
+kombu's form; names sort by ``eta``, and a revoke finds a task by its id. Any process that
+moves due tasks (every worker, a few times a second) claims a due file by renaming it into
+``scheduled/.moving/`` under a name that records the claimer's pid and start time,
+publishes its message to the queue, then removes it. A claimer that dies in between leaves
+its claim to be returned by the next sweep (the same lease-of-a-dead-owner rule the queues
+use), so a scheduled task is never lost; a claimer killed between publishing and removing
+would publish it a second time — a window of one ``unlink``. With the store's
+``fsync`` on, a scheduled file and the removal of a moved one reach the disk before the
+call returns (the publish itself is the store's).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .embedded_files import (
     new_stem,
     owner_alive,
     parse_owner,
+    safe_name,
     write_atomic,
 )
 from .embedded_store import Store
@@ -59,10 +61,10 @@ class EmbeddedDelayed:
                 fsync_dir(self.path)
             self._ready = True
 
-    def schedule(self, queue: str, message: bytes, eta: float) -> None:
+    def schedule(self, queue: str, task_id: str, message: bytes, eta: float) -> None:
         """Keep ``message`` (kombu's JSON form) until ``eta``, then put it on ``queue``."""
         self._ensure()
-        name = f"{int(eta * 1e9):020d}-{new_stem()}{SUFFIX}"
+        name = f"{int(eta * 1e9):020d}-{new_stem()}-{safe_name(task_id)}{SUFFIX}"
         data = json.dumps({"queue": queue, "eta": eta, "message": message.decode()}).encode()
         write_atomic(self.path, name, data, os.path.join(self.path, TMP),
                      fsync=self.store.fsync)
@@ -92,6 +94,43 @@ class EmbeddedDelayed:
                 fsync_dir(os.path.dirname(claimed))
             moved += 1
         return moved
+
+    def _named(self, task_id: str) -> str | None:
+        tail = f"-{safe_name(task_id)}{SUFFIX}"
+        for name in os.listdir(self.path):
+            if name.endswith(tail) and name[0] != ".":
+                return name
+        return None
+
+    def find(self, task_id: str) -> bytes | None:
+        """The message of ``task_id`` if it waits here."""
+        self._ensure()
+        name = self._named(task_id)
+        if name is None:
+            return None
+        try:
+            with open(os.path.join(self.path, name), "rb") as fh:
+                return str(json.loads(fh.read())["message"]).encode()
+        except FileNotFoundError:
+            return None
+
+    def unschedule(self, task_id: str) -> bytes | None:
+        """Take ``task_id`` out (a revoke); its message, or None if it was not here."""
+        self._ensure()
+        name = self._named(task_id)
+        if name is None:
+            return None
+        claimed = os.path.join(self.path, MOVING, f"{name}~{current_owner()}")
+        try:
+            os.rename(os.path.join(self.path, name), claimed)
+        except FileNotFoundError:
+            return None  # moved or taken out by another process meanwhile
+        with open(claimed, "rb") as fh:
+            message = str(json.loads(fh.read())["message"]).encode()
+        os.unlink(claimed)
+        if self.store.fsync:  # a revoked task back after a power cut would run
+            fsync_dir(os.path.dirname(claimed))
+        return message
 
     def _return_dead_claims(self) -> None:
         moving = os.path.join(self.path, MOVING)

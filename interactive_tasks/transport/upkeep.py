@@ -9,6 +9,8 @@ broker; :func:`upkeep_for` picks the implementation.
   registers its timers on the worker's loop.
 * :meth:`BrokerUpkeep.schedule` — keep a task until its ``eta`` in the broker; ``False``
   when this broker cannot (the worker then holds it in memory, as before).
+* :meth:`BrokerUpkeep.find` / :meth:`BrokerUpkeep.unschedule` — a waiting task's message,
+  and taking it out (a revoke ends it at once instead of at its eta).
 * :meth:`BrokerUpkeep.scheduled` — what waits in the broker, soonest first.
 * :meth:`BrokerUpkeep.close` — ``clean`` after a warm shutdown that settled every task.
 """
@@ -54,12 +56,21 @@ class BrokerUpkeep:
         """Begin on ``hub`` (a kombu Hub) and the worker's connected kombu ``connection``;
         raises the broker's connection errors."""
 
-    def schedule(self, queue: str, envelope: bytes, priority: int | None,
+    def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
                  eta: float) -> bool:
         return False
 
     def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
         return []
+
+    def find(self, task_id: str) -> bytes | None:
+        """The message (kombu's envelope) of ``task_id`` if it waits in the broker."""
+        return None
+
+    def unschedule(self, task_id: str) -> bytes | None:
+        """Take ``task_id`` out of the broker's wait; its message, or None if it was not
+        there (never scheduled, already due, or taken out by another worker)."""
+        return None
 
     def possibly_lost(self) -> bool:
         """Whether other workers may take this one for dead right now (its last
@@ -144,19 +155,25 @@ class RedisUpkeep(BrokerUpkeep):
         except Exception as exc:
             logger.debug("moving due tasks failed: %s", exc)
 
-    def schedule(self, queue: str, envelope: bytes, priority: int | None,
+    def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
                  eta: float) -> bool:
-        from .redis_delay import schedule_command
         from .redis_liveness import priority_list
 
         self._connect()
-        self._client.execute_command(*schedule_command(
-            self.app.conf.namespace, priority_list(queue, priority), envelope, eta))
+        self._delayed.schedule(priority_list(queue, priority), task_id, envelope, eta)
         return True
 
     def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
         self._connect()
         return list(self._delayed.listing(limit))
+
+    def find(self, task_id: str) -> bytes | None:
+        self._connect()
+        return self._delayed.find(task_id)
+
+    def unschedule(self, task_id: str) -> bytes | None:
+        self._connect()
+        return self._delayed.unschedule(task_id)
 
     def possibly_lost(self) -> bool:
         return time.monotonic() - self._last_beat > self.app.conf.worker_lost_timeout
@@ -208,13 +225,19 @@ class EmbeddedUpkeep(BrokerUpkeep):
         except OSError as exc:
             logger.warning("moving due tasks failed: %s", exc)
 
-    def schedule(self, queue: str, envelope: bytes, priority: int | None,
+    def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
                  eta: float) -> bool:
-        self._delayed.schedule(queue, envelope, eta)
+        self._delayed.schedule(queue, task_id, envelope, eta)
         return True
 
     def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
         return self._delayed.listing(limit)
+
+    def find(self, task_id: str) -> bytes | None:
+        return self._delayed.find(task_id)
+
+    def unschedule(self, task_id: str) -> bytes | None:
+        return self._delayed.unschedule(task_id)
 
     def close(self, clean: bool) -> None:
         if self._timer is not None:
