@@ -1,9 +1,9 @@
 """What a worker does for its broker besides consuming: liveness and delayed delivery.
 
-Part of the transport contract (see docs/architecture.md, "Transport"): each broker says
-how a worker proves it is alive, how a dead worker's unacknowledged tasks come back, and
-where a task waits for its ``eta``. The worker calls the same four methods on every
-broker; :func:`upkeep_for` picks the implementation.
+Part of the transport contract (docs/architecture.md, "The transport contract"): each
+broker says how a worker proves it is alive, how a dead worker's unacknowledged tasks come
+back, and where a task waits for its ``eta``. The worker (and a client, for ``schedule``)
+calls the same methods on every broker; :func:`upkeep_for` picks the implementation.
 
 * :meth:`BrokerUpkeep.start` — on a fresh connection, before any task is fetched;
   registers its timers on the worker's loop.
