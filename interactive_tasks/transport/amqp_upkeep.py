@@ -134,11 +134,13 @@ class AmqpUpkeep(BrokerUpkeep):
                 self.hold.attach(connection)
 
     # -- delayed delivery ----------
-    def schedule(self, queue: str, envelope: bytes, priority: int | None,
+    def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
                  eta: float) -> bool:
         """Publish the task in ``envelope`` (kombu's, see ``redis_fast.task_envelope``)
         into the delay levels, to reach ``queue`` at ``eta`` (whole seconds, rounded
-        down). Raises the connection's errors and ProtocolError for a bad envelope."""
+        down). A queue cannot give one message back, so a revoke cannot take it out
+        (``find`` and ``unschedule`` stay None): workers refuse it when it comes due.
+        Raises the connection's errors and ProtocolError for a bad envelope."""
         body, signature = kombu_body(envelope)
         headers = {codec.SIGNATURE_HEADER: signature} if signature else {}
         delay = delay_seconds(eta)
