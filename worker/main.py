@@ -53,6 +53,9 @@ from .relay import Relay
 
 logger = logging.getLogger("interactive_tasks.worker")
 
+#: a connection that served this long (seconds) before it broke starts the reconnect
+#: delays over from the shortest
+RECONNECT_RESET = 30.0
 #: a control that arrives ahead of an earlier one from the same sender waits this long
 REORDER_WAIT = 1.0
 
@@ -182,12 +185,15 @@ class Worker:
             TransportError, *self._connection_errors())
         try:
             while not self._terminate:
+                connected_at = time.monotonic()
                 try:
                     self._serve_connected()
                     break
                 except recoverable as exc:
                     if self._terminate or (self._stopping and not self.records):
                         break
+                    if time.monotonic() - connected_at > RECONNECT_RESET:
+                        backoff = 0.5  # it served a while: a new outage, not the same one
                     logger.warning("broker connection lost (%s); reconnecting in %.1fs",
                                    exc, backoff)
                     self._teardown_connection()
