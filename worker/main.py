@@ -56,8 +56,6 @@ logger = logging.getLogger("interactive_tasks.worker")
 #: a connection that served this long (seconds) before it broke starts the reconnect
 #: delays over from the shortest
 RECONNECT_RESET = 30.0
-#: a control that arrives ahead of an earlier one from the same sender waits this long
-REORDER_WAIT = 1.0
 
 
 def make_pool(name: str, app: App, concurrency: int, hostname: str,
