@@ -208,7 +208,7 @@ def test_revoking_a_scheduled_task_ends_it_at_once(broker, start_worker, tasks):
         assert [r["data"]["refused"] for r in replies] == [[handle.id]], replies
         assert waiting()
     handle.revoke()
-    with pytest.raises(TaskRevoked, match="revoked before it started"):
+    with pytest.raises(TaskRevoked, match="was revoked: revoked"):
         handle.result(timeout=5)
     assert not waiting()
     assert tasks.app.results.get(handle.id)["state"] == "revoked"

@@ -384,7 +384,7 @@ class ControlRouter:
             return False
         if w.upkeep.unschedule(task_id) is None:
             return None  # due meanwhile: the revoked ids refuse it when it arrives
-        fields = {"error": error_fields("TaskRevoked", "revoked before it started")}
+        fields = {"error": error_fields("TaskRevoked", "revoked")}  # as for one held here
         w.relay.send_final_direct(msg.id, msg.task, msg.reply_to, EventKind.REVOKED, fields,
                                   store=True)
         if HEADER_CHAIN in msg.headers or HEADER_CHORD in msg.headers:
