@@ -74,7 +74,7 @@ def test_fsync_forces_task_publishes_acks_results_and_schedules_and_nothing_else
     assert inbox_claim is not None
     inbox_ack = step(lambda: store.settle(INBOX, inbox_claim[0]))
     result = step(lambda: results.put("t1", {"state": "succeeded"}))
-    schedule = step(lambda: delayed.schedule(TASKS, b"later", time.time() - 1))
+    schedule = step(lambda: delayed.schedule(TASKS, "t2", b"later", time.time() - 1))
     move = step(lambda: delayed.move_due())
 
     if not fsync:
