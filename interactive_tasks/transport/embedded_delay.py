@@ -109,8 +109,7 @@ class EmbeddedDelayed:
         if name is None:
             return None
         try:
-            with open(os.path.join(self.path, name), "rb") as fh:
-                return str(json.loads(fh.read())["message"]).encode()
+            return _message_in(os.path.join(self.path, name))
         except FileNotFoundError:
             return None
 
@@ -125,8 +124,7 @@ class EmbeddedDelayed:
             os.rename(os.path.join(self.path, name), claimed)
         except FileNotFoundError:
             return None  # moved or taken out by another process meanwhile
-        with open(claimed, "rb") as fh:
-            message = str(json.loads(fh.read())["message"]).encode()
+        message = _message_in(claimed)
         os.unlink(claimed)
         if self.store.fsync:  # a revoked task back after a power cut would run
             fsync_dir(os.path.dirname(claimed))
@@ -162,3 +160,9 @@ class EmbeddedDelayed:
             if len(out) >= limit:
                 break
         return out
+
+
+def _message_in(path: str) -> bytes:
+    """The kombu message a scheduled file holds; raises OSError and ValueError."""
+    with open(path, "rb") as fh:
+        return str(json.loads(fh.read())["message"]).encode()
