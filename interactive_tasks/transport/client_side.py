@@ -19,6 +19,7 @@ cannot be reached.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -157,12 +158,16 @@ class RedisClientSide(ClientSide):
     def __init__(self, app: App, kombu_publish: KombuPublish) -> None:
         super().__init__(app, kombu_publish)
         self._publisher: TaskPublisher | None = None
+        self._lock = threading.Lock()
 
     @property
     def publisher(self) -> TaskPublisher:
+        """One connection for every thread of the process (it serialises its sends)."""
         if self._publisher is None:
-            self._publisher = TaskPublisher(self.app.broker_url,
-                                            self.app.conf.broker_transport_options)
+            with self._lock:
+                if self._publisher is None:
+                    self._publisher = TaskPublisher(self.app.broker_url,
+                                                    self.app.conf.broker_transport_options)
         return self._publisher
 
     def publish_task(self, queue: Queue, body: bytes, priority: int | None) -> None:
