@@ -135,13 +135,26 @@ class DelayedTasks:
         moved = 0
         when = time.time() if now is None else now
         while True:
-            batch = int(self._script(
-                keys=[self.key, self.ids_key],
-                args=[repr(when), DUE_BATCH, PRIORITY_SEP, BELL_SUFFIX, BELL_KEEP,
-                      BELL_EXPIRES_MS]))
+            batch = int(self._script(keys=[self.key, self.ids_key], args=self._due_args(when)))
             moved += batch
             if batch < DUE_BATCH:
                 return moved
+
+    def move_due_command(self, now: float | None = None) -> tuple[Any, ...]:
+        """The ``EVALSHA`` of one batch of :meth:`move_due`, to send without waiting (the
+        worker's loop); its reply is the number moved (:data:`DUE_BATCH`: send again).
+        ``NOSCRIPT`` in reply: :meth:`load`."""
+        when = time.time() if now is None else now
+        return ("EVALSHA", self._script.sha, 2, self.key, self.ids_key,
+                *self._due_args(when))
+
+    @staticmethod
+    def _due_args(when: float) -> list[Any]:
+        return [repr(when), DUE_BATCH, PRIORITY_SEP, BELL_SUFFIX, BELL_KEEP, BELL_EXPIRES_MS]
+
+    def load(self) -> None:
+        """Load the scripts into Redis (after a restart emptied its script cache)."""
+        self.client.script_load(DUE_SCRIPT)
 
     def count(self) -> int:
         return int(self.client.zcard(self.key))

@@ -171,10 +171,23 @@ class WorkerLiveness:
         Returns (still registered, {dead worker: messages restored}). "Still registered"
         is False when another worker declared this one dead since its last beat.
         """
-        reply = self._run(self.worker)
+        return self.read_beat(self._run(self.worker))
+
+    def beat_command(self) -> tuple[Any, ...]:
+        """The ``EVALSHA`` of :meth:`beat`, to send without waiting (the worker's loop);
+        give its reply to :meth:`read_beat`. ``NOSCRIPT`` in reply: :meth:`load`."""
+        keys, args = self._keys_args(self.worker)
+        return ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+
+    def read_beat(self, reply: list[Any]) -> tuple[bool, dict[str, int]]:
+        """What :meth:`beat` returns, from the script's reply."""
         known = bool(reply[0]) or not self._beaten
         self._beaten = True
         return known, self._dead(reply)
+
+    def load(self) -> None:
+        """Load the script into Redis (after a restart emptied its script cache)."""
+        self.client.script_load(LIVENESS_SCRIPT)
 
     def sweep(self) -> dict[str, int]:
         """Restore the tasks of dead workers without beating (tools, tests)."""
@@ -187,12 +200,15 @@ class WorkerLiveness:
                                       keys["unacked_index_key"]], args=[self.worker]))
 
     def _run(self, me: str) -> list[Any]:
+        keys, args = self._keys_args(me)
+        return self._script(keys=keys, args=args)
+
+    def _keys_args(self, me: str) -> tuple[list[str], list[Any]]:
         ns = self.namespace
-        return self._script(
-            keys=[workers_key(ns), redelivered_key(ns)],
-            args=[me, self.lost_after_ms, f"{ns}.unacked.", f"{ns}.unacked_index.",
-                  PRIORITY_SEP, json.dumps(list(PRIORITY_STEPS)), BELL_SUFFIX, BELL_KEEP,
-                  BELL_EXPIRES_MS])
+        return ([workers_key(ns), redelivered_key(ns)],
+                [me, self.lost_after_ms, f"{ns}.unacked.", f"{ns}.unacked_index.",
+                 PRIORITY_SEP, json.dumps(list(PRIORITY_STEPS)), BELL_SUFFIX, BELL_KEEP,
+                 BELL_EXPIRES_MS])
 
     @staticmethod
     def _dead(reply: list[Any]) -> dict[str, int]:
