@@ -377,3 +377,92 @@ def test_a_held_task_keeps_its_copy_across_a_dropped_connection(
     assert lines(marker) == ["kept"]
     for line in ("held copy expired", "delivered again", "rejected message"):
         assert line not in w1.log() + w2.log(), w1.log()[-3000:]
+
+
+class FreezableProxy:
+    """A TCP proxy to RabbitMQ that can go silent (a cut link without a TCP reset: it stops
+    passing bytes either way but keeps every socket open)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.upstream = upstream
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        import select
+
+        while not self.closed.is_set():
+            if self.frozen.is_set():
+                self.closed.wait(0.05)
+                continue
+            try:
+                ready, _, _ = select.select([src], [], [], 0.05)
+                if not ready:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            except (OSError, ValueError):  # ValueError: select() on a socket closed meanwhile
+                break
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_a_worker_and_a_client_behind_a_silent_link_reconnect_within_two_heartbeats(
+        broker, start_worker, monkeypatch, request, caplog):
+    """The link to the server goes silent without a reset (a partition): the worker's and
+    the client's heartbeat checks find the server silent for two intervals (1 s here),
+    each drops its connection and connects again once the link is back, and tasks run."""
+    proxy = FreezableProxy(("127.0.0.1", 5672))
+    request.addfinalizer(proxy.close)
+    through = broker.url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}")
+    broker.extra["ITASK_BROKER_URL"] = through  # the worker's and this client's way in
+    monkeypatch.setenv("ITASK_BROKER_URL", through)
+    tasks = configure(broker, monkeypatch, request, broker_heartbeat=1.0)
+    caplog.set_level("INFO", logger="interactive_tasks.client")
+    w = start_worker(concurrency=1)
+    assert tasks.add.delay(1, 2).result(timeout=10) == 3
+    proxy.frozen.set()
+    cut_at = time.monotonic()
+    try:
+        wait_for(lambda: "broker connection lost" in w.log(), 10, interval=0.05,
+                 message="the worker to give up on the silent server")
+        noticed = time.monotonic() - cut_at
+        wait_for(lambda: "inbox connection lost" in caplog.text, 10, interval=0.05,
+                 message="the client to give up on the silent server")
+    finally:
+        proxy.frozen.clear()
+    assert noticed <= 2 * 1.0 + 1.0, noticed  # two intervals, checked four times each
+    assert "heartbeats missed" in w.log()
+    wait_for(lambda: w.log().count(" ready") >= 2, 20, message="the worker to reconnect")
+    assert tasks.add.delay(2, 3).result(timeout=20) == 5

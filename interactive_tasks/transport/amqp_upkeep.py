@@ -78,8 +78,10 @@ class AmqpUpkeep(BrokerUpkeep):
 
     # -- the worker's connection ----------
     def start(self, hub: Any, connection: Any = None) -> None:
-        """Begin on the worker's loop ``hub`` and its connected kombu ``connection``; its
-        connection errors now end the loop (and the worker reconnects)."""
+        """Begin on the worker's loop ``hub`` and its connected kombu ``connection``. A
+        connection error in a heartbeat check or a hold step ends the loop (and the
+        worker reconnects): it is raised from the loop's next step, not from the timer,
+        whose errors the loop only logs."""
         cancel_timers(self._timers)
         if self._starts:
             # A new connection after a lost one: the server requeued every delivery of
@@ -90,11 +92,10 @@ class AmqpUpkeep(BrokerUpkeep):
         if connection is None:
             return
         self._amqp = connection.connection
-        hub.propagate_errors = tuple(connection.connection_errors)
         heartbeat = getattr(self._amqp, "heartbeat", 0)
         if heartbeat:
             self._timers.append(hub.call_repeatedly(
-                heartbeat / CHECKS_PER_INTERVAL, connection.heartbeat_check, 2))
+                heartbeat / CHECKS_PER_INTERVAL, self._guarded, self._heartbeat_check))
         if self.hold is not None:
             self.hold.attach(connection)
             self._timers.append(hub.call_repeatedly(self.app.conf.worker_heartbeat,
@@ -111,6 +112,9 @@ class AmqpUpkeep(BrokerUpkeep):
             return True
         return self.hold is not None and self.hold.lapsing(now)
 
+    def _heartbeat_check(self) -> None:
+        self._connection.heartbeat_check(2)
+
     def _call_soon(self, callback: Callable[[], None]) -> None:
         if self._hub is not None:
             self._hub.call_soon(self._guarded, callback)
@@ -120,9 +124,10 @@ class AmqpUpkeep(BrokerUpkeep):
             self._guarded(self.hold.renew)
 
     def _guarded(self, step: Callable[[], None]) -> None:
-        """Run a hold step; a channel error (the server closed the hold's channel) opens
-        a new channel for the next step. Connection errors propagate (reconnect)."""
-        connection = self._connection
+        """Run a heartbeat check or a hold step from a timer. A channel error (the server
+        closed the hold's channel) opens a new channel for the next step; a connection
+        error is raised again from the loop's ready queue, which ends the loop."""
+        connection, hub = self._connection, self._hub
         if connection is None:
             return
         try:
@@ -132,6 +137,8 @@ class AmqpUpkeep(BrokerUpkeep):
                            exc)
             if self.hold is not None:
                 self.hold.attach(connection)
+        except tuple(connection.connection_errors) as exc:
+            hub.call_soon(_raise, exc)
 
     # -- delayed delivery ----------
     def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
@@ -215,3 +222,7 @@ class AmqpUpkeep(BrokerUpkeep):
         self._connection = self._amqp = self._hub = None
         with self._lock:
             self._drop_publisher()
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
