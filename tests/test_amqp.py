@@ -442,7 +442,9 @@ def test_a_worker_and_a_client_behind_a_silent_link_reconnect_within_two_heartbe
         broker, start_worker, monkeypatch, request, caplog):
     """The link to the server goes silent without a reset (a partition): the worker's and
     the client's heartbeat checks find the server silent for two intervals (1 s here),
-    each drops its connection and connects again once the link is back, and tasks run."""
+    each drops its connection at once (no closing handshake to wait for on the silent
+    link: both try a new connection while it is still silent), connects again once the
+    link is back, and tasks run."""
     proxy = FreezableProxy(("127.0.0.1", 5672))
     request.addfinalizer(proxy.close)
     through = broker.url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}")
@@ -452,6 +454,9 @@ def test_a_worker_and_a_client_behind_a_silent_link_reconnect_within_two_heartbe
     caplog.set_level("INFO", logger="interactive_tasks.client")
     w = start_worker(concurrency=1)
     assert tasks.add.delay(1, 2).result(timeout=10) == 3
+    from .test_reliability import broker_ports
+
+    worker_ports = set(broker_ports(w.pid, proxy.port))
     proxy.frozen.set()
     cut_at = time.monotonic()
     try:
@@ -460,6 +465,9 @@ def test_a_worker_and_a_client_behind_a_silent_link_reconnect_within_two_heartbe
         noticed = time.monotonic() - cut_at
         wait_for(lambda: "inbox connection lost" in caplog.text, 10, interval=0.05,
                  message="the client to give up on the silent server")
+        wait_for(lambda: set(broker_ports(w.pid, proxy.port)) - worker_ports, 5,
+                 interval=0.05, message="the worker to try a new connection")
+        assert not set(broker_ports(w.pid, proxy.port)) & worker_ports  # the old one is gone
     finally:
         proxy.frozen.clear()
     assert noticed <= 2 * 1.0 + 1.0, noticed  # two intervals, checked four times each

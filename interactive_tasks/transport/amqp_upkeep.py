@@ -138,6 +138,12 @@ class AmqpUpkeep(BrokerUpkeep):
             if self.hold is not None:
                 self.hold.attach(connection)
         except tuple(connection.connection_errors) as exc:
+            # Drop the socket now, without the closing handshake: on a link gone silent
+            # the worker's teardown would wait for the server's answer until TCP gives up.
+            try:
+                connection.collect()
+            except Exception:
+                pass
             hub.call_soon(_raise, exc)
 
     # -- delayed delivery ----------

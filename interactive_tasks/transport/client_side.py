@@ -137,12 +137,19 @@ class KombuInbox:
         """Nothing to check: heartbeats (:meth:`read`) notice a dead broker."""
 
     def close(self, delete: bool) -> None:
+        if not delete:
+            # After an error: drop the socket without the closing handshake, which would
+            # wait for the server's answer forever on a link gone silent.
+            try:
+                self._conn.collect()
+            except Exception:
+                pass
+            return
         try:
-            if delete:
-                # Cancel first: deleting a queue under its own consumer makes the broker
-                # cancel it mid-close and leaks the socket (py-amqp).
-                self._consumer.cancel()
-                self._channel.queue_delete(self.inbox.name)
+            # Cancel first: deleting a queue under its own consumer makes the broker
+            # cancel it mid-close and leaks the socket (py-amqp).
+            self._consumer.cancel()
+            self._channel.queue_delete(self.inbox.name)
         except Exception:
             pass
         finally:
