@@ -156,9 +156,6 @@ class DelayedTasks:
         """Load the scripts into Redis (after a restart emptied its script cache)."""
         self.client.script_load(DUE_SCRIPT)
 
-    def count(self) -> int:
-        return int(self.client.zcard(self.key))
-
     def listing(self, limit: int = 100) -> list[ScheduledTask]:
         """The first ``limit`` scheduled tasks, soonest first."""
         out = []

@@ -189,10 +189,6 @@ class WorkerLiveness:
         """Load the script into Redis (after a restart emptied its script cache)."""
         self.client.script_load(LIVENESS_SCRIPT)
 
-    def sweep(self) -> dict[str, int]:
-        """Restore the tasks of dead workers without beating (tools, tests)."""
-        return self._dead(self._run(""))
-
     def leave(self) -> bool:
         """Leave the registry (warm shutdown) if every message was settled."""
         keys = unacked_keys(self.namespace, self.worker)
