@@ -21,6 +21,7 @@ from ._gevent import maybe_patch as _maybe_patch_gevent
 
 _maybe_patch_gevent()  # must run before kombu and redis import socket/select
 
+from . import signals  # noqa: E402
 from .app import App, Settings, load_app  # noqa: E402
 from .canvas import ChainHandle, GroupHandle, chain, chord, group  # noqa: E402
 from .errors import (  # noqa: E402
@@ -91,4 +92,5 @@ __all__ = [
     "chord",
     "group",
     "load_app",
+    "signals",
 ]

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kombu import Connection, Producer, Queue
 
-from . import codec
+from . import codec, signals
 from .errors import PayloadTooLarge, ProtocolError, TransportError
 from .protocol import (
+    RESERVED_HEADERS,
     ControlMessage,
     Envelope,
     Event,
@@ -266,12 +267,21 @@ class Client:
         Raises PayloadTooLarge and TransportError.
         """
         queue = self.app.names.task_queue(message.queue)
+        announce = bool(signals.before_task_publish.receivers or
+                        signals.after_task_publish.receivers)
+        if announce:
+            _before_publish(message, queue.name)
         body = codec.dumps(message.to_wire())
-        if message.eta is not None and message.eta - time.time() > SCHEDULE_AHEAD and \
-                self._schedule(queue.name, message.id, body, priority, message.eta):
-            return
-        self._check_size(body)
-        self._client_side().publish_task(queue, body, priority)
+        scheduled = message.eta is not None and message.eta - time.time() > SCHEDULE_AHEAD \
+            and self._schedule(queue.name, message.id, body, priority, message.eta)
+        if not scheduled:
+            self._check_size(body)
+            self._client_side().publish_task(queue, body, priority)
+        if announce:
+            signals.after_task_publish.send(
+                sender=message.task, body=message.to_wire(), exchange="",
+                routing_key=queue.name, headers={**message.headers, "id": message.id,
+                                                 "task": message.task})
 
     def _client_side(self) -> ClientSide:
         """This process's side of the broker (created on first use)."""
@@ -599,3 +609,16 @@ class Client:
                 seen = self._worker_seen.get(worker)
                 if seen is not None and now - seen > WORKER_SILENCE:
                     w._on_worker_lost(worker)
+
+
+def _before_publish(message: TaskMessage, routing_key: str) -> None:
+    """``before_task_publish``: ``headers`` holds the message's headers with Celery's
+    ``id`` and ``task``; keys a receiver adds or changes travel with the task."""
+    headers = {**message.headers, "id": message.id, "task": message.task}
+    signals.before_task_publish.send(
+        sender=message.task, body=message.to_wire(), exchange="", routing_key=routing_key,
+        headers=headers, properties={"reply_to": message.reply_to}, declare=[],
+        retry_policy=None)
+    for key, value in headers.items():
+        if key not in ("id", "task") and key not in RESERVED_HEADERS:
+            message.headers[key] = value

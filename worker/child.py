@@ -34,6 +34,7 @@ from interactive_tasks.context import Request, reset_runtime, set_runtime
 from interactive_tasks.errors import Cancelled, QuestionTimeout, Retry, SoftTimeLimitExceeded
 from interactive_tasks.protocol import EventKind
 
+from . import trace
 from .ipc import BlockingChannel, ChannelClosed
 
 logger = logging.getLogger("interactive_tasks.worker.child")
@@ -400,20 +401,22 @@ class Slot:
         kind: str = EventKind.SUCCEEDED
         fields: dict[str, Any] = {}
         task = None
+        error: BaseException | None = None
         armed = runtime.arm_soft_limit()
         try:
             task = self.app.get_task(request.task)
+            trace.before(task, request)
             runtime.checkpoint()  # starts paused / never runs when cancelled early
             result = task.run(*request.args, **request.kwargs)
             if inspect.isawaitable(result):  # an ``async def`` task: its own event loop
                 result = asyncio.run(_awaited(result))
             fields = {"result": result}
-        except Cancelled:
-            kind, fields = EventKind.CANCELLED, {}
+        except Cancelled as exc:
+            kind, fields, error = EventKind.CANCELLED, {}, exc
         except Retry as retry:
-            kind, fields = EventKind.RETRY, _retry_fields(request, retry)
+            kind, fields, error = EventKind.RETRY, _retry_fields(request, retry), retry
         except BaseException as exc:  # the task's failure is data, not our crash
-            kind, fields = EventKind.FAILED, {"error": describe_exception(exc)}
+            kind, fields, error = EventKind.FAILED, {"error": describe_exception(exc)}, exc
             if task is not None and task.autoretry_for and isinstance(exc, task.autoretry_for):
                 kind, fields = _autoretry(task, request, exc, fields)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -421,6 +424,8 @@ class Slot:
         finally:
             if armed:
                 runtime.disarm_soft_limit()
+            if task is not None:
+                trace.after(task, request, kind, fields, error)
             _flush_partial_lines(runtime)
             _local.runtime = None
             reset_runtime(token)
@@ -430,9 +435,9 @@ class Slot:
             self.channel.send(["done", request.id, kind, fields, time.time()])
         except TypeError as exc:
             # The return value is not serializable: report that instead of losing the task.
-            error = {"type": "TypeError", "message": f"result cannot be sent: {exc}",
-                     "traceback": ""}
-            self.channel.send(["done", request.id, EventKind.FAILED, {"error": error},
+            unsent = {"type": "TypeError", "message": f"result cannot be sent: {exc}",
+                      "traceback": ""}
+            self.channel.send(["done", request.id, EventKind.FAILED, {"error": unsent},
                                time.time()])
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from kombu import Producer
 from kombu.asynchronous import Hub
 
-from interactive_tasks import codec
+from interactive_tasks import codec, signals
 from interactive_tasks.app import App
 from interactive_tasks.errors import ConfigurationError, ProtocolError, TransportError
 from interactive_tasks.protocol import (
@@ -160,6 +160,7 @@ class Worker:
         self._buckets: dict[str, TokenBucket | None] = {}
         self._rate_timer = False
         self._spawn_failures = 0
+        self._ready_sent = False
 
     # -- lifecycle ----------
     def run(self) -> int:
@@ -167,6 +168,7 @@ class Worker:
         self._install_signals()
         app = self.app
         self.app._adopt_class_tasks()
+        signals.worker_init.send(sender=self)
         logger.info("worker %s starting: pool=%s concurrency=%d queues=%s broker=%s",
                     self.hostname, self.pool.name, self.concurrency,
                     ",".join(self.queue_names), app.broker_url_display)
@@ -201,6 +203,7 @@ class Worker:
             self._shutdown_pool()
             self._teardown_connection()
             self.upkeep.close(clean=not self.records)
+        signals.worker_shutdown.send(sender=self)
         logger.info("worker %s stopped", self.hostname)
         return self._exit_code
 
@@ -258,6 +261,9 @@ class Worker:
         self.relay.publish_monitor({"t": "worker-online", "worker": self.hostname,
                                     "ts": time.time()})
         logger.info("worker %s ready", self.hostname)
+        if not self._ready_sent:  # once, not again after a reconnect
+            self._ready_sent = True
+            signals.worker_ready.send(sender=self)
         self._dispatch()
         self.intake.after_registered(hub, take_tasks=not self._stopping)
         intake = self.intake

@@ -24,6 +24,7 @@ from interactive_tasks.protocol import (
     TaskState,
 )
 
+from . import trace
 from .canvas import after_finish
 from .records import Subscriber, TaskRecord
 
@@ -200,6 +201,7 @@ class Outcomes:
         elif kind in (EventKind.FAILED, EventKind.RETRY) and record.cancel_requested:
             kind, fields = EventKind.CANCELLED, {}
         w.relay.emit(record, kind, fields, ts)
+        trace.revoked(w.app, record.message, kind, fields, w.hostname)
         w.processed += 1
         w.relay.pending_results.append((record.id, record.final_record()))
         if record.kombu_message is not None:

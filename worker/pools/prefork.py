@@ -17,6 +17,7 @@ import time
 
 import billiard
 
+from interactive_tasks import signals
 from interactive_tasks.app import App
 
 from ..child import Slot
@@ -49,7 +50,9 @@ def _child_main(app: App, sock: socket.socket, parent_sock_fd: int, hostname: st
     except OSError:
         pass
     use_switch_interval(app)
+    signals.worker_process_init.send(sender=None)
     Slot(app, BlockingChannel(sock), hostname).serve()
+    signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     os._exit(0)
 
 
