@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from interactive_tasks.errors import TransportError
+from interactive_tasks.errors import TaskTimeout, TransportError
 
 from .conftest import BrokerEnv, WorkerProcess, wait_for
 from .doc_blocks import doc_block
@@ -114,11 +114,22 @@ def submit_under_load(run: Run, break_broker: Callable[[], None]) -> threading.T
     return breaker
 
 
+def result_or_report(run: Run, key: str, handle: Any) -> Any:
+    """The task's result; if none comes, a failure that says how far the task got."""
+    try:
+        return handle.result(timeout=60)
+    except TaskTimeout as exc:
+        started_ = [line for line in lines(Path(f"{run.marker}.started")) if
+                    line.split()[0] == key]
+        raise AssertionError(f"{key}: {exc}; started {len(started_)} time(s), finished "
+                             f"{lines(run.marker).count(key)} time(s)") from exc
+
+
 def check_every_task_ran_once(run: Run) -> None:
     """Every starter gets its result; every task published in one go (apply_async
     returned) was started once and finished once; one published again after a
     TransportError (it may have been queued by the first try) ran at most twice."""
-    results = {key: handle.result(timeout=60) for key, handle in run.handles.items()}
+    results = {key: result_or_report(run, key, handle) for key, handle in run.handles.items()}
     assert results == {key: key for key in run.handles}
     finished = Counter(lines(run.marker))
     started_ = Counter(line.split()[0] for line in lines(Path(f"{run.marker}.started")))

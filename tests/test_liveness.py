@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -129,6 +132,67 @@ def test_a_restored_task_is_flagged_redelivered(redis_ns):
     f2.close()
     conn2.release()
     assert watcher.leave() and not r.exists(f"{ns}.workers")
+    r.close()
+
+
+def redis_ports_of(pid: int) -> list[int]:
+    """The local ports of process ``pid``'s TCP connections to Redis (/proc: its socket
+    inodes, matched in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if inode in inodes and int(remote.split(":")[1], 16) == 6379:
+            ports.append(int(local.split(":")[1], 16))
+    return ports
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_fetch_whose_reply_was_lost_returns_to_the_queue_on_reconnect(
+        broker, start_worker, tasks, tmp_path):
+    """The fetch script pops a task and records it for the worker in one step; when its
+    reply is lost with the connection (a primary that crashes, a link that breaks) the
+    worker never got the task, and while it beats nobody else restores it. On its new
+    connection the worker returns such strays to their queues before it fetches."""
+    import redis
+
+    from interactive_tasks.transport.redis_fetch import FETCH_SCRIPT
+    from interactive_tasks.transport.redis_liveness import redelivered_key, unacked_keys
+
+    worker = start_worker(concurrency=1)
+    ns = broker.namespace
+    r = redis.Redis.from_url(REDIS_URL)
+    mine = [n.decode() for n in r.hkeys(f"{ns}.workers")
+            if n.decode().startswith(worker.name + "/")]
+    assert len(mine) == 1, mine
+    keys = unacked_keys(ns, mine[0])
+    marker = tmp_path / "ran"
+    worker.signal(signal.SIGSTOP)  # it fetches nothing until the script below has run
+    try:
+        handle = tasks.marked_steps.start(str(marker), 1, 0.01, "stray")
+        queue = f"{ns}.tasks.default"
+        taken = r.register_script(FETCH_SCRIPT)(
+            keys=[keys["unacked_key"], keys["unacked_index_key"], redelivered_key(ns),
+                  queue], args=[time.time(), 10])
+        assert len(taken) == 2 and r.llen(queue) == 0  # recorded for the worker, not sent
+        ports = redis_ports_of(worker.pid)
+        assert ports
+        for port in ports:  # the worker's connections break, its fetch reply with them
+            with contextlib.suppress(redis.ResponseError):
+                r.execute_command("CLIENT", "KILL", "ADDR", f"127.0.0.1:{port}")
+    finally:
+        worker.signal(signal.SIGCONT)
+    assert handle.result(timeout=10) == "stray"
+    assert lines(marker) == ["stray"]
+    assert "never received returned to their queues" in worker.log()
+    assert wait_for(lambda: r.hlen(keys["unacked_key"]) == 0, 5,
+                    message="the worker's unacked hash to be empty after the ack")
     r.close()
 
 

@@ -122,6 +122,35 @@ def test_reject_with_requeue_and_channel_close_give_messages_back(ns: str) -> No
     g.die()
 
 
+def test_strays_go_back_and_what_the_worker_holds_stays(ns: str) -> None:
+    """A fetch whose reply never arrived left ``lost`` recorded for the worker; the next
+    connection's fetcher (sharing what the process holds) returns it to the queue and
+    keeps ``held`` (received, not acked) and forgets ``done`` (acked)."""
+    publish(ns, [b"held", b"done", b"lost"])
+    r = redis.Redis.from_url(REDIS_URL)
+    f = Fetching(ns)
+    assert f.fetcher.fetch(2) == 2
+    f.messages[1].ack()
+    qos = f.channel.qos
+    lost = f.fetcher._run_script(keys=[qos.unacked_key, qos.unacked_index_key,
+                                       redelivered_key(ns), f"{ns}.q"], args=[time.time(), 1])
+    assert len(lost) == 2 and r.llen(f"{ns}.q") == 0 and r.hlen(f.unacked) == 2
+    f.fetcher.close()
+    again = TaskFetcher(REDIS_URL, f.channel, [f"{ns}.q"], f.messages.append,
+                        lambda m, why: None, redelivered_key(ns), f.fetcher.held)
+    again.return_strays()
+    assert list(again.held) == [f.messages[0].delivery_tag]  # the acked one forgotten
+    assert r.hlen(f.unacked) == 1 and r.zcard(f.unacked_index) == 1
+    assert again.fetch(10) == 1 and f.bodies() == [b"held", b"done", b"lost"]
+    assert not f.messages[2].delivery_info.get("redelivered")  # it never ran
+    for m in (f.messages[0], f.messages[2]):
+        m.ack()
+    assert r.hlen(f.unacked) == 0
+    again.close()
+    f.die()
+    r.close()
+
+
 def test_prefetch_count_bounds_each_fetch(ns: str) -> None:
     publish(ns, [b"1", b"2", b"3"])
     f = Fetching(ns, prefetch=2)

@@ -49,6 +49,8 @@ BELL_KEEP = 16
 BELL_EXPIRES_MS = 60_000
 #: fetch this often even without a bell
 POLL_INTERVAL = 1.0
+#: the held-message map is cleared of settled messages when it grows to this size
+HELD_PRUNE_AT = 1024
 
 # KEYS: unacked hash, unacked index, redelivered tags, then the queue lists in delivery
 # order.
@@ -123,8 +125,12 @@ class TaskFetcher:
 
     def __init__(self, url: str, channel: Any, queues: list[str],
                  on_message: Callable[[Any], None],
-                 on_garbage: Callable[[Any, str], None], redelivered_key: str) -> None:
+                 on_garbage: Callable[[Any, str], None], redelivered_key: str,
+                 held: dict[str, Any] | None = None) -> None:
         self.channel = channel
+        #: delivery tag -> the message handed to ``on_message``; kept across the fetchers of
+        #: one worker process (one per connection) to tell its own messages from strays
+        self.held: dict[str, Any] = {} if held is None else held
         self.redelivered_key = redelivered_key
         self.qos = channel.qos
         self.keys = [channel._q_for_pri(q, p) for p in channel.priority_steps for q in queues]
@@ -146,10 +152,31 @@ class TaskFetcher:
 
     # -- the loop ---------
     def register(self, hub: Any) -> None:
-        """Start on ``hub``: fetch, and wait for bells."""
+        """Start on ``hub``: return strays, fetch, and wait for bells.
+
+        Raises the Redis client's connection errors.
+        """
         self._hub = hub
         self._bell_wait.attach(hub)
+        self.return_strays()
         self.pump()
+
+    def return_strays(self) -> None:
+        """Put back in their queues the messages recorded for this worker that it never
+        received (:func:`.redis_liveness.return_strays`: a fetch whose reply was lost
+        with the connection before this one)."""
+        from .redis_liveness import return_strays
+
+        self._forget_settled()
+        returned = return_strays(self._redis, self.qos.unacked_key,
+                                 self.qos.unacked_index_key, list(self.held))
+        if returned:
+            logger.warning("%d task(s) fetched on a lost connection but never received "
+                           "returned to their queues", returned)
+
+    def _forget_settled(self) -> None:
+        for tag in [tag for tag, message in self.held.items() if message.acknowledged]:
+            del self.held[tag]
 
     def stop(self) -> None:
         """Fetch nothing more (warm shutdown); an in-flight wait is left to time out."""
@@ -228,6 +255,9 @@ class TaskFetcher:
             # The server side of kombu's QoS.append is done (by the script); this is its
             # local side, so ack/reject/close find the message.
             virtual.QoS.append(qos, message, message.delivery_tag)
+            if len(self.held) >= HELD_PRUNE_AT:
+                self._forget_settled()
+            self.held[message.delivery_tag] = message
             self.on_message(message)
         return len(flat) // 2
 

@@ -40,12 +40,51 @@ logger = logging.getLogger("interactive_tasks.worker")
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEP = "\x06\x16"
 
+# A Lua function shared by the scripts below: push one entry of an unacked hash (kombu's
+# format) back onto the list it came from (a message's priority picks the list, as kombu's
+# restore does) and ring its queue's bell. Returns false for an entry it cannot read.
+RESTORE_FUNCTION = """
+local function restore(value, sep, steps, bell_suffix, bells_kept, bell_expiry)
+  local ok, v = pcall(cjson.decode, value)
+  if not (ok and type(v) == 'table' and type(v[1]) == 'table' and type(v[3]) == 'string') then
+    return false
+  end
+  -- the stored value is '[' .. raw .. ',' .. exchange .. ',' .. routing key .. ']': cut
+  -- the raw message out as it was, byte for byte
+  local suffix = ',' .. cjson.encode(v[2]) .. ',' .. cjson.encode(v[3]) .. ']'
+  local raw
+  if string.sub(value, -#suffix) == suffix then
+    raw = string.sub(value, 2, #value - #suffix)
+  else
+    raw = cjson.encode(v[1])
+  end
+  local priority = 0
+  if type(v[1]['properties']) == 'table' then
+    priority = tonumber(v[1]['properties']['priority']) or 0
+  end
+  priority = math.max(0, math.min(9, priority))
+  local step = 0
+  for k = 1, #steps do
+    if steps[k] <= priority then step = steps[k] end
+  end
+  local queue = v[3]
+  local list = queue
+  if step > 0 then list = queue .. sep .. step end
+  redis.call('RPUSH', list, raw)
+  local bell = queue .. bell_suffix
+  redis.call('LPUSH', bell, '1')
+  redis.call('LTRIM', bell, 0, bells_kept - 1)
+  redis.call('PEXPIRE', bell, bell_expiry)
+  return true
+end
+"""
+
 # KEYS: [1] workers hash, [2] redelivered-tags hash
 # ARGV: [1] this worker ('' to only look), [2] dead after (ms), [3] unacked hash prefix,
 #       [4] unacked index prefix, [5] priority separator, [6] JSON priority steps,
 #       [7] bell suffix, [8] bells kept, [9] bell expiry (ms)
 # Returns {registered_before (0/1), dead worker, messages restored, dead worker, ...}.
-LIVENESS_SCRIPT = """
+LIVENESS_SCRIPT = RESTORE_FUNCTION + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me = ARGV[1]
@@ -65,36 +104,9 @@ for i = 1, #all, 2 do
     local entries = redis.call('HGETALL', hash)
     local restored = 0
     for j = 1, #entries, 2 do
-      local tag, value = entries[j], entries[j + 1]
-      local ok, v = pcall(cjson.decode, value)
-      if ok and type(v) == 'table' and type(v[1]) == 'table' and type(v[3]) == 'string' then
-        -- the stored value is '[' .. raw .. ',' .. exchange .. ',' .. routing key .. ']':
-        -- cut the raw message out as it was, byte for byte
-        local suffix = ',' .. cjson.encode(v[2]) .. ',' .. cjson.encode(v[3]) .. ']'
-        local raw
-        if string.sub(value, -#suffix) == suffix then
-          raw = string.sub(value, 2, #value - #suffix)
-        else
-          raw = cjson.encode(v[1])
-        end
-        local priority = 0
-        if type(v[1]['properties']) == 'table' then
-          priority = tonumber(v[1]['properties']['priority']) or 0
-        end
-        priority = math.max(0, math.min(9, priority))
-        local step = 0
-        for k = 1, #steps do
-          if steps[k] <= priority then step = steps[k] end
-        end
-        local queue = v[3]
-        local list = queue
-        if step > 0 then list = queue .. ARGV[5] .. step end
-        redis.call('RPUSH', list, raw)
-        redis.call('HSET', KEYS[2], tag, 1)
-        local bell = queue .. ARGV[7]
-        redis.call('LPUSH', bell, '1')
-        redis.call('LTRIM', bell, 0, tonumber(ARGV[8]) - 1)
-        redis.call('PEXPIRE', bell, tonumber(ARGV[9]))
+      if restore(entries[j + 1], ARGV[5], steps, ARGV[7], tonumber(ARGV[8]),
+                 tonumber(ARGV[9])) then
+        redis.call('HSET', KEYS[2], entries[j], 1)
         restored = restored + 1
       end
     end
@@ -105,6 +117,28 @@ for i = 1, #all, 2 do
   end
 end
 return out
+"""
+
+# KEYS: [1] this worker's unacked hash, [2] its index
+# ARGV: [1] priority separator, [2] JSON priority steps, [3] bell suffix, [4] bells kept,
+#       [5] bell expiry (ms), [6 ...] the delivery tags the worker holds
+# Returns how many entries it pushed back onto their lists.
+STRAYS_SCRIPT = RESTORE_FUNCTION + """
+local held = {}
+for i = 6, #ARGV do held[ARGV[i]] = true end
+local steps = cjson.decode(ARGV[2])
+local entries = redis.call('HGETALL', KEYS[1])
+local returned = 0
+for j = 1, #entries, 2 do
+  local tag = entries[j]
+  if not held[tag] and restore(entries[j + 1], ARGV[1], steps, ARGV[3], tonumber(ARGV[4]),
+                               tonumber(ARGV[5])) then
+    redis.call('HDEL', KEYS[1], tag)
+    redis.call('ZREM', KEYS[2], tag)
+    returned = returned + 1
+  end
+end
+return returned
 """
 
 # KEYS: [1] workers hash, [2] this worker's unacked hash, [3] its index; ARGV: [1] this
@@ -147,6 +181,24 @@ def priority_list(queue: str, priority: int | None) -> str:
     p = max(0, min(9, int(priority or 0)))
     step = max(s for s in PRIORITY_STEPS if s <= p)
     return f"{queue}{PRIORITY_SEP}{step}" if step else queue
+
+
+def return_strays(client: Any, unacked_key: str, unacked_index_key: str,
+                  held: list[str]) -> int:
+    """Push back onto their lists the messages recorded in a worker's own unacked keys that
+    the worker does not hold (``held``: the delivery tags it received and has not settled);
+    returns how many.
+
+    A fetch records its messages in the same script that pops them, so a fetch whose
+    reply was lost with its connection (the primary crashed, a link broke) leaves messages
+    that no process runs, and no other worker restores them while this one beats. Run on a
+    fresh connection before the worker's first fetch on it, when none of its fetches is in
+    flight. Raises the client's errors.
+    """
+    keys = [unacked_key, unacked_index_key]
+    args = [PRIORITY_SEP, json.dumps(list(PRIORITY_STEPS)), BELL_SUFFIX, BELL_KEEP,
+            BELL_EXPIRES_MS, *held]
+    return int(client.register_script(STRAYS_SCRIPT)(keys=keys, args=args))
 
 
 class WorkerLiveness:

@@ -106,6 +106,8 @@ class RedisIntake(WorkerIntake):
         super().__init__(app, hostname, **callbacks)
         self.fetcher: TaskFetcher | None = None
         self.control_reader: ListReader | None = None
+        #: what this process's fetchers handed over (see TaskFetcher.held)
+        self.held: dict[str, Any] = {}
 
     def _start_tasks(self, conn: Any, hub: Any, channel: Any, task_queues: list[Any],
                      prefetch: int, take_tasks: bool) -> None:
@@ -116,7 +118,8 @@ class RedisIntake(WorkerIntake):
         channel.basic_qos(0, prefetch, False)
         self.fetcher = TaskFetcher(self.app.broker_url, channel,
                                    [q.name for q in task_queues], self.on_task,
-                                   self.on_garbage, redelivered_key(self.app.conf.namespace))
+                                   self.on_garbage, redelivered_key(self.app.conf.namespace),
+                                   self.held)
         # A plain list of raw frames, read on the loop: no kombu envelope to build and
         # parse on the latency path of every pause, resume and message.
         self.control_reader = ListReader(
