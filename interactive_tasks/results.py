@@ -2,8 +2,9 @@
 
 The contract is :class:`ResultStore`; :class:`RedisResultStore` (used when the broker is
 Redis, or for a ``redis://`` or ``sentinel://`` ``result_backend``),
-:class:`FileResultStore` (the embedded default) and :class:`NullResultStore` (AMQP without
-a ``result_backend``: results reach the starting client through its inbox only) implement it.
+:class:`FileResultStore` (the embedded default), :class:`MemoryResultStore` (the in-memory
+broker's, for tests) and :class:`NullResultStore` (AMQP without a ``result_backend``:
+results reach the starting client through its inbox only) implement it.
 
 A record is the final :class:`~interactive_tasks.protocol.TaskSnapshot` in wire form.
 
@@ -89,6 +90,57 @@ class NullResultStore(ResultStore):
     @property
     def durable(self) -> bool:
         return False
+
+
+class MemoryResultStore(ResultStore):
+    """Records in the process's in-memory broker (``memory://``): every client and worker
+    of the process reads them; nothing expires, nothing survives the process."""
+
+    def __init__(self, namespace: str, expires: float) -> None:
+        from .transport import memory
+
+        super().__init__(namespace, expires)
+        self._lock = memory.STATE.lock
+        self._results = memory.STATE.results
+
+    @property
+    def _space(self) -> dict[str, dict[str, Any]]:
+        # looked up on each use: MemoryBroker.reset() empties the broker between tests
+        return self._results.setdefault(self.namespace,
+                                        {"records": {}, "revoked": {}, "chords": {}})
+
+    def put(self, task_id: str, record: dict[str, Any]) -> None:
+        # stored as the wire form, as other stores do: a caller's later change to the dict
+        # does not reach the stored record
+        with self._lock:
+            self._space["records"][task_id] = codec.dumps(record)
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            raw = self._space["records"].get(task_id)
+        if raw is None:
+            return None
+        record = codec.loads(raw)
+        return record if isinstance(record, dict) else None
+
+    def add_revoked(self, entries: dict[str, list[Any]]) -> None:
+        with self._lock:
+            self._space["revoked"].update(entries)
+
+    def revoked(self) -> dict[str, list[Any]]:
+        now = time.time()
+        with self._lock:
+            return {k: list(v) for k, v in self._space["revoked"].items() if v[0] > now}
+
+    def chord_incr(self, chord_id: str) -> int:
+        with self._lock:
+            count = self._space["chords"].get(chord_id, 0) + 1
+            self._space["chords"][chord_id] = count
+            return count
+
+    def chord_forget(self, chord_id: str) -> None:
+        with self._lock:
+            self._space["chords"].pop(chord_id, None)
 
 
 class RedisResultStore(ResultStore):
@@ -336,7 +388,7 @@ def result_store_for(
 ) -> ResultStore:
     """Pick the store: the ``result_backend`` URL (with ``backend_options``), else one
     matching the broker (with ``broker_options``)."""
-    from .transport import default_home, embedded_directory, is_embedded
+    from .transport import default_home, embedded_directory, is_embedded, is_memory
     from .transport.redis_urls import is_redis
 
     url = backend_url or broker_url
@@ -344,6 +396,8 @@ def result_store_for(
     scheme = url.split("://", 1)[0]
     if is_redis(url):
         return RedisResultStore(url, namespace, expires, options)
+    if is_memory(url):
+        return MemoryResultStore(namespace, expires)
     fsync = bool((options or {}).get("fsync"))
     if is_embedded(url):
         # Beside the broker directory, never inside it: the broker owns every entry there.
@@ -355,7 +409,7 @@ def result_store_for(
                                expires, fsync)
     if backend_url:
         raise ConfigurationError(
-            f"unsupported result_backend {backend_url!r}; use redis://, sentinel://, file:// "
-            "or embedded://"
+            f"unsupported result_backend {backend_url!r}; use redis://, sentinel://, file://, "
+            "embedded:// or memory://"
         )
     return NullResultStore(namespace, expires)

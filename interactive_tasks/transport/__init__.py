@@ -20,6 +20,10 @@ EMBEDDED_SCHEME = "embedded"
 TRANSPORT_ALIASES.setdefault(
     EMBEDDED_SCHEME, "interactive_tasks.transport.embedded:Transport"
 )
+MEMORY_SCHEME = "memory"
+# kombu's memory transport with a loop wake-up, liveness and no shared queues with kombu's
+# own (transport/memory.py); plain kombu use of memory:// works on it unchanged.
+TRANSPORT_ALIASES[MEMORY_SCHEME] = "interactive_tasks.transport.memory:Transport"
 
 #: How long an unused client inbox lives on the broker.
 INBOX_EXPIRES = 60.0
@@ -52,6 +56,11 @@ def resolve_broker_url(url: str | None) -> str:
 
 def is_embedded(url: str) -> bool:
     return url.split("://", 1)[0] == EMBEDDED_SCHEME
+
+
+def is_memory(url: str) -> bool:
+    """The in-memory broker of this process (``memory://``, transport/memory.py)."""
+    return url.split("://", 1)[0] == MEMORY_SCHEME
 
 
 def is_amqp(url: str) -> bool:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import is_amqp, is_embedded
+from . import is_amqp, is_embedded, is_memory
 from .redis_fast import is_redis
 
 if TYPE_CHECKING:
@@ -300,6 +300,10 @@ def upkeep_for(app: App, incarnation: str, on_declared_dead: Callable[[], None],
         return RedisUpkeep(app, incarnation, on_declared_dead)
     if is_embedded(app.broker_url):
         return EmbeddedUpkeep(app)
+    if is_memory(app.broker_url):
+        from .memory_upkeep import MemoryUpkeep
+
+        return MemoryUpkeep(app, incarnation, on_declared_dead)
     if is_amqp(app.broker_url):
         from .amqp_upkeep import AmqpUpkeep
 

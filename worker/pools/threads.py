@@ -18,7 +18,7 @@ from interactive_tasks.app import App
 from interactive_tasks.errors import Cancelled
 
 from ..child import Slot
-from ..ipc import BlockingChannel
+from ..ipc import BlockingChannel, ChannelClosed
 from .base import Pool, PoolSlot, use_switch_interval
 
 
@@ -44,7 +44,16 @@ class ThreadsPool(Pool):
     def spawn(self, index: int) -> PoolSlot:
         parent, child = self._socketpair()
         slot_runner = Slot(self.app, BlockingChannel(child), self.hostname)
-        thread = threading.Thread(target=slot_runner.serve, name=f"itask-{self.name}-{index}",
+
+        def serve() -> None:
+            try:
+                slot_runner.serve()
+            except ChannelClosed:
+                pass  # the worker is gone (a worker inside a test process, killed)
+            finally:  # a worker inside a test process outlives its slots
+                child.close()
+
+        thread = threading.Thread(target=serve, name=f"itask-{self.name}-{index}",
                                   daemon=True)
         thread.start()
         return PoolSlot(index=index, pid=os.getpid(), sock=parent, handle=thread)

@@ -1,0 +1,100 @@
+"""Liveness and delayed delivery on the in-memory broker (``memory://``).
+
+The same duties as on Redis (:class:`.upkeep.RedisUpkeep`), kept in the process's broker
+(:mod:`.memory`): each worker beats into the broker's liveness record every
+``worker_heartbeat``; each beat also finds the workers of its namespace silent for
+``worker_lost_timeout`` and returns their unacknowledged tasks to their queues; and every
+``DUE_INTERVAL`` the tasks whose eta has come move from the broker's delayed set to their
+queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import memory
+from .upkeep import BrokerUpkeep, cancel_timers
+
+if TYPE_CHECKING:
+    from ..app import App
+    from .redis_delay import ScheduledTask
+
+logger = logging.getLogger("interactive_tasks.worker")
+
+
+class MemoryUpkeep(BrokerUpkeep):
+    """The in-memory broker's liveness record and delayed set."""
+
+    def __init__(self, app: App, incarnation: str,
+                 on_declared_dead: Callable[[], None]) -> None:
+        self.app = app
+        self.incarnation = incarnation
+        self.on_declared_dead = on_declared_dead
+        self.namespace = app.conf.namespace
+        self._delayed = memory.delayed_of(self.namespace)
+        self._timers: list[Any] = []
+        self._last_beat = time.monotonic()
+
+    def start(self, hub: Any, connection: Any = None) -> None:
+        from .redis_delay import DUE_INTERVAL
+
+        cancel_timers(self._timers)
+        transport = getattr(connection, "transport", None)
+        with memory.STATE.lock:
+            # a worker's fresh connection: its entry owns the new connection's deliveries
+            memory.STATE.workers[self.incarnation] = memory.WorkerEntry(
+                self.incarnation.rsplit("/", 1)[0], self.namespace,
+                transport if isinstance(transport, memory.Transport) else None)
+        self.beat()
+        self._timers = [hub.call_repeatedly(self.app.conf.worker_heartbeat, self.beat),
+                        hub.call_repeatedly(DUE_INTERVAL, self.move_due)]
+
+    def beat(self) -> None:
+        """Heartbeat, and return the tasks of workers found dead."""
+        with memory.STATE.lock:
+            entry = memory.STATE.workers.get(self.incarnation)
+            if entry is not None:
+                entry.last_beat = time.monotonic()
+        if entry is None:
+            logger.warning("this worker was taken for dead: its running tasks may have been "
+                           "delivered to another worker")
+            self.on_declared_dead()
+            return
+        self._last_beat = time.monotonic()
+        for name, count in memory.sweep(self.namespace,
+                                        self.app.conf.worker_lost_timeout).items():
+            logger.warning("worker %s stopped beating (> %.0fs): %d unacknowledged task(s) "
+                           "returned to their queues", name,
+                           self.app.conf.worker_lost_timeout, count)
+
+    def move_due(self) -> None:
+        memory.move_due(self.namespace)
+
+    def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
+                 eta: float) -> bool:
+        self._delayed.schedule(queue, task_id, envelope, eta)
+        return True
+
+    def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
+        return self._delayed.listing(limit)
+
+    def find(self, task_id: str) -> bytes | None:
+        return self._delayed.find(task_id)
+
+    def unschedule(self, task_id: str) -> bytes | None:
+        return self._delayed.unschedule(task_id)
+
+    def possibly_lost(self) -> bool:
+        return time.monotonic() - self._last_beat > self.app.conf.worker_lost_timeout
+
+    def close(self, clean: bool) -> None:
+        cancel_timers(self._timers)
+        with memory.STATE.lock:
+            entry = memory.STATE.workers.get(self.incarnation)
+            # a killed worker (its connection dead) cannot leave: the liveness check finds it
+            dead = entry is not None and entry.transport is not None and entry.transport.dead
+            if clean and not dead:
+                memory.STATE.workers.pop(self.incarnation, None)

@@ -1,0 +1,287 @@
+"""The in-memory broker (``memory://``): every duty of the transport contract, in-process.
+
+Each test runs real workers (``worker.testing.start_worker``) on threads of the test
+process, and a real client, against the process's in-memory broker; tasks and tests meet
+through ordinary Python objects (events, lists), which only an in-process broker allows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from interactive_tasks import App, InteractiveTask, TaskFailed, TaskState
+from interactive_tasks.errors import ConfigurationError
+from interactive_tasks.results import MemoryResultStore
+from interactive_tasks.transport.memory import MemoryBroker, Transport
+from interactive_tasks.transport.memory_upkeep import MemoryUpkeep
+from interactive_tasks.transport.upkeep import upkeep_for
+from interactive_tasks.worker.testing import InProcessWorker, start_worker
+
+from .conftest import holds_for, wait_for
+
+
+class Tasks:
+    """An app on memory:// in a namespace of its own, with tasks the tests steer."""
+
+    def __init__(self, **conf: Any) -> None:
+        self.app = App("memtest", broker="memory://", namespace=f"m{uuid.uuid4().hex[:8]}",
+                       **conf)
+        self.broker = MemoryBroker.for_app(self.app)
+        self.release = threading.Event()
+        self.runs: list[tuple[str, int]] = []
+        app, release, runs = self.app, self.release, self.runs
+
+        @app.task(name="add")
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        @app.task(name="held", bind=True)
+        def held(self: Any, tag: str) -> str:
+            runs.append((tag, self.request.delivery))
+            while not release.is_set():  # short waits: a forced cancel lands between them
+                release.wait(0.01)
+            return tag
+
+        @app.task(name="chatty", base=InteractiveTask)
+        def chatty(self: Any, n: int) -> list[Any]:
+            got = []
+            for i in range(n):
+                self.progress(i + 1, n)
+                while (msg := self.receive(timeout=0.01)) is None:
+                    if release.is_set():
+                        break
+                got.append(msg)
+            return got
+
+        self.add, self.held, self.chatty = add, held, chatty
+
+
+@pytest.fixture
+def tasks() -> Iterator[Tasks]:
+    made = Tasks()
+    yield made
+    made.release.set()
+    made.app.close()
+
+
+def test_memory_url_reaches_the_in_memory_broker_through_every_factory(tasks):
+    app = tasks.app
+    with app.connection() as conn:
+        assert isinstance(conn.transport, Transport)
+    assert isinstance(app.results, MemoryResultStore)
+    assert isinstance(upkeep_for(app, "w/1", lambda: None), MemoryUpkeep)
+
+
+def test_a_task_is_published_fetched_run_and_acked_after_its_result_is_stored(tasks):
+    with start_worker(tasks.app, concurrency=2):
+        handle = tasks.add.delay(2, 3)
+        assert handle.get(timeout=5) == 5
+        handles = [tasks.add.delay(i, i) for i in range(50)]
+        tasks.broker.join(timeout=10)
+        # acked only after its result was stored: once the queue is joined every record is in
+        for h in handles:
+            record = tasks.app.results.get(h.id)
+            assert record is not None and record["state"] == "succeeded"
+        assert tasks.broker.queue_size() == 0
+        assert tasks.broker.dead_letters() == []
+
+
+def test_join_waits_for_a_delivered_task_and_times_out_while_it_runs(tasks):
+    with start_worker(tasks.app):
+        handle = tasks.held.delay("a")
+        wait_for(lambda: tasks.runs, message="the task started")
+        assert tasks.broker.queue_size() == 0  # delivered: only in flight
+        with pytest.raises(TimeoutError, match="1 in flight"):
+            tasks.broker.join(timeout=0.3)
+        tasks.release.set()
+        tasks.broker.join(timeout=5)
+        assert handle.get(timeout=5) == "a"
+
+
+def test_an_unknown_task_is_dead_lettered_with_its_reason(tasks):
+    with start_worker(tasks.app, hostname="dl@memory"):
+        handle = tasks.app.send_task("no.such.task", args=[1])
+        with pytest.raises(TaskFailed):
+            handle.get(timeout=5)
+        tasks.broker.join(timeout=5)
+    letters = tasks.broker.dead_letters()
+    assert len(letters) == 1
+    letter = letters[0]
+    assert "no.such.task" in (letter.reason or "")
+    assert letter.worker == "dl@memory"
+    assert letter.queue == tasks.app.names.task_queue_name("default")
+    assert b"no.such.task" in letter.body
+
+
+def test_a_warm_stop_requeues_tasks_it_has_not_started(tasks):
+    app = tasks.app
+    worker = InProcessWorker(app, concurrency=1, shutdown_timeout=5)
+    worker.start()
+    first = tasks.held.delay("first")
+    rest = [tasks.held.delay(f"r{i}") for i in range(3)]
+    wait_for(lambda: len(worker.ready) == 3, message="three tasks reserved, not started")
+    assert tasks.broker.queue_size() == 0
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    # given back to the queue while the running one finishes
+    wait_for(lambda: tasks.broker.queue_size() == 3, message="unstarted tasks requeued")
+    tasks.release.set()
+    stopper.join(10)
+    assert first.get(timeout=5) == "first"
+    with start_worker(app):
+        assert [h.get(timeout=5) for h in rest] == ["r0", "r1", "r2"]
+    assert [tag for tag, _ in tasks.runs] == ["first", "r0", "r1", "r2"]
+
+
+def test_control_reaches_the_running_task_through_its_workers_channel(tasks):
+    with start_worker(tasks.app):
+        handle = tasks.chatty.start(2)
+        wait_for(lambda: handle.state is TaskState.RUNNING, message="running")
+        handle.send({"a": 1})
+        handle.send({"b": 2})
+        assert handle.result(timeout=5) == [{"a": 1}, {"b": 2}]
+
+
+def test_the_inbox_carries_every_event_in_order(tasks):
+    with start_worker(tasks.app):
+        handle = tasks.chatty.start(3)
+        for i in range(3):
+            handle.send(i)
+        assert handle.result(timeout=5) == [0, 1, 2]
+        kinds = [e.kind for e in handle.events(timeout=1)]
+        progress = [e for e in kinds if e == "progress"]
+        assert kinds[-1] == "succeeded" and progress, kinds
+
+
+def test_cancel_ends_a_running_task(tasks):
+    with start_worker(tasks.app):
+        handle = tasks.held.start("c")
+        wait_for(lambda: tasks.runs, message="the task started")
+        handle.cancel(grace=0)
+        wait_for(lambda: handle.state is TaskState.CANCELLED, timeout=5, message="cancelled")
+
+
+def test_a_killed_workers_task_comes_back_when_the_liveness_check_finds_it_dead():
+    made = Tasks(worker_heartbeat=0.2, worker_lost_timeout=1.0)
+    try:
+        first = InProcessWorker(made.app, hostname="doomed@memory")
+        first.start()
+        handle = made.held.delay("k")
+        wait_for(lambda: made.runs, message="started on the first worker")
+        first.kill()
+        assert made.broker.queue_size() == 0  # still owned by the dead worker
+        assert "doomed@memory" in made.broker.workers()
+        started = time.monotonic()
+        with start_worker(made.app, hostname="survivor@memory"):
+            wait_for(lambda: len(made.runs) == 2, timeout=5, message="delivered again")
+            took = time.monotonic() - started
+            made.release.set()
+            assert handle.get(timeout=5) == "k"
+        # back after the liveness timeout, not before, and counted as a second delivery
+        assert 0.9 <= took < 3.0, took
+        assert made.runs == [("k", 1), ("k", 2)]
+        assert made.broker.workers() == []
+    finally:
+        made.release.set()
+        made.app.close()
+
+
+def test_declare_dead_returns_a_workers_unacknowledged_tasks_at_once(tasks):
+    first = InProcessWorker(tasks.app, hostname="gone@memory")
+    first.start()
+    handle = tasks.held.delay("d")
+    wait_for(lambda: tasks.runs, message="started")
+    first.kill()
+    holds_for(lambda: tasks.broker.queue_size() == 0, 0.3, message="kept while not found dead")
+    assert tasks.broker.declare_dead("gone@memory") == 1
+    assert tasks.broker.queue_size() == 1
+    with pytest.raises(KeyError):
+        tasks.broker.declare_dead("gone@memory")
+    tasks.release.set()
+    with start_worker(tasks.app):
+        assert handle.get(timeout=5) == "d"
+    assert tasks.runs == [("d", 1), ("d", 2)]
+
+
+def test_a_live_workers_long_task_is_never_delivered_elsewhere():
+    made = Tasks(worker_heartbeat=0.1, worker_lost_timeout=0.5)
+    try:
+        with start_worker(made.app), start_worker(made.app):
+            handle = made.held.delay("long")
+            wait_for(lambda: made.runs, message="started")
+            holds_for(lambda: len(made.runs) == 1, 1.6, message="one run")  # 3x the timeout
+            made.release.set()
+            assert handle.get(timeout=5) == "long"
+        assert made.runs == [("long", 1)]
+    finally:
+        made.release.set()
+        made.app.close()
+
+
+def test_a_countdown_waits_in_the_broker_not_in_a_worker(tasks):
+    with start_worker(tasks.app) as worker:
+        handle = tasks.add.apply_async((4, 5), countdown=1.2)
+        sent = time.monotonic()
+        scheduled = tasks.broker.scheduled()
+        assert [(s.id, s.name) for s in scheduled] == [(handle.id, "add")]
+        assert tasks.broker.queue_size() == 0
+        assert worker.records == {}  # the worker holds nothing while it waits
+        assert handle.get(timeout=5) == 9
+        assert time.monotonic() - sent >= 1.0
+    assert tasks.broker.scheduled() == []
+
+
+def test_a_countdown_outlives_the_worker_that_was_running_when_it_was_sent(tasks):
+    first = InProcessWorker(tasks.app, hostname="short-lived@memory")
+    first.start()
+    handle = tasks.add.apply_async((1, 1), countdown=0.8)
+    first.kill()
+    tasks.broker.declare_dead("short-lived@memory")
+    time.sleep(0)  # nothing left anywhere but the broker's delayed set
+    assert len(tasks.broker.scheduled()) == 1
+    with start_worker(tasks.app):
+        assert handle.get(timeout=5) == 2
+
+
+def test_move_due_puts_a_due_task_on_its_queue(tasks):
+    handle = tasks.add.apply_async((1, 2), countdown=30)
+    assert tasks.broker.move_due() == 0
+    assert tasks.broker.queue_size() == 0
+    assert tasks.broker.move_due(time.time() + 31) == 1
+    assert tasks.broker.queue_size() == 1 and tasks.broker.scheduled() == []
+    assert handle.state is TaskState.PENDING
+
+
+def test_revoke_takes_a_delayed_task_out_of_the_broker(tasks):
+    with start_worker(tasks.app):
+        handle = tasks.add.apply_async((1, 2), countdown=30)
+        handle.revoke()
+        wait_for(lambda: handle.state is TaskState.REVOKED, timeout=5, message="revoked")
+        assert tasks.broker.scheduled() == []
+
+
+def test_results_are_shared_by_every_store_of_the_namespace_and_emptied_by_reset():
+    ns = f"r{uuid.uuid4().hex[:8]}"
+    one, two = MemoryResultStore(ns, 60), MemoryResultStore(ns, 60)
+    record = {"state": "succeeded", "result": [1]}
+    one.put("t1", record)
+    record["result"].append(2)  # stored as it was when put
+    assert two.get("t1") == {"state": "succeeded", "result": [1]}
+    assert MemoryResultStore("other", 60).get("t1") is None
+    assert one.chord_incr("c") == 1 and two.chord_incr("c") == 2
+    one.add_revoked({"gone": [time.time() + 60, None, False],
+                     "old": [time.time() - 1, None, False]})
+    assert list(two.revoked()) == ["gone"]
+    MemoryBroker.reset()
+    assert two.get("t1") is None
+
+
+def test_start_worker_refuses_a_forking_pool(tasks):
+    with pytest.raises(ConfigurationError, match="threads or solo"):
+        InProcessWorker(tasks.app, pool="prefork")
