@@ -24,7 +24,7 @@ from .errors import ConfigurationError, UnknownTask
 from .handle import TaskHandle, unknown_task
 from .protocol import ControlMessage, TaskSnapshot, Verb
 from .results import ResultStore, result_store_for
-from .task import InteractiveTask, Task, _class_tasks, build_message
+from .task import InteractiveTask, Signature, Task, _class_tasks, build_message
 from .transport import (
     Names,
     default_home,
@@ -441,9 +441,14 @@ class App:
         queue: str | None = None,
         watch: str = "final",
         priority: int | None = None,
+        link: Signature[Any] | list[Signature[Any]] | None = None,
+        link_error: Signature[Any] | list[Signature[Any]] | None = None,
         **options: Any,
     ) -> TaskHandle[Any]:
-        """Queue a task by name (it need not be registered here); returns its handle."""
+        """Queue a task by name (it need not be registered here); returns its handle.
+
+        ``link``/``link_error``: callbacks, as in :meth:`Task.apply_async`.
+        """
         client = self.client
         client.ensure_started()
         message, token = build_message(
@@ -452,6 +457,10 @@ class App:
         )
         handle: TaskHandle[Any] = TaskHandle(self, message.id, name=name, token=token,
                                              starter=True, streaming=watch == "all")
+        if link is not None or link_error is not None:
+            from .canvas import attach_callbacks
+
+            handle.children = attach_callbacks(self, message, link, link_error)
         client.send_task(message, priority=priority)
         return handle
 

@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING, Any
 from . import codec
 from .errors import ConfigurationError
 from .handle import ResultHandle, TaskHandle, deadline_after, remaining
-from .protocol import HEADER_CHAIN, HEADER_CHORD, Event, TaskMessage, TaskSnapshot, TaskState
+from .protocol import (
+    HEADER_CHAIN,
+    HEADER_CHORD,
+    HEADER_LINK,
+    HEADER_LINK_ERROR,
+    Event,
+    TaskMessage,
+    TaskSnapshot,
+    TaskState,
+)
 from .task import Signature
 
 if TYPE_CHECKING:
@@ -36,16 +45,46 @@ def _step(sig: Signature[Any], app: App, extra_args: tuple[Any, ...] = ()) -> di
     """A step descriptor as carried in message headers; includes its token (client only)."""
     token = codec.new_token()
     options = dict(sig.options)
-    return {
+    step = {
         "id": options.pop("task_id", None) or str(uuid.uuid4()),
         "task": sig.task.name,
-        "args": list(extra_args) + list(sig.args),
+        "args": ([] if sig.immutable else list(extra_args)) + list(sig.args),
         "kwargs": dict(sig.kwargs),
         "queue": options.pop("queue", None) or sig.task.queue or app.route(sig.task.name),
         "watch": "all" if sig.task.interactive else "final",
         "token_digest": codec.token_digest(token),
         "_token": token,
     }
+    if sig.immutable:
+        step["immutable"] = True  # the worker prepends no parent result
+    return step
+
+
+def _signatures(value: Signature[Any] | list[Signature[Any]] | None,
+                what: str) -> list[Signature[Any]]:
+    sigs = [] if value is None else list(value) if isinstance(value, (list, tuple)) \
+        else [value]
+    for sig in sigs:
+        if not isinstance(sig, Signature):
+            raise TypeError(f"{what} takes task signatures (task.s(...)), not "
+                            f"{type(sig).__name__}")
+    return sigs
+
+
+def attach_callbacks(app: App, message: TaskMessage,
+                     link: Signature[Any] | list[Signature[Any]] | None,
+                     link_error: Signature[Any] | list[Signature[Any]] | None
+                     ) -> list[TaskHandle[Any]]:
+    """Put ``apply_async(link=, link_error=)`` callbacks in ``message``'s headers; returns
+    their handles (links first). The worker that ends the task publishes the ones that
+    apply and ends the others ``revoked``. Raises TypeError for a non-signature."""
+    links = [_step(sig, app) for sig in _signatures(link, "link")]
+    errbacks = [_step(sig, app) for sig in _signatures(link_error, "link_error")]
+    if links:
+        message.headers[HEADER_LINK] = [_public(s) for s in links]
+    if errbacks:
+        message.headers[HEADER_LINK_ERROR] = [_public(s) for s in errbacks]
+    return _handles(app, links + errbacks)
 
 
 def _public(step: dict[str, Any]) -> dict[str, Any]:

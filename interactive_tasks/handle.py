@@ -170,6 +170,8 @@ class TaskHandle(ResultHandle[R]):
         #: when ``wait`` next asks the result store, and how far apart (it backs off)
         self._next_store_poll: float | None = None
         self._store_poll_every = 0.5
+        #: handles of the callbacks given as ``apply_async(link=, link_error=)``
+        self.children: list[TaskHandle[Any]] = []
         if "ipykernel" in sys.modules:  # a list of handles displays as live rows
             from .widgets import install_display_hooks
 

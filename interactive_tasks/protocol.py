@@ -30,7 +30,13 @@ PROTOCOL_VERSION = 1
 HEADER_DELIVERIES = "itask-deliveries"
 HEADER_CHAIN = "itask-chain"
 HEADER_CHORD = "itask-chord"
-RESERVED_HEADERS = frozenset({HEADER_DELIVERIES, HEADER_CHAIN, HEADER_CHORD})
+#: ``apply_async(link=)``: steps published with the result when the task succeeds
+HEADER_LINK = "itask-link"
+#: ``apply_async(link_error=)``: steps published with the task's id when it fails
+HEADER_LINK_ERROR = "itask-link-error"
+#: headers that make the worker continue a workflow when the task ends
+WORKFLOW_HEADERS = (HEADER_CHAIN, HEADER_CHORD, HEADER_LINK, HEADER_LINK_ERROR)
+RESERVED_HEADERS = frozenset({HEADER_DELIVERIES, *WORKFLOW_HEADERS})
 
 
 class TaskState(str, enum.Enum):

@@ -207,12 +207,17 @@ class Task(Generic[P, R]):
         headers: dict[str, Any] | None = None,
         task_id: str | None = None,
         watch: str | None = None,
+        link: Signature[Any] | list[Signature[Any]] | None = None,
+        link_error: Signature[Any] | list[Signature[Any]] | None = None,
     ) -> TaskHandle[R]:
         """Queue the task with Celery's options.
 
         ``countdown`` (seconds) or ``eta`` (datetime or epoch seconds) delays the start;
         ``expires`` (seconds from now, datetime or epoch) makes a task that has not started
-        by then end ``revoked``. Raises ``TypeError`` for arguments msgpack cannot carry,
+        by then end ``revoked``. ``link`` signatures run after a success with the result
+        as their first argument, ``link_error`` ones after a failure with the task's id
+        (``.si()`` signatures get neither); their handles are ``handle.children``.
+        Raises ``TypeError`` for arguments msgpack cannot carry,
         :class:`~interactive_tasks.errors.PayloadTooLarge` and
         :class:`~interactive_tasks.errors.TransportError`.
         """
@@ -220,7 +225,8 @@ class Task(Generic[P, R]):
         return app.send_task(
             self.name, args, kwargs, queue=queue or self.queue, countdown=countdown, eta=eta,
             expires=expires, priority=priority, headers=headers, task_id=task_id,
-            watch=watch or ("all" if self.interactive else "final"),
+            watch=watch or ("all" if self.interactive else "final"), link=link,
+            link_error=link_error,
         )
 
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
@@ -228,6 +234,27 @@ class Task(Generic[P, R]):
         return Signature(self, args, kwargs)
 
     signature = s
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """An immutable signature: in a chain or as a callback it gets no parent result."""
+        return Signature(self, args, kwargs, immutable=True)
+
+    # -- hooks (class-based tasks and ``base=`` classes override them) ----------------------
+    def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> None:
+        """Called in the worker after the task returned ``retval``."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], einfo: Any) -> None:
+        """Called in the worker after the task raised ``exc`` (``einfo``: the traceback)."""
+
+    def on_retry(self, exc: BaseException, task_id: str, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], einfo: Any) -> None:
+        """Called in the worker when the task asked to run again (``exc``: the reason)."""
+
+    def after_return(self, status: Any, retval: Any, task_id: str, args: tuple[Any, ...],
+                     kwargs: dict[str, Any], einfo: Any) -> None:
+        """Called in the worker after every run, with its ``TaskState`` (``status``)."""
 
     def __repr__(self) -> str:
         kind = "interactive task" if self.interactive else "task"
@@ -303,10 +330,13 @@ class Signature(Generic[R]):
     """A task with arguments bound, to be sent later (Celery's ``task.s()``)."""
 
     def __init__(self, task: Task[Any, R], args: tuple[Any, ...] = (),
-                 kwargs: dict[str, Any] | None = None, **options: Any) -> None:
+                 kwargs: dict[str, Any] | None = None, *, immutable: bool = False,
+                 **options: Any) -> None:
         self.task = task
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
+        #: ``task.si()``: takes no result from a parent (chain step, callback)
+        self.immutable = immutable
         self.options = options
 
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle[R]:
@@ -322,7 +352,8 @@ class Signature(Generic[R]):
         return self.apply_async(args, kwargs, watch="all")
 
     def __repr__(self) -> str:
-        return f"{self.task.name}.s(*{self.args!r}, **{self.kwargs!r})"
+        form = "si" if self.immutable else "s"
+        return f"{self.task.name}.{form}(*{self.args!r}, **{self.kwargs!r})"
 
 
 def _module_name(module: str) -> str:

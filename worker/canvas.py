@@ -14,6 +14,8 @@ from interactive_tasks.errors import ProtocolError
 from interactive_tasks.protocol import (
     HEADER_CHAIN,
     HEADER_CHORD,
+    HEADER_LINK,
+    HEADER_LINK_ERROR,
     EventKind,
     TaskMessage,
     TaskSnapshot,
@@ -30,6 +32,8 @@ def _step_message(step: object, args_prefix: list[Any], reply_to: str | None,
                   headers: dict[str, Any]) -> TaskMessage:
     if not isinstance(step, dict):
         raise ProtocolError("workflow step is not a map")
+    if step.get("immutable"):  # task.si(): no parent result
+        args_prefix = []
     wire = {"id": step.get("id"), "task": step.get("task"),
             "args": [*args_prefix, *(step.get("args") or [])],
             "kwargs": step.get("kwargs") or {}, "queue": step.get("queue"),
@@ -64,8 +68,32 @@ def after_finish(worker: Worker, message: TaskMessage, kind: str,
         chord = headers.get(HEADER_CHORD)
         if isinstance(chord, dict):
             _chord_member_done(worker, chord)
+        if HEADER_LINK in headers or HEADER_LINK_ERROR in headers:
+            _callbacks(worker, message, kind, fields)
     except ProtocolError as exc:
         logger.error("task %s: cannot continue its workflow: %s", message.id, exc.reason)
+
+
+def _callbacks(worker: Worker, message: TaskMessage, kind: str,
+               fields: dict[str, Any]) -> None:
+    """``apply_async(link=, link_error=)``: after a success each link is published with
+    the result first in its arguments, after a failure each errback with the task's id
+    (Celery's arguments for an errback that is a task); the callbacks that do not apply
+    end ``revoked``, so their handles finish too."""
+    links = message.headers.get(HEADER_LINK) or []
+    errbacks = message.headers.get(HEADER_LINK_ERROR) or []
+    if not (isinstance(links, list) and isinstance(errbacks, list)):
+        raise ProtocolError("callbacks header is not a list")
+    if kind == EventKind.SUCCEEDED:
+        run, prefix, skipped = links, [fields.get("result")], errbacks
+    elif kind == EventKind.FAILED:
+        run, prefix, skipped = errbacks, [message.id], links
+    else:
+        run, prefix, skipped = [], [], links + errbacks
+    for step in run:
+        worker.publish_task(_step_message(step, prefix, message.reply_to, {}))
+    _stop(worker, skipped, message.reply_to,
+          f"callback not run: task {message.task} ({message.id}) ended {kind}")
 
 
 def _continue_chain(worker: Worker, message: TaskMessage, kind: str, fields: dict[str, Any],

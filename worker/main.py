@@ -28,9 +28,8 @@ from interactive_tasks import codec, signals
 from interactive_tasks.app import App
 from interactive_tasks.errors import ConfigurationError, ProtocolError, TransportError
 from interactive_tasks.protocol import (
-    HEADER_CHAIN,
-    HEADER_CHORD,
     HEADER_DELIVERIES,
+    WORKFLOW_HEADERS,
     EventKind,
     TaskMessage,
     TaskState,
@@ -466,7 +465,7 @@ class Worker:
         fields = {"error": error_fields(type_, reason)}
         self.relay.send_final_direct(msg.id, msg.task, msg.reply_to, EventKind.FAILED,
                                      fields, store=True)
-        if HEADER_CHAIN in msg.headers or HEADER_CHORD in msg.headers:
+        if any(header in msg.headers for header in WORKFLOW_HEADERS):
             after_finish(self, msg, EventKind.FAILED, fields)
 
     def _eta_due(self, record: TaskRecord) -> None:

@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from interactive_tasks import codec
 from interactive_tasks.protocol import (
-    HEADER_CHAIN,
-    HEADER_CHORD,
     HEADER_DELIVERIES,
+    WORKFLOW_HEADERS,
     EventKind,
     TaskMessage,
     TaskState,
@@ -214,7 +213,7 @@ class Outcomes:
         while len(w.finished) > FINISHED_KEPT:
             w.finished.popitem(last=False)
         w.relay.schedule_flush()
-        if HEADER_CHAIN in record.message.headers or HEADER_CHORD in record.message.headers:
+        if any(header in record.message.headers for header in WORKFLOW_HEADERS):
             try:
                 after_finish(w, record.message, kind, fields)
             except Exception:  # the task's own result is safe; log the workflow failure

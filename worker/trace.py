@@ -1,4 +1,4 @@
-"""Around one run of a task, in the process that runs it: signals before and after.
+"""Around one run of a task, in the process that runs it: signals and the task's hooks.
 
 :class:`~.child.Slot` calls :func:`before` once the task is found and its runtime is in
 place, and :func:`after` with the run's outcome while that runtime is still in place, so
@@ -8,6 +8,7 @@ Neither ever raises: a receiver's exception is logged by the signal.
 
 from __future__ import annotations
 
+import logging
 import signal
 import traceback as traceback_module
 from types import TracebackType
@@ -17,6 +18,8 @@ from interactive_tasks import signals
 from interactive_tasks.context import Request
 from interactive_tasks.errors import Retry
 from interactive_tasks.protocol import EventKind, TaskMessage, TaskState
+
+logger = logging.getLogger("interactive_tasks.worker")
 
 
 class ExceptionInfo:
@@ -45,24 +48,40 @@ def before(task: Any, request: Request) -> None:
 
 def after(task: Any, request: Request, kind: str, fields: dict[str, Any],
           error: BaseException | None) -> None:
-    """The outcome's signal (``task_success``, ``task_failure`` or ``task_retry``), then
-    ``task_postrun``. ``kind`` and ``fields`` are the run's final event."""
+    """The task's hook and the signal of the outcome (``on_success``/``task_success``,
+    ``on_failure``/``task_failure`` or ``on_retry``/``task_retry``), then ``after_return``
+    and ``task_postrun``, in Celery's order. ``kind`` and ``fields`` are the run's final
+    event. A hook that raises is logged; the outcome stands."""
     retval: Any = fields.get("result")
+    einfo: ExceptionInfo | None = None
+    args, kwargs = request.args, request.kwargs
     if kind == EventKind.SUCCEEDED:
+        _hook(task, "on_success", retval, request.id, args, kwargs)
         signals.task_success.send(sender=task, result=retval)
     elif kind == EventKind.RETRY:
         reason = error.exc if isinstance(error, Retry) and error.exc is not None else error
-        signals.task_retry.send(sender=task, request=request, reason=reason,
-                                einfo=ExceptionInfo(reason) if reason is not None else None)
+        einfo = ExceptionInfo(reason) if reason is not None else None
+        _hook(task, "on_retry", reason, request.id, args, kwargs, einfo)
+        signals.task_retry.send(sender=task, request=request, reason=reason, einfo=einfo)
     elif kind == EventKind.FAILED and error is not None:
-        retval = error
+        retval, einfo = error, ExceptionInfo(error)
+        _hook(task, "on_failure", error, request.id, args, kwargs, einfo)
         signals.task_failure.send(sender=task, task_id=request.id, exception=error,
-                                  args=request.args, kwargs=request.kwargs,
-                                  traceback=error.__traceback__, einfo=ExceptionInfo(error))
+                                  args=args, kwargs=kwargs, traceback=error.__traceback__,
+                                  einfo=einfo)
     elif error is not None:
         retval = error
-    signals.task_postrun.send(sender=task, task_id=request.id, task=task, args=request.args,
-                              kwargs=request.kwargs, retval=retval, state=TaskState(kind))
+    state = TaskState(kind)
+    _hook(task, "after_return", state, retval, request.id, args, kwargs, einfo)
+    signals.task_postrun.send(sender=task, task_id=request.id, task=task, args=args,
+                              kwargs=kwargs, retval=retval, state=state)
+
+
+def _hook(task: Any, name: str, *args: Any) -> None:
+    try:
+        getattr(task, name)(*args)
+    except Exception:
+        logger.exception("task %s: %s raised", getattr(task, "name", task), name)
 
 
 def revoked(app: Any, message: TaskMessage, kind: str, fields: dict[str, Any],

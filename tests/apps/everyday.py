@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from interactive_tasks import App, InteractiveTask, signals
+from interactive_tasks import App, InteractiveTask, Task, signals
 
 app = App("everyday", namespace=os.environ.get("ITASK_TEST_NS", "it-test"))
 
@@ -171,3 +171,69 @@ def query_db() -> dict[str, Any]:
     assert db is not None, "worker_process_init did not run in this process"
     (pid,) = db.execute("select pid from t").fetchone()
     return {"pid": os.getpid(), "db_pid": db_pid, "row": pid}
+
+
+# -- task class hooks -------------------------------------------------------------------------
+class Hooks(Task):  # type: ignore[type-arg]
+    """Celery's hooks, each noting its arguments."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        note("on_success", task_id=task_id, retval=retval, args=list(args), kwargs=kwargs,
+             request_id=self.request.id)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        note("on_failure", task_id=task_id, exc=f"{type(exc).__name__}: {exc}",
+             args=list(args), einfo_ok=type(exc).__name__ in str(einfo))
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                 einfo: Any) -> None:
+        note("on_retry", task_id=task_id, exc=repr(exc))
+
+    def after_return(self, status: Any, retval: Any, task_id: str, args: Any, kwargs: Any,
+                     einfo: Any) -> None:
+        note("after_return", task_id=task_id, status=str(status.value), retval=repr(retval),
+             einfo=einfo is not None)
+        if kwargs.get("hook_raises"):
+            raise RuntimeError("a hook that fails")
+
+
+class Hooked(Hooks):
+    """A class-based task: ``run`` with the hooks of its base."""
+
+    name = "everyday.hooked"
+    app = app
+    max_retries = 2
+
+    def run(self, x: int, fail: bool = False, retry: bool = False,
+            hook_raises: bool = False) -> int:
+        if fail:
+            raise ValueError(f"failing on {x}")
+        if retry and self.request.retries == 0:
+            raise self.retry(exc=KeyError("again"), countdown=0.1)
+        return x + 1
+
+
+hooked = app.register(Hooked)
+
+
+@app.task(base=Hooks, bind=True)
+def hooked_fn(self: Any, x: int) -> int:
+    """A decorated function whose base class has the hooks (Celery's ``base=``)."""
+    return x * 10
+
+
+# -- callbacks --------------------------------------------------------------------------------
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task
+def tag(value: Any, label: str) -> str:
+    return f"{label}:{value}"
+
+
+@app.task
+def constant() -> str:
+    return "immutable"
