@@ -3,10 +3,11 @@
 Two levels:
 
 * in-process: a :class:`~interactive_tasks.worker.main.Worker` that is built but never run
-  gets hypothesis-generated messages straight into its task consumer and control router
-  (fake kombu messages, a fake producer and hub). No exception may escape, no task record
-  may come from a malformed message, and every rejection is dead-lettered and logged with
-  its reason.
+  gets hypothesis-generated messages into its task consumer and control router, each one
+  published into the in-memory broker (``memory://``) and fetched from it as kombu
+  delivers it. No exception may escape, no task record may come from a malformed message,
+  and every rejection is dead-lettered (read back from the broker, with its reason), its
+  original settled, and logged.
 * real workers: ~200 byte-mutated task messages published to a live worker, control
   messages a client should never send, and a process without the operator secret.
 """
@@ -18,12 +19,13 @@ import os
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kombu import Producer
+from kombu.asynchronous import Hub
 
 from interactive_tasks import (
     App,
@@ -44,6 +46,7 @@ from interactive_tasks.protocol import (
     TaskMessage,
 )
 from interactive_tasks.task import build_message
+from interactive_tasks.transport.memory import MemoryBroker
 from interactive_tasks.worker.main import Worker
 
 from .conftest import holds_for, wait_for
@@ -52,7 +55,7 @@ redis_only = pytest.mark.parametrize("broker", ["redis"], indirect=True)
 embedded_only = pytest.mark.parametrize("broker", ["embedded"], indirect=True)
 
 
-# -- in-process fakes ----------------------------------------------------------------------------
+# -- in-process harness ----------------------------------------------------------------------------
 UNIT_APP = App("fuzz", broker="memory://", namespace="fz", max_message_size=64 * 1024,
                max_deliveries=3)
 SECRET_APP = App("fuzz", broker="memory://", namespace="fz", max_message_size=64 * 1024,
@@ -73,66 +76,55 @@ SECRET_APP.tasks.update(UNIT_APP.tasks)
 TASK_QUEUE = UNIT_APP.names.task_queue_name("default")
 
 
-class FakeProducer:
-    def __init__(self) -> None:
-        self.published: list[tuple[bytes, dict[str, Any]]] = []
+class UnitBroker:
+    """The in-memory broker as level (a) uses it: each message is published into
+    ``memory://`` for real and fetched as kombu delivers it (ack, reject and requeue are
+    the broker's), and dead letters are read back from the broker."""
 
-    def publish(self, body: Any, **kwargs: Any) -> None:
-        self.published.append((body, kwargs))
+    def __init__(self, app: App = UNIT_APP) -> None:
+        self.memory = MemoryBroker.for_app(app)
+        self.conn = app.connection()
+        self.conn.connect()
+        self.channel = self.conn.channel()
+        #: a worker that is never run leaves its timers here, unrun
+        self.hub = Hub()
+        names = app.names
+        for queue in (names.task_queue("default"), names.dead_letter_queue,
+                      names.control_queue("fuzz@test")):
+            queue.bind(self.channel).declare()
 
-    def dead_letters(self) -> list[dict[str, Any]]:
-        return [kw for _, kw in self.published if kw.get("routing_key") == "fz.dead"]
+    def deliver(self, body: bytes, *, headers: dict[str, Any] | None = None,
+                content_type: str | None = codec.CONTENT_TYPE, redelivered: bool = False,
+                queue: str = TASK_QUEUE) -> Any:
+        """Publish ``body`` to ``queue`` and fetch it (unacknowledged); a ``redelivered``
+        one is requeued once first, so the broker marks it."""
+        channel = self.channel
+        raw = channel.prepare_message(body, None, content_type,
+                                      "binary" if content_type else None, dict(headers or {}))
+        channel.basic_publish(raw, exchange="", routing_key=queue)
+        message = channel.basic_get(queue, no_ack=False)
+        if redelivered:
+            message.reject(requeue=True)
+            message = channel.basic_get(queue, no_ack=False)
+        assert message is not None and message.body == body
+        return message
+
+    def clear(self) -> None:
+        """Settle what an example left in flight and empty the queues."""
+        qos = self.channel.qos
+        for tag in list(qos.in_flight):
+            qos.ack(tag)
+        for name in (TASK_QUEUE, UNIT_APP.names.dead_letter_name):
+            self.channel.queue_purge(name)
 
 
-class FakeTimer:
-    def cancel(self) -> None:
-        pass
-
-
-class FakeHub:
-    """Records timers instead of running them."""
-
-    def __init__(self) -> None:
-        self.timers: list[tuple[float, Any]] = []
-
-    def call_later(self, delay: float, fn: Any, *args: Any) -> FakeTimer:
-        self.timers.append((delay, fn))
-        return FakeTimer()
-
-    def call_at(self, when: float, fn: Any, *args: Any) -> FakeTimer:
-        self.timers.append((when, fn))
-        return FakeTimer()
-
-    def call_soon(self, fn: Any, *args: Any) -> FakeTimer:
-        return self.call_later(0, fn, *args)
-
-    def call_repeatedly(self, delay: float, fn: Any, *args: Any) -> FakeTimer:
-        return self.call_later(delay, fn, *args)
-
-    def add_reader(self, *args: Any) -> None:
-        pass
-
-    add_writer = remove_writer = remove = add_reader
-
-
-@dataclass
-class FakeMessage:
-    """What kombu hands ``on_message``: body, headers, content type, ack/reject."""
-
-    body: Any
-    headers: dict[str, Any] = field(default_factory=dict)
-    content_type: str | None = codec.CONTENT_TYPE
-    content_encoding: str | None = "binary"
-    delivery_info: dict[str, Any] = field(default_factory=lambda: {"routing_key": TASK_QUEUE})
-    redelivered: bool = False
-    acks: int = 0
-    rejects: int = 0
-
-    def ack(self) -> None:
-        self.acks += 1
-
-    def reject(self, requeue: bool = False) -> None:
-        self.rejects += 1
+@pytest.fixture(scope="module")
+def unit_broker() -> Any:
+    broker = UnitBroker()
+    yield broker
+    broker.clear()
+    broker.hub.close()
+    broker.conn.release()
 
 
 class LogRecorder(logging.Handler):
@@ -159,10 +151,11 @@ def worker_log() -> Any:
     logger.setLevel(old_level)
 
 
-def unit_worker(app: App = UNIT_APP) -> Worker:
+def unit_worker(broker: UnitBroker, app: App = UNIT_APP) -> Worker:
+    """A worker that is built but never run, publishing into the in-memory broker."""
     worker = Worker(app, hostname="fuzz@test", pool="threads", concurrency=1)
-    worker.producer = FakeProducer()  # type: ignore[assignment]
-    worker.hub = FakeHub()  # type: ignore[assignment]
+    worker.producer = Producer(broker.channel)
+    worker.hub = broker.hub
     return worker
 
 
@@ -222,49 +215,60 @@ content_types = st.sampled_from([codec.CONTENT_TYPE, codec.CONTENT_TYPE, codec.C
                                  "text/plain"])
 
 
-def expected_acceptance(app: App, message: FakeMessage) -> TaskMessage | None:
+def expected_acceptance(app: App, body: bytes, headers: dict[str, Any] | None = None,
+                        content_type: str | None = codec.CONTENT_TYPE,
+                        redelivered: bool = False) -> TaskMessage | None:
     """The spec: the task message a worker must accept, or None when it must reject."""
     if app.secret is not None and not codec.verify(
-            app.secret, message.body, message.headers.get(codec.SIGNATURE_HEADER)):
+            app.secret, body, (headers or {}).get(codec.SIGNATURE_HEADER)):
         return None
-    if message.content_type not in (codec.CONTENT_TYPE, None, ""):
+    if content_type not in (codec.CONTENT_TYPE, None, ""):
         return None
     try:
-        parsed = TaskMessage.from_wire(codec.loads(message.body, app.conf.max_message_size))
+        parsed = TaskMessage.from_wire(codec.loads(body, app.conf.max_message_size))
     except ProtocolError:
         return None
     if parsed.task not in app.tasks:
         return None
     raw = parsed.headers.get(HEADER_DELIVERIES, 1)  # a bad count is taken as 1
-    delivery = (raw if isinstance(raw, int) and raw > 0 else 1) + (
-        1 if message.redelivered else 0)
+    delivery = (raw if isinstance(raw, int) and raw > 0 else 1) + (1 if redelivered else 0)
     if delivery > app.conf.max_deliveries:
         return None
     return parsed
 
 
-def check_task_message(app: App, message: FakeMessage, log: LogRecorder) -> None:
-    worker = unit_worker(app)
+def check_task_message(app: App, broker: UnitBroker, body: bytes, log: LogRecorder, *,
+                       headers: dict[str, Any] | None = None,
+                       content_type: str | None = codec.CONTENT_TYPE,
+                       redelivered: bool = False) -> None:
+    broker.clear()
+    worker = unit_worker(broker, app)
+    message = broker.deliver(body, headers=headers, content_type=content_type,
+                             redelivered=redelivered)
     before = len(log.records)
-    expected = expected_acceptance(app, message)
+    expected = expected_acceptance(app, body, headers, content_type, redelivered)
     worker._on_task_message(message)  # nothing may escape
     new_logs = [r.getMessage() for r in log.records[before:]]
-    producer: FakeProducer = worker.producer  # type: ignore[assignment]
     accepted = set(worker.records) | set(worker.finished)
+    letters = broker.memory.dead_letters()
     if expected is None:
         assert accepted == set(), f"a task record came from a malformed message: {accepted}"
         assert not worker.ready
-        letters = producer.dead_letters()
-        assert len(letters) == 1 and message.acks == 1 and message.rejects == 0
-        reason = letters[0]["headers"]["itask-reason"]
+        # dead-lettered, and the original settled, not requeued
+        assert len(letters) == 1 and letters[0].body == body
+        assert message.acknowledged and broker.memory.in_flight() == 0
+        assert broker.memory.queue_size() == 0
+        reason = letters[0].reason
         assert isinstance(reason, str) and reason
+        assert letters[0].queue == TASK_QUEUE and letters[0].worker == "fuzz@test"
         assert [m for m in new_logs if m.startswith("rejected message") and reason in m], \
             new_logs
     else:
         assert not [m for m in new_logs if m.startswith("could not accept task")], new_logs
         assert accepted == {expected.id}
-        assert producer.dead_letters() == []
-        assert message.acks == 0 and message.rejects == 0
+        assert letters == []
+        # held by the worker: delivered, not settled
+        assert not message.acknowledged and broker.memory.in_flight() == 1
 
 
 # -- level (a): in-process -----------------------------------------------------------------------
@@ -279,15 +283,15 @@ def fuzz_settings(examples: int) -> Any:
 @given(body=task_bodies(), content_type=content_types, redelivered=st.booleans(),
        headers=st.dictionaries(st.text(max_size=10), values, max_size=3))
 def test_fuzzed_task_messages_are_accepted_or_dead_lettered_never_crash(
-        worker_log, body, content_type, redelivered, headers):
-    message = FakeMessage(body, headers=headers, content_type=content_type,
-                          redelivered=redelivered)
-    check_task_message(UNIT_APP, message, worker_log)
+        worker_log, unit_broker, body, content_type, redelivered, headers):
+    check_task_message(UNIT_APP, unit_broker, body, worker_log, headers=headers,
+                       content_type=content_type, redelivered=redelivered)
 
 
 @fuzz_settings(300)
 @given(body=task_bodies(), sign=st.sampled_from(["none", "right", "wrong", "garbage"]))
-def test_fuzzed_task_messages_with_a_secret_need_the_right_signature(worker_log, body, sign):
+def test_fuzzed_task_messages_with_a_secret_need_the_right_signature(worker_log, unit_broker,
+                                                                    body, sign):
     headers: dict[str, Any] = {}
     if sign == "right":
         headers[codec.SIGNATURE_HEADER] = codec.sign(b"unit-secret", body)
@@ -295,30 +299,41 @@ def test_fuzzed_task_messages_with_a_secret_need_the_right_signature(worker_log,
         headers[codec.SIGNATURE_HEADER] = codec.sign(b"other-secret", body)
     elif sign == "garbage":
         headers[codec.SIGNATURE_HEADER] = ["not", "a", "signature"]
-    message = FakeMessage(body, headers=headers)
-    check_task_message(SECRET_APP, message, worker_log)
+    check_task_message(SECRET_APP, unit_broker, body, worker_log, headers=headers)
     if sign != "right":
         assert any("signature" in m for m in worker_log.messages(logging.ERROR)[-1:])
 
 
-def test_the_unit_harness_accepts_a_valid_message(worker_log):
+def test_the_unit_harness_accepts_a_valid_message(worker_log, unit_broker):
     """The fuzz above proves something only if valid messages do get through."""
-    worker = unit_worker()
-    message = FakeMessage(codec.dumps(valid_wire(id="ok-1")))
+    unit_broker.clear()
+    worker = unit_worker(unit_broker)
+    message = unit_broker.deliver(codec.dumps(valid_wire(id="ok-1")))
     worker._on_task_message(message)
     assert list(worker.records) == ["ok-1"] and len(worker.ready) == 1
-    assert message.acks == 0
+    assert not message.acknowledged and unit_broker.memory.dead_letters() == []
+
+
+def test_the_unit_harness_sees_a_rejection(worker_log, unit_broker):
+    """…and only if a rejection shows: a dead letter on the broker, the original settled."""
+    body = codec.dumps(valid_wire(id="bad-1", task="no.such.task"))
+    check_task_message(UNIT_APP, unit_broker, body, worker_log)
+    assert "no.such.task" in (unit_broker.memory.dead_letters()[0].reason or "")
 
 
 TARGET_TOKEN = "the-right-token"
 
 
-def control_worker() -> tuple[Worker, Any]:
+def control_worker(broker: UnitBroker) -> tuple[Worker, Any]:
     """A worker holding one queued task whose token is TARGET_TOKEN."""
-    worker = unit_worker()
+    broker.clear()
+    worker = unit_worker(broker)
     wire = valid_wire(id="target", task=steps.name, token=codec.token_digest(TARGET_TOKEN))
-    worker._on_task_message(FakeMessage(codec.dumps(wire)))
+    worker._on_task_message(broker.deliver(codec.dumps(wire)))
     return worker, worker.records["target"]
+
+
+CONTROL_QUEUE = UNIT_APP.names.control_queue_name("fuzz@test")
 
 
 control_maps = st.fixed_dictionaries(
@@ -354,11 +369,10 @@ def control_bodies(draw: Any) -> bytes:
 @fuzz_settings(1000)
 @given(body=control_bodies(), content_type=content_types)
 def test_fuzzed_control_messages_never_crash_and_never_steer_without_the_token(
-        worker_log, body, content_type):
-    worker, record = control_worker()
+        worker_log, unit_broker, body, content_type):
+    worker, record = control_worker(unit_broker)
+    message = unit_broker.deliver(body, content_type=content_type, queue=CONTROL_QUEUE)
     before = len(worker_log.records)
-    message = FakeMessage(body, content_type=content_type,
-                          delivery_info={"routing_key": "fz.ctl.fuzz@test"})
     worker.control.on_message(message)  # nothing may escape
     new = [r.getMessage() for r in worker_log.records[before:]]
     assert not [m for m in new if m.startswith("error handling control")], new
@@ -379,11 +393,11 @@ def test_fuzzed_control_messages_never_crash_and_never_steer_without_the_token(
         assert [m for m in new if m.startswith(f"refused {parsed.verb} for task target")], new
 
 
-def test_the_unit_harness_steers_with_the_right_token(worker_log):
-    worker, record = control_worker()
+def test_the_unit_harness_steers_with_the_right_token(worker_log, unit_broker):
+    worker, record = control_worker(unit_broker)
     body = codec.dumps(ControlMessage(verb="pause", task_id="target", token=TARGET_TOKEN,
                                       sender="fz.inbox.abc", rid="r1").to_wire())
-    worker.control.on_message(FakeMessage(body))
+    worker.control.on_message(unit_broker.deliver(body, queue=CONTROL_QUEUE))
     assert record.start_paused
 
 
@@ -457,7 +471,7 @@ def test_mutated_task_messages_against_a_real_worker(tasks, start_worker, broker
             mutants.append(body)
     accepted, rejected, delayed = [], 0, 0
     for body in mutants:
-        parsed = expected_acceptance(app, FakeMessage(body))
+        parsed = expected_acceptance(app, body)
         if parsed is None:
             rejected += 1
         elif parsed.eta is not None and parsed.eta > time.time() + 1:

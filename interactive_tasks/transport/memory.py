@@ -462,6 +462,11 @@ class MemoryBroker:
         raw = _raw_queue(self.names.task_queue_name(queue))
         return 0 if raw is None else raw.qsize()
 
+    def in_flight(self, queue: str = "default") -> int:
+        """Messages of task queue ``queue`` delivered and not yet acknowledged or rejected
+        (a killed worker's count until the liveness check returns them)."""
+        return _in_flight(self.names.task_queue_name(queue))
+
     def join(self, queue: str = "default", timeout: float = 10.0,
              *, delayed: bool = True) -> None:
         """Wait until task queue ``queue`` is empty and none of its messages is delivered
