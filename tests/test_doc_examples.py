@@ -226,6 +226,9 @@ COVERAGE: dict[tuple[str, str], object] = {
                  "paths, files = [1, 2], [3, 4]\n")),
     ("docs/workflows.md", DOC_WORKER): Demo("workflows_demo"),
     ("docs/workflows.md", "progress: step 1 of 4"): Output("workflows_demo"),
+    # docs/testing.md
+    ("docs/testing.md", "# test_tasks.py — run with pytest"):
+        RunBy(HERE + "test_testing_page_example_passes_under_pytest"),
     # docs/troubleshooting.md
     ("docs/troubleshooting.md", "$ itask ping -b foo://bar"): Transcript(),
     ("docs/troubleshooting.md", "$ itask ping -b redis://127.0.0.1:6380/0"): Transcript(),
@@ -595,6 +598,19 @@ def test_readme_broker_urls_reach_the_brokers(broker, private_env):
                           "--timeout", "0.5"], env=dict(private_env, ITASK_BROKER_URL=url),
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode in (0, 1), out.stderr  # connected: a reply, or none (not 2 or 3)
+
+
+def test_testing_page_example_passes_under_pytest(tmp_path, private_env):
+    """docs/testing.md's test module, saved as test_tasks.py and run by pytest (warnings are
+    errors): every test in it passes."""
+    (tmp_path / "test_tasks.py").write_text(
+        doc_block("docs/testing.md", "# test_tasks.py — run with pytest").text)
+    env = dict(private_env, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-W", "error", "test_tasks.py"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "5 passed" in out.stdout, out.stdout
 
 
 # -- task definitions on a worker --------------------------------------------------------------
