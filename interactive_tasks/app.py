@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import secrets
 import sys
@@ -221,6 +222,10 @@ class App:
         #: seconds | crontab text | crontab(...), "args": [...], "kwargs": {...},
         #: "options": {...}} (see docs/beat.md)
         self.beat_schedule: dict[str, dict[str, Any]] = {}
+        #: task modules to import before the registry is used (autodiscover_tasks)
+        self._pending_imports: list[tuple[Any, str | None]] = []
+        #: task_annotations: task name (or "*") -> task options
+        self._annotations: list[tuple[str, dict[str, Any]]] = []
 
     def __repr__(self) -> str:
         return f"<App {self.main} broker={self.broker_url_display}>"
@@ -235,6 +240,97 @@ class App:
         self.conf = conf
         self.names = Names(self.conf.namespace)
         self._secret_loaded = False
+
+    def config_from_object(self, obj: Any, namespace: str | None = None) -> None:
+        """Load settings named the Celery way from a module, a module name
+        (``"proj.celeryconfig"``, ``"proj.settings:Config"``), an object or a mapping.
+
+        ``namespace="CELERY"`` reads ``CELERY_BROKER_URL`` as ``broker_url`` (Django
+        settings). Celery's names map to this project's where they mean the same
+        (``task_acks_late`` → ``acks_late``, ``worker_prefetch_multiplier`` →
+        ``prefetch_multiplier``, ``result_backend="rpc://"`` → results through the
+        starter's inbox …; see docs/celery.md). Raises :class:`ConfigurationError` naming
+        every setting that cannot apply and what to use instead.
+        """
+        from .config import settings_of, translate
+
+        settings = translate(self, settings_of(obj, namespace))
+        if settings:
+            self.configure(**settings)
+
+    def use_result_backend(self, url: str | None) -> None:
+        """Set the result backend (``redis://``, ``file://`` …; ``rpc://`` or None: the
+        default). Raises ConfigurationError for a backend this project has no store for."""
+        if url in (None, "", "rpc://", "rpc"):
+            url = None  # Celery's rpc backend sends results back to the caller: the inbox
+        elif isinstance(url, str):
+            scheme = url.split("://", 1)[0]
+            if scheme not in ("redis", "rediss", "sentinel", "file", "embedded", "memory"):
+                raise ConfigurationError(
+                    f"unsupported result_backend {url!r}; use redis://, sentinel://, "
+                    "file://, embedded://, memory:// or rpc:// (results to the caller)")
+        else:
+            raise ConfigurationError(f"result_backend must be a URL, not {url!r}")
+        if self._results is not None:
+            self._results.close()
+            self._results = None
+        self.result_backend = url
+
+    def annotate(self, annotations: Any) -> None:
+        """Celery's ``task_annotations``: ``{"proj.add": {"rate_limit": "10/s"}}`` (``"*"``
+        for every task), or a list of such mappings; applied to tasks registered now and
+        later. Raises ConfigurationError for an option tasks do not have."""
+        from .task import TASK_OPTIONS
+
+        maps = [annotations] if isinstance(annotations, dict) else list(annotations or ())
+        for mapping in maps:
+            if not isinstance(mapping, dict):
+                raise ConfigurationError(f"task_annotations: {mapping!r} is not a mapping "
+                                         "of task names to options")
+            for name, options in mapping.items():
+                unknown = set(options) - TASK_OPTIONS
+                if unknown:
+                    raise ConfigurationError(
+                        f"task_annotations[{name!r}]: unknown option(s) "
+                        f"{', '.join(sorted(unknown))}; options are "
+                        f"{', '.join(sorted(TASK_OPTIONS))}")
+                self._annotations.append((str(name), dict(options)))
+        for task in self.tasks.values():
+            self._annotate(task)
+
+    def _annotate(self, task: Task[Any, Any]) -> None:
+        for name, options in self._annotations:
+            if name in ("*", task.name):
+                for key, value in options.items():
+                    setattr(task, key, value)
+
+    def autodiscover_tasks(self, packages: Any = None, related_name: str = "tasks",
+                           force: bool = False) -> None:
+        """Import ``<package>.tasks`` of each package when the tasks are first needed (a
+        worker starting, a task looked up by name), or now with ``force=True``.
+
+        ``packages``: names, a callable returning them (``lambda:
+        settings.INSTALLED_APPS``), or None for Django's installed apps. Deferred so that a
+        ``proj/celery.py`` can call it before Django or the tasks' own imports are ready.
+        """
+        self._pending_imports.append((packages, related_name))
+        if force:
+            self.finalize()
+
+    def autodiscover_modules(self, modules: list[str]) -> None:
+        """Celery's ``imports``/``include``: modules to import when the tasks are first
+        needed; a missing one raises :class:`ConfigurationError` then."""
+        self._pending_imports.append((list(modules), None))
+
+    def finalize(self) -> None:
+        """Import what ``autodiscover_tasks`` and ``imports`` named, and adopt class-form
+        tasks. The worker calls it at start; idempotent."""
+        from .config import discover
+
+        while self._pending_imports:
+            packages, related_name = self._pending_imports.pop(0)
+            discover(packages, related_name)
+        self._adopt_class_tasks()
 
     # -- broker ----------
     @property
@@ -376,6 +472,7 @@ class App:
             task: Task[Any, Any] = cls(func, app=self, name=name, queue=queue, bind=bind,
                                        **options)
             self.tasks[task.name] = task
+            self._annotate(task)
             return task
 
         if fn is not None:
@@ -403,6 +500,7 @@ class App:
         if not task.name:
             raise ConfigurationError(f"{task_class.__name__} needs a class attribute 'name'")
         self.tasks[task.name] = task
+        self._annotate(task)
         return task
 
     def _adopt_class_tasks(self) -> None:
@@ -414,7 +512,7 @@ class App:
         """The registered task ``name``; raises :class:`UnknownTask`."""
         task = self.tasks.get(name)
         if task is None:
-            self._adopt_class_tasks()
+            self.finalize()
             task = self.tasks.get(name)
         if task is None:
             raise UnknownTask(unknown_task_name(name, self.main, list(self.tasks)))
@@ -644,6 +742,9 @@ def load_app(spec: str) -> App:
     apps = [v for v in vars(module).values() if isinstance(v, App)]
     if len(apps) == 1:
         return apps[0]
+    if not apps and hasattr(module, "__path__") and \
+            importlib.util.find_spec(f"{module_name}.celery") is not None:
+        return load_app(f"{module_name}.celery")  # Celery's layout: proj/celery.py
     raise ConfigurationError(
         f"module {module_name!r} has {'no' if not apps else 'several'} App; "
         f"name one with -A {module_name}:<attribute>"

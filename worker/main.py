@@ -166,7 +166,7 @@ class Worker:
         """Start the pool, connect, and serve until SIGTERM/SIGINT. Returns the exit code."""
         self._install_signals()
         app = self.app
-        self.app._adopt_class_tasks()
+        self.app.finalize()
         signals.worker_init.send(sender=self)
         logger.info("worker %s starting: pool=%s concurrency=%d queues=%s broker=%s",
                     self.hostname, self.pool.name, self.concurrency,
