@@ -56,7 +56,7 @@ def run_demo(broker: str | None = None, color: bool = True, interactive: bool = 
     app.broker_url = broker
     log_path = Path(tempfile.gettempdir()) / f"itask-demo-{os.getpid()}.log"
     print(f"Starting a worker on {app.broker_url_display} (log: {log_path})")
-    if app.is_embedded:
+    if app.embedded_directory is not None:
         print(f"The embedded broker keeps its files in {app.embedded_directory}")
     worker = _start_worker(broker, log_path)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import secrets
 import sys
 import threading
 from collections.abc import Callable
@@ -24,16 +23,11 @@ from kombu import Connection
 from .errors import ConfigurationError, UnknownTask
 from .handle import TaskHandle, unknown_task
 from .protocol import ControlMessage, TaskSnapshot, Verb
-from .results import ResultStore, result_store_for
+from .results import ResultStore
 from .task import InteractiveTask, Signature, Task, _class_tasks, build_message
-from .transport import (
-    Names,
-    default_home,
-    embedded_directory,
-    is_embedded,
-    resolve_broker_url,
-)
-from .transport.redis_urls import check_url, is_redis
+from .transport import Names, resolve_broker_url
+from .transport.connections import broker_directory, broker_secret, connection_for
+from .transport.result_stores import result_store_for
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -348,13 +342,10 @@ class App:
         return mask_password(self.broker_url)
 
     @property
-    def is_embedded(self) -> bool:
-        return is_embedded(self.broker_url)
-
-    @property
     def embedded_directory(self) -> str | None:
         """Where the embedded broker keeps its files (None for other brokers)."""
-        return str(embedded_directory(self.broker_url)) if self.is_embedded else None
+        directory = broker_directory(self.broker_url)
+        return None if directory is None else str(directory)
 
     def connection(self, transport_options: dict[str, Any] | None = None,
                    heartbeat: bool = False) -> Connection:
@@ -371,20 +362,8 @@ class App:
         """
         options = dict(self.conf.broker_transport_options)
         options.update(transport_options or {})
-        check_url(self.broker_url, options)
-        if self.is_embedded:
-            options.setdefault("polling_interval", 0.01)
-        if is_redis(self.broker_url):
-            # kombu keeps unacked messages in server-wide keys by default: another project
-            # on the same Redis, with a shorter visibility_timeout, would redeliver ours.
-            ns = self.conf.namespace
-            options.setdefault("unacked_key", f"{ns}.unacked")
-            options.setdefault("unacked_index_key", f"{ns}.unacked_index")
-            options.setdefault("unacked_mutex_key", f"{ns}.unacked_mutex")
-        kwargs: dict[str, Any] = {"transport_options": options, "connect_timeout": 5}
-        if self.broker_url.startswith(("amqp", "pyamqp")):
-            kwargs["heartbeat"] = self.conf.broker_heartbeat if heartbeat else 0
-        return Connection(self.broker_url, **kwargs)
+        return connection_for(self.broker_url, options, namespace=self.conf.namespace,
+                              heartbeat=self.conf.broker_heartbeat if heartbeat else 0)
 
     @property
     def client(self) -> Client:
@@ -415,10 +394,8 @@ class App:
         if not self._secret_loaded:
             if self.conf.secret:
                 self._secret = self.conf.secret.encode()
-            elif self.is_embedded:
-                self._secret = _embedded_secret()
             else:
-                self._secret = None
+                self._secret = broker_secret(self.broker_url)
             self._secret_loaded = True
         return self._secret
 
@@ -661,29 +638,6 @@ class App:
             raise ValueError(f"unknown inspect command {what!r}; "
                              "use active, registered, stats or tasks")
         return self._broadcast(Verb.INSPECT, {"what": what}, timeout, expect)
-
-
-def _embedded_secret() -> bytes:
-    """The per-user operator secret of the embedded broker, created on first use."""
-    home = default_home()
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = home / "secret"
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    value = secrets.token_hex(32).encode()
-    tmp = home / f".secret.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(value)
-    try:
-        os.link(tmp, path)  # first writer wins; others read its value
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
-    return path.read_bytes().strip()
 
 
 def unknown_task_name(name: str, app_name: str, known: list[str]) -> str:

@@ -387,29 +387,12 @@ def result_store_for(
     backend_options: Mapping[str, Any] | None = None,
 ) -> ResultStore:
     """Pick the store: the ``result_backend`` URL (with ``backend_options``), else one
-    matching the broker (with ``broker_options``)."""
-    from .transport import default_home, embedded_directory, is_embedded, is_memory
-    from .transport.redis_urls import is_redis
+    matching the broker (with ``broker_options``); the choice lives with the brokers
+    (:func:`interactive_tasks.transport.result_stores.result_store_for`).
 
-    url = backend_url or broker_url
-    options = backend_options if backend_url else broker_options
-    scheme = url.split("://", 1)[0]
-    if is_redis(url):
-        return RedisResultStore(url, namespace, expires, options)
-    if is_memory(url):
-        return MemoryResultStore(namespace, expires)
-    fsync = bool((options or {}).get("fsync"))
-    if is_embedded(url):
-        # Beside the broker directory, never inside it: the broker owns every entry there.
-        broker_dir = embedded_directory(url)
-        return FileResultStore(broker_dir.with_name(broker_dir.name + "-results"),
-                               namespace, expires, fsync)
-    if scheme == "file":
-        return FileResultStore(Path(url.split("://", 1)[1] or default_home()), namespace,
-                               expires, fsync)
-    if backend_url:
-        raise ConfigurationError(
-            f"unsupported result_backend {backend_url!r}; use redis://, sentinel://, file://, "
-            "embedded:// or memory://"
-        )
-    return NullResultStore(namespace, expires)
+    Raises ConfigurationError for a ``result_backend`` URL no store takes.
+    """
+    from .transport.result_stores import result_store_for as pick
+
+    return pick(broker_url, backend_url, namespace, expires, broker_options,
+                backend_options)

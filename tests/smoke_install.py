@@ -166,7 +166,7 @@ def check(broker: str, pool: str, workdir: Path) -> None:
 
 def _delete_task_queue(app) -> None:  # type: ignore[no-untyped-def]
     """Remove this check's (durable) task queue from a shared broker."""
-    if app.is_embedded:
+    if app.embedded_directory is not None:
         return
     with app.connection() as conn:
         app.names.task_queue("default")(conn.default_channel).delete()

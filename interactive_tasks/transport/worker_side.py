@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Consumer
 
-from .redis_fast import ListReader, WorkerPipeline, is_redis
+from .redis_fast import ListReader, is_redis
 from .redis_fetch import TaskFetcher
 from .redis_liveness import redelivered_key
 
@@ -164,13 +164,3 @@ def intake_for(app: App, hostname: str, **callbacks: Any) -> WorkerIntake:
         return RedisIntake(app, hostname, **callbacks)
     return WorkerIntake(app, hostname, **callbacks)
 
-
-def pipeline_for(app: App, on_failed: Callable[[list[Any]], None],
-                 on_answered: Callable[[], None]) -> WorkerPipeline | None:
-    """Where the broker takes a worker's results, acks and inbox frames in one packet per
-    loop step (Redis: :class:`.redis_fast.WorkerPipeline`), else None: the relay sends
-    them through the result store, kombu acks and the worker's kombu producer."""
-    if is_redis(app.broker_url):
-        return WorkerPipeline(app.broker_url, on_failed, on_answered,
-                              app.conf.broker_transport_options)
-    return None

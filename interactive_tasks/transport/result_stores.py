@@ -1,0 +1,54 @@
+"""Which result store a broker URL or ``result_backend`` URL gets (docs/architecture.md,
+"Queues and exchanges": where results live on each broker)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError
+from ..results import (
+    FileResultStore,
+    MemoryResultStore,
+    NullResultStore,
+    RedisResultStore,
+    ResultStore,
+)
+from . import default_home, is_memory
+from .connections import beside_broker
+from .redis_urls import is_redis
+
+__all__ = ["result_store_for"]
+
+
+def result_store_for(
+    broker_url: str, backend_url: str | None, namespace: str, expires: float,
+    broker_options: Mapping[str, Any] | None = None,
+    backend_options: Mapping[str, Any] | None = None,
+) -> ResultStore:
+    """Pick the store: the ``result_backend`` URL (with ``backend_options``), else one
+    matching the broker (with ``broker_options``).
+
+    Raises ConfigurationError for a ``result_backend`` URL no store takes.
+    """
+    url = backend_url or broker_url
+    options = backend_options if backend_url else broker_options
+    scheme = url.split("://", 1)[0]
+    if is_redis(url):
+        return RedisResultStore(url, namespace, expires, options)
+    if is_memory(url):
+        return MemoryResultStore(namespace, expires)
+    fsync = bool((options or {}).get("fsync"))
+    beside = beside_broker(url, "-results")
+    if beside is not None:
+        return FileResultStore(beside, namespace, expires, fsync)
+    if scheme == "file":
+        return FileResultStore(Path(url.split("://", 1)[1] or default_home()), namespace,
+                               expires, fsync)
+    if backend_url:
+        raise ConfigurationError(
+            f"unsupported result_backend {backend_url!r}; use redis://, sentinel://, file://, "
+            "embedded:// or memory://"
+        )
+    return NullResultStore(namespace, expires)
