@@ -285,3 +285,28 @@ def test_results_are_shared_by_every_store_of_the_namespace_and_emptied_by_reset
 def test_start_worker_refuses_a_forking_pool(tasks):
     with pytest.raises(ConfigurationError, match="threads or solo"):
         InProcessWorker(tasks.app, pool="prefork")
+
+
+def test_a_worker_taken_for_dead_while_it_runs_keeps_running_and_is_reported_once():
+    """As on Redis: its task goes to another worker, it learns so at its next heartbeat and
+    is in the liveness record again, and the task's starter sees one final state."""
+    made = Tasks(worker_heartbeat=0.1, worker_lost_timeout=5.0)
+    try:
+        with start_worker(made.app, hostname="slow@memory") as slow:
+            handle = made.held.start("x")
+            wait_for(lambda: made.runs, message="started on the first worker")
+            with start_worker(made.app, hostname="other@memory"):
+                assert made.broker.declare_dead("slow@memory") == 1
+                wait_for(lambda: len(made.runs) == 2, timeout=5, message="run elsewhere")
+                wait_for(lambda: "slow@memory" in made.broker.workers(), timeout=5,
+                         message="back in the record")
+                assert all(r.maybe_redelivered for r in slow.records.values())
+                made.release.set()
+                assert handle.result(timeout=5) == "x"
+                made.broker.join(timeout=5)
+        assert made.runs == [("x", 1), ("x", 2)]
+        finals = [e for e in handle.events(timeout=1) if e.kind in ("succeeded", "failed")]
+        assert len(finals) == 1, finals
+    finally:
+        made.release.set()
+        made.app.close()

@@ -106,6 +106,9 @@ class InProcessWorker(Worker):
         until the liveness check of another worker (after ``worker_lost_timeout``) or
         :meth:`~interactive_tasks.transport.memory.MemoryBroker.declare_dead` returns
         them. Tasks running on its threads are cancelled."""
+        # In this order: the loop stops before it could take the cut connection for a
+        # broken one and reconnect, and the cancelled tasks' ends find it cut.
+        self._terminate = True
         conn = self.connection
         transport = getattr(conn, "transport", None) if conn is not None else None
         if isinstance(transport, memory.Transport):
@@ -113,7 +116,6 @@ class InProcessWorker(Worker):
         for slot in list(self.slots):  # what SIGKILL does to the tasks of a process
             if slot.task_id is not None and not slot.closed:
                 self.pool.force_stop(slot, 1)
-        self._terminate = True
         self._wake()
         self._finish(timeout)
 

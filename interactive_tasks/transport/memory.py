@@ -16,6 +16,8 @@ requeue through kombu's virtual channel) with what the project needs on top:
   connection declared dead (:func:`kill_connection`, the harness's stand-in for SIGKILL)
   keeps them — nothing more comes from it or goes to it — until the liveness check
   returns them (:class:`.memory_upkeep.MemoryUpkeep`, :meth:`MemoryBroker.declare_dead`).
+  A worker taken for dead while it runs gets its deliveries taken back on its own loop
+  and fetches nothing until its next heartbeat.
 * **Delayed delivery** waits in the broker (:class:`Delayed`), moved to its queue when due.
 * **Dead letters** are the ``<ns>.dead`` queue, readable without consuming
   (:meth:`MemoryBroker.dead_letters`).
@@ -142,8 +144,17 @@ class Channel(kombu_memory.Channel):
     def dead(self) -> bool:
         return self.connection.dead
 
+    # kombu checks, then sets: two threads declaring one queue at once could each make
+    # one and lose what was put in the other
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        self.queues.setdefault(queue, FifoQueue())
+
+    def _queue_for(self, queue: str) -> FifoQueue[Any]:
+        found = self.queues.get(queue)
+        return found if found is not None else self.queues.setdefault(queue, FifoQueue())
+
     def _get(self, queue: str, timeout: float | None = None) -> Any:
-        if self.dead:
+        if self.dead or self.connection.fenced:
             raise Empty()
         return super()._get(queue, timeout)
 
@@ -218,6 +229,10 @@ class Transport(kombu_memory.Transport):
         #: owned by this connection when it is dead)
         self.every_channel: list[Channel] = []
         self._pipe: tuple[int, int] | None = None
+        self._restore_requested = False
+        #: taken for dead while running: takes nothing until its next heartbeat, as a
+        #: frozen or cut-off worker fetches nothing until it is back
+        self.fenced = False
         self._loop: Any = None
         self._tref: Any = None
         STATE.transports.add(self)
@@ -261,9 +276,18 @@ class Transport(kombu_memory.Transport):
                     pass
         self._deliver_ready()
 
+    def request_restore(self) -> None:
+        """Give every unacknowledged delivery back, on this connection's own loop (its
+        worker was taken for dead while it runs: only its loop touches its deliveries)."""
+        self._restore_requested = True
+        self.wake()
+
     def _deliver_ready(self) -> None:
         # Deliver everything prefetch allows, but hand the loop back after _TICK_BUDGET so
         # a backlog cannot starve the pool's sockets; a wake-up or the timer goes on.
+        if self._restore_requested:
+            self._restore_requested = False
+            restore_unacked_of(self)
         if self.cycle is None or self.dead:
             return
         deadline = time.monotonic() + _TICK_BUDGET
@@ -306,9 +330,10 @@ def kill_connection(transport: Transport) -> None:
     transport.wake()
 
 
-def restore_dead(transport: Transport) -> int:
-    """Return a dead connection's unacknowledged deliveries to their queues (marked
-    redelivered); how many."""
+def restore_unacked_of(transport: Transport) -> int:
+    """Return a connection's unacknowledged deliveries to their queues (marked
+    redelivered); how many. Only from the thread that uses the connection, or when it is
+    dead (then none does)."""
     count = 0
     for channel in list(transport.every_channel):
         qos = channel._qos
@@ -425,8 +450,15 @@ def _declared_dead(entry: WorkerEntry) -> int:
     transport = entry.transport
     if transport is None:
         return 0
-    kill_connection(transport)  # one taken for dead while alive takes nothing more here
-    return restore_dead(transport)
+    if transport.dead:  # killed: nothing else touches its deliveries
+        return restore_unacked_of(transport)
+    # Taken for dead while it runs (as a frozen or cut-off worker on Redis): its tasks go
+    # back, it keeps running, and learns it at its next heartbeat.
+    count = sum(len(c._qos.in_flight) for c in list(transport.every_channel)
+                if c._qos is not None)
+    transport.fenced = True
+    transport.request_restore()
+    return count
 
 
 @dataclass(frozen=True)
@@ -531,7 +563,9 @@ class MemoryBroker:
     def declare_dead(self, hostname: str) -> int:
         """What the liveness check does to a worker silent for ``worker_lost_timeout``, now:
         forget ``hostname`` and return its unacknowledged tasks to their queues (marked
-        redelivered); how many. A worker still running notices at its next heartbeat.
+        redelivered); how many. A worker still running (taken for dead, as a frozen one
+        would be) takes nothing until its next heartbeat, where it learns the verdict and
+        is in the record again; its runs then end as on Redis (``Outcomes.superseded``).
         Raises KeyError for a worker the record does not hold."""
         with STATE.lock:
             keys = [k for k, e in STATE.workers.items()

@@ -36,6 +36,7 @@ class MemoryUpkeep(BrokerUpkeep):
         self.namespace = app.conf.namespace
         self._delayed = memory.delayed_of(self.namespace)
         self._timers: list[Any] = []
+        self._transport: memory.Transport | None = None
         self._last_beat = time.monotonic()
 
     def start(self, hub: Any, connection: Any = None) -> None:
@@ -43,14 +44,17 @@ class MemoryUpkeep(BrokerUpkeep):
 
         cancel_timers(self._timers)
         transport = getattr(connection, "transport", None)
-        with memory.STATE.lock:
-            # a worker's fresh connection: its entry owns the new connection's deliveries
-            memory.STATE.workers[self.incarnation] = memory.WorkerEntry(
-                self.incarnation.rsplit("/", 1)[0], self.namespace,
-                transport if isinstance(transport, memory.Transport) else None)
+        # a worker's fresh connection: its entry owns the new connection's deliveries
+        self._transport = transport if isinstance(transport, memory.Transport) else None
+        self._register()
         self.beat()
         self._timers = [hub.call_repeatedly(self.app.conf.worker_heartbeat, self.beat),
                         hub.call_repeatedly(DUE_INTERVAL, self.move_due)]
+
+    def _register(self) -> None:
+        with memory.STATE.lock:
+            memory.STATE.workers[self.incarnation] = memory.WorkerEntry(
+                self.incarnation.rsplit("/", 1)[0], self.namespace, self._transport)
 
     def beat(self) -> None:
         """Heartbeat, and return the tasks of workers found dead."""
@@ -59,10 +63,15 @@ class MemoryUpkeep(BrokerUpkeep):
             if entry is not None:
                 entry.last_beat = time.monotonic()
         if entry is None:
-            logger.warning("this worker was taken for dead: its running tasks may have been "
-                           "delivered to another worker")
+            logger.warning("this worker was taken for dead (no heartbeat for %.0fs): its "
+                           "running tasks may have been delivered to another worker",
+                           self.app.conf.worker_lost_timeout)
             self.on_declared_dead()
-            return
+            if self._transport is None or not self._transport.dead:
+                self._register()  # alive after all: in the record again, as on Redis
+                if self._transport is not None:
+                    self._transport.fenced = False
+                    self._transport.wake()
         self._last_beat = time.monotonic()
         for name, count in memory.sweep(self.namespace,
                                         self.app.conf.worker_lost_timeout).items():
