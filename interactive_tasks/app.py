@@ -218,6 +218,8 @@ class App:
         self.beat_schedule: dict[str, dict[str, Any]] = {}
         #: task modules to import before the registry is used (autodiscover_tasks)
         self._pending_imports: list[tuple[Any, str | None]] = []
+        #: built-in tasks (map, starmap), made when first asked for; not in ``tasks``
+        self._builtins: dict[str, Task[Any, Any]] = {}
         #: task_annotations: task name (or "*") -> task options
         self._annotations: list[tuple[str, dict[str, Any]]] = []
 
@@ -487,7 +489,13 @@ class App:
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The registered task ``name``; raises :class:`UnknownTask`."""
-        task = self.tasks.get(name)
+        task = self.tasks.get(name) or self._builtins.get(name)
+        if task is None and name.startswith("interactive_tasks."):
+            from .canvas import builtin_task
+
+            task = builtin_task(self, name)
+            if task is not None:
+                self._builtins[name] = task
         if task is None:
             self.finalize()
             task = self.tasks.get(name)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import codec
@@ -35,7 +35,7 @@ from .protocol import (
     TaskSnapshot,
     TaskState,
 )
-from .task import Signature
+from .task import Signature, Task
 
 if TYPE_CHECKING:
     from .app import App
@@ -113,16 +113,29 @@ def _app_of(sigs: list[Signature[Any]]) -> App:
 
 
 class chain:
-    """Run signatures one after another, each result prepended to the next one's args."""
+    """Run signatures one after another, each result prepended to the next one's args
+    (not to an immutable one's, ``task.si()``). ``a.s() | b.s()`` makes one too."""
 
-    def __init__(self, *tasks: Signature[Any]) -> None:
+    tasks: list[Signature[Any]]
+
+    def __init__(self, *tasks: Signature[Any] | chain) -> None:
         if not tasks:
             raise ValueError("chain() needs at least one signature")
+        flat: list[Signature[Any]] = []
         for item in tasks:
-            if not isinstance(item, Signature):
-                raise TypeError(f"chain() takes task signatures (task.s(...)), not "
-                                f"{type(item).__name__}; nesting workflows is not supported")
-        self.tasks = list(tasks)
+            if isinstance(item, chain):
+                flat.extend(item.tasks)
+            elif isinstance(item, Signature):
+                flat.append(item)
+            else:
+                raise TypeError(f"chain() takes task signatures (task.s(...)) or chains, "
+                                f"not {type(item).__name__}")
+        self.tasks = flat
+
+    def __or__(self, other: Any) -> chain:
+        if isinstance(other, (Signature, chain)):
+            return chain(self, other)
+        return NotImplemented
 
     def delay(self, *args: Any) -> ChainHandle:
         return self.apply_async(args)
@@ -133,45 +146,81 @@ class chain:
         app = _app_of(self.tasks)
         client = app.client
         client.ensure_started()
-        steps = [_step(sig, app, tuple(args) if i == 0 else ()) for i, sig in
-                 enumerate(self.tasks)]
-        handles = _handles(app, steps)
-        first = steps[0]
+        steps = self._steps(app, args)
+        self._send(app, steps, None)
+        return ChainHandle(app, _handles(app, steps))
+
+    def _steps(self, app: App, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        return [_step(sig, app, tuple(args) if i == 0 else ()) for i, sig in
+                enumerate(self.tasks)]
+
+    @staticmethod
+    def _send(app: App, steps: list[dict[str, Any]], chord_info: dict[str, Any] | None
+              ) -> None:
+        """Publish the first step with the rest in its headers; a chord's ``chord_info``
+        rides on the last step, so the chord counts this chain when it ends."""
+        client = app.client
         rest = [_public(s) for s in steps[1:]]
-        client.send_task(_message(first, client.inbox.name, {HEADER_CHAIN: rest}))
-        return ChainHandle(app, handles)
+        headers: dict[str, Any] = {HEADER_CHAIN: rest} if rest else {}
+        if chord_info is not None:
+            if rest:
+                rest[-1]["chord"] = chord_info
+            else:
+                headers[HEADER_CHORD] = chord_info
+        client.send_task(_message(steps[0], client.inbox.name, headers))
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(sig) for sig in self.tasks)
+
+
+Member = Signature[Any] | chain
 
 
 class group:
-    """Run signatures in parallel; gather their results in order."""
+    """Run signatures (or chains) in parallel; gather their results in order."""
 
-    def __init__(self, *tasks: Signature[Any] | Iterable[Signature[Any]]) -> None:
-        items = list(tasks[0]) if len(tasks) == 1 and not isinstance(tasks[0], Signature) \
-            else list(tasks)
+    def __init__(self, *tasks: Member | Iterable[Member]) -> None:
+        items = list(tasks[0]) if len(tasks) == 1 and \
+            not isinstance(tasks[0], (Signature, chain)) else list(tasks)
         for item in items:
-            if not isinstance(item, Signature):
-                raise TypeError(f"group() takes task signatures (task.s(...)), not "
-                                f"{type(item).__name__}; nesting workflows is not supported")
-        self.tasks: list[Signature[Any]] = items  # type: ignore[assignment]
+            if not isinstance(item, (Signature, chain)):
+                raise TypeError(f"group() takes task signatures (task.s(...)) or chains, "
+                                f"not {type(item).__name__}; a group in a group is not "
+                                "supported")
+        self.tasks: list[Member] = items  # type: ignore[assignment]
+
+    def __or__(self, other: Any) -> chord:
+        """``group(...) | body.s()`` is ``chord(group(...), body.s())``, as in Celery."""
+        if isinstance(other, Signature):
+            return chord(self, other)
+        return NotImplemented
+
+    def _signatures(self) -> list[Signature[Any]]:
+        return [sig for item in self.tasks
+                for sig in (item.tasks if isinstance(item, chain) else [item])]
 
     def delay(self) -> GroupHandle:
         return self.apply_async()
 
     def apply_async(self) -> GroupHandle:
-        app = _app_of(self.tasks)
-        client = app.client
-        client.ensure_started()
-        steps = [_step(sig, app) for sig in self.tasks]
-        handles = _handles(app, steps)
-        for s in steps:
-            client.send_task(_message(s, client.inbox.name, {}))
-        return GroupHandle(app, handles)
+        app = _app_of(self._signatures())
+        app.client.ensure_started()
+        return GroupHandle(app, [_send_member(app, item, None) for item in self.tasks])
+
+
+def _send_member(app: App, item: Member, chord_info: dict[str, Any] | None
+                 ) -> TaskHandle[Any] | ChainHandle:
+    """Publish one group member (a signature or a chain); returns its handle."""
+    steps = item._steps(app) if isinstance(item, chain) else [_step(item, app)]
+    chain._send(app, steps, chord_info)
+    handles = _handles(app, steps)
+    return ChainHandle(app, handles) if isinstance(item, chain) else handles[0]
 
 
 class chord:
     """A group, then one callback called with the list of the group's results."""
 
-    def __init__(self, header: group | Iterable[Signature[Any]], body: Signature[Any]) -> None:
+    def __init__(self, header: group | Iterable[Member], body: Signature[Any]) -> None:
         self.header = header if isinstance(header, group) else group(list(header))
         self.body = body
 
@@ -183,20 +232,26 @@ class chord:
 
         Raises :class:`ConfigurationError` when the app has no shared result store.
         """
-        app = _app_of([*self.header.tasks, self.body])
+        app = _app_of([*self.header._signatures(), self.body])
         if not app.results.durable:
             raise ConfigurationError(
                 "chord needs a result store shared by workers: set result_backend "
                 "(redis:// or file://) when the broker is RabbitMQ")
         client = app.client
         client.ensure_started()
-        members = [_step(sig, app) for sig in self.header.tasks]
+        members = [item._steps(app) if isinstance(item, chain) else [_step(item, app)]
+                   for item in self.header.tasks]
         body = _step(self.body, app)
         chord_id = str(uuid.uuid4())
         body_public = _public(body)
+        # a member's value is its last step's (a chain's result)
         info: dict[str, Any] = {"id": chord_id, "size": len(members),
-                                "members": [m["id"] for m in members], "body": body_public}
-        handles = _handles(app, members)
+                                "members": [steps[-1]["id"] for steps in members],
+                                "body": body_public}
+        handles: list[TaskHandle[Any] | ChainHandle] = [
+            ChainHandle(app, _handles(app, steps)) if isinstance(item, chain)
+            else _handles(app, steps)[0]
+            for item, steps in zip(self.header.tasks, members, strict=True)]
         body_handle: TaskHandle[Any] = TaskHandle(app, body["id"], name=body["task"],
                                                   token=body["_token"], starter=True,
                                                   streaming=body["watch"] == "all")
@@ -208,10 +263,65 @@ class chord:
         if not members:
             client.send_task(dataclasses.replace(body_message, args=[[], *body_message.args]))
             return body_handle
-        for index, member in enumerate(members):
-            client.send_task(_message(member, client.inbox.name,
-                                      {HEADER_CHORD: {**info, "index": index}}))
+        for index, steps in enumerate(members):
+            chain._send(app, steps, {**info, "index": index})
         return body_handle
+
+
+# -- map, starmap, chunks ---------------------------------------------------------------------
+MAP_TASK = "interactive_tasks.map"
+STARMAP_TASK = "interactive_tasks.starmap"
+
+
+def _map(self: Task[Any, Any], name: str, items: list[Any]) -> list[Any]:
+    """Run task ``name`` on each item in this one task, in order (Celery's ``xmap``)."""
+    task = self._bound_app().get_task(name)
+    return [task(item) for item in items]
+
+
+def _starmap(self: Task[Any, Any], name: str, items: list[Any]) -> list[Any]:
+    """Run task ``name`` with each item as its arguments (Celery's ``xstarmap``)."""
+    task = self._bound_app().get_task(name)
+    return [task(*item) for item in items]
+
+
+def builtin_task(app: App, name: str) -> Task[Any, Any] | None:
+    """The built-in task ``name`` for ``app`` (map, starmap), or None."""
+    fn = {MAP_TASK: _map, STARMAP_TASK: _starmap}.get(name)
+    return None if fn is None else Task(fn, app=app, name=name, bind=True)
+
+
+def mapped(task: Task[Any, Any], items: Iterable[Any], star: bool) -> Signature[list[Any]]:
+    """``task.map(items)`` / ``task.starmap(items)``: one task running ``task`` on every
+    item, on ``task``'s queue; its result is the list of results."""
+    app = task._bound_app()
+    builtin = app.get_task(STARMAP_TASK if star else MAP_TASK)
+    values = [list(item) for item in items] if star else list(items)
+    return Signature(builtin, (task.name, values),
+                     queue=task.queue or app.route(task.name))
+
+
+class chunks:
+    """``task.chunks(items, n)``: the argument tuples in ``items`` cut into chunks of
+    ``n``, each chunk one task (a ``starmap``), all of them a group; the result is a
+    list of lists (Celery's ``chunks``)."""
+
+    def __init__(self, task: Task[Any, Any], items: Iterable[Any], n: int) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"chunks() needs a chunk size of at least 1, not {n!r}")
+        self.task = task
+        self.items = [list(item) for item in items]
+        self.n = n
+
+    def group(self) -> group:
+        return group([mapped(self.task, self.items[i:i + self.n], star=True)
+                      for i in range(0, len(self.items), self.n)])
+
+    def apply_async(self) -> GroupHandle:
+        return self.group().apply_async()
+
+    def delay(self) -> GroupHandle:
+        return self.apply_async()
 
 
 class GroupHandle(ResultHandle[list[Any]]):
@@ -222,17 +332,18 @@ class GroupHandle(ResultHandle[list[Any]]):
     ``succeeded`` or the final state of the first member that did not succeed.
     """
 
-    def __init__(self, app: App, handles: list[TaskHandle[Any]]) -> None:
+    def __init__(self, app: App, handles: Sequence[TaskHandle[Any] | ChainHandle]) -> None:
         self.app = app
-        self.handles = handles
+        #: a member's handle: a TaskHandle, or a ChainHandle for a chain
+        self.handles = list(handles)
 
-    def __iter__(self) -> Iterator[TaskHandle[Any]]:
+    def __iter__(self) -> Iterator[TaskHandle[Any] | ChainHandle]:
         return iter(self.handles)
 
     def __len__(self) -> int:
         return len(self.handles)
 
-    def __getitem__(self, index: int) -> TaskHandle[Any]:
+    def __getitem__(self, index: int) -> TaskHandle[Any] | ChainHandle:
         return self.handles[index]
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar
 
@@ -23,6 +23,7 @@ from .protocol import MAX_NESTING, RESERVED_HEADERS, TaskMessage, check_task_id,
 
 if TYPE_CHECKING:
     from .app import App
+    from .canvas import chain, chunks
     from .handle import TaskHandle
 
 P = ParamSpec("P")
@@ -239,6 +240,25 @@ class Task(Generic[P, R]):
         """An immutable signature: in a chain or as a callback it gets no parent result."""
         return Signature(self, args, kwargs, immutable=True)
 
+    def map(self, items: Iterable[Any]) -> Signature[list[Any]]:
+        """One task that runs this one on each item (a list of results), as Celery's."""
+        from .canvas import mapped
+
+        return mapped(self, items, star=False)
+
+    def starmap(self, items: Iterable[Any]) -> Signature[list[Any]]:
+        """One task that runs this one with each item as its arguments."""
+        from .canvas import mapped
+
+        return mapped(self, items, star=True)
+
+    def chunks(self, items: Iterable[Any], n: int) -> chunks:
+        """``items`` (argument tuples) in chunks of ``n``, a task per chunk, as a group;
+        ``.delay()`` returns the group's handle (its result: a list of lists)."""
+        from .canvas import chunks
+
+        return chunks(self, items, n)
+
     # -- hooks (class-based tasks and ``base=`` classes override them) ----------------------
     def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> None:
@@ -350,6 +370,14 @@ class Signature(Generic[R]):
 
     def start(self, *args: Any, **kwargs: Any) -> TaskHandle[R]:
         return self.apply_async(args, kwargs, watch="all")
+
+    def __or__(self, other: Any) -> chain:
+        """``a.s() | b.s()`` is ``chain(a.s(), b.s())``."""
+        from .canvas import chain
+
+        if isinstance(other, (Signature, chain)):
+            return chain(self, other)
+        return NotImplemented
 
     def __repr__(self) -> str:
         form = "si" if self.immutable else "s"

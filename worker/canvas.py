@@ -99,13 +99,20 @@ def _callbacks(worker: Worker, message: TaskMessage, kind: str,
 def _continue_chain(worker: Worker, message: TaskMessage, kind: str, fields: dict[str, Any],
                     chain: list[Any]) -> None:
     reply_to = message.reply_to
+    last = chain[-1]
+    # a chain in a chord's header: its last step carries the chord
+    chord = last.get("chord") if isinstance(last, dict) else None
     if kind != EventKind.SUCCEEDED:
         _stop(worker, chain, reply_to,
               f"chain stopped: step {message.task} ({message.id}) ended {kind}")
+        if isinstance(chord, dict):
+            _chord_member_done(worker, chord)  # the chain ended: the chord counts it
         return
     rest = chain[1:]
-    message = _step_message(chain[0], [fields.get("result")], reply_to,
-                            {HEADER_CHAIN: rest} if rest else {})
+    headers: dict[str, Any] = {HEADER_CHAIN: rest} if rest else {}
+    if not rest and isinstance(chord, dict):
+        headers[HEADER_CHORD] = chord
+    message = _step_message(chain[0], [fields.get("result")], reply_to, headers)
     worker.publish_task(message)
 
 

@@ -237,3 +237,19 @@ def tag(value: Any, label: str) -> str:
 @app.task
 def constant() -> str:
     return "immutable"
+
+
+# -- canvas -----------------------------------------------------------------------------------
+@app.task
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+@app.task
+def tsum(values: list[int]) -> int:
+    return sum(values)
+
+
+@app.task
+def square(x: int) -> int:
+    return x * x
