@@ -142,7 +142,9 @@ def test_every_signal_fires_once_in_the_right_process(
     for what in ("worker_init", "worker_ready"):
         [fired] = _of(notes, what)
         assert fired["pid"] == worker.pid and fired["hostname"] == worker.name
-    assert sorted(n["pid"] for n in _of(notes, "worker_process_init")) == sorted(children)
+    wait_for(lambda: sorted(n["pid"] for n in _of(everyday.notes(broker.record_dir),
+                                                  "worker_process_init")) == sorted(children),
+             10, message="worker_process_init in each pool process")
     assert worker.stop() == 0
     notes = everyday.notes(broker.record_dir)
     [fired] = _of(notes, "worker_shutdown")
@@ -165,8 +167,9 @@ def test_a_database_connection_per_prefork_process(
         assert row["pid"] == row["db_pid"] == row["row"]
         seen.add(row["pid"])
     assert seen <= children
-    inits = _of(everyday.notes(broker.record_dir), "worker_process_init")
-    assert sorted(n["pid"] for n in inits) == sorted(children)
+    wait_for(lambda: sorted(n["pid"] for n in _of(everyday.notes(broker.record_dir),
+                                                  "worker_process_init")) == sorted(children),
+             10, message="worker_process_init in each pool process")
 
 
 def test_signal_api() -> None:
