@@ -325,6 +325,20 @@ def install_capture() -> None:
         _capture_installed = True
 
 
+def bind_output(runtime: SlotRuntime | None) -> None:
+    """Send this thread's prints and log records to ``runtime``'s watchers from now on;
+    ``None`` stops that, after sending a partial last line. For task code that runs
+    outside a :class:`Slot` (the Celery bridge); installs the capture on first use."""
+    if runtime is None:
+        current = _runtime_here()
+        if current is not None:
+            _flush_partial_lines(current)
+        _local.runtime = None
+        return
+    install_capture()
+    _local.runtime = runtime
+
+
 def _flush_partial_lines(runtime: SlotRuntime) -> None:
     for level in ("info", "error"):
         buf = getattr(_local, f"buf_{level}", [])

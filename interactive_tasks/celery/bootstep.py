@@ -1,0 +1,57 @@
+"""The worker bootstep that runs the relay, and the hook that connects pool processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from celery import bootsteps
+
+from .process import RELAY_SOCKET_ENV, process_channel
+
+logger = logging.getLogger("interactive_tasks.celery")
+
+
+class RelayStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery has no hints
+    """Runs the interactive_tasks relay in Celery's main process.
+
+    The relay's socket is bound when the worker's blueprint is built, before the pool
+    starts, so prefork children inherit its path and connect as they start.
+    """
+
+    label = "interactive_tasks relay"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        from interactive_tasks.celery.enabling import bridge_app
+
+        from .relay import Relay
+
+        self.directory = tempfile.mkdtemp(prefix="itask-celery-")
+        path = os.path.join(self.directory, "relay.sock")
+        # Hard pause and forced cancel signal a pool process: only prefork has one per task.
+        prefork = getattr(worker.pool_cls, "__module__", "") == "celery.concurrency.prefork"
+        self.relay = Relay(bridge_app(worker.app), worker.hostname, path,
+                           supports_hard_pause=prefork)
+        os.environ[RELAY_SOCKET_ENV] = path
+
+    def start(self, worker: Any) -> None:
+        self.relay.start()
+        logger.info("interactive_tasks relay for %s on %s", worker.hostname,
+                    self.relay.socket_path)
+
+    def stop(self, worker: Any) -> None:
+        self.relay.stop()
+
+    def shutdown(self, worker: Any) -> None:
+        self.relay.stop()
+        os.environ.pop(RELAY_SOCKET_ENV, None)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def connect_pool_process(**kwargs: Any) -> None:
+    """``worker_process_init``: a prefork child registers its channel as it starts."""
+    process_channel()

@@ -1,0 +1,694 @@
+"""The relay in Celery's main process: control in from the broker, events out to inboxes.
+
+It speaks the itask worker's protocol (docs/architecture.md), so handles, ``itask
+attach`` and the widget see a Celery worker as one more worker named by its Celery
+hostname. Three threads, one lock over the task table:
+
+* *channels*: accepts each pool process's connection on a Unix socket and reads its
+  frames (``begin``, ``ev``, ``done``); numbers each task's events and publishes them to
+  the task's watchers, in order;
+* *control*: reads the worker's control queue and the broadcast queue and applies pause,
+  resume, cancel, message, answer, subscribe, locate and ping, forwarding task verbs to
+  the process that runs the task (a hard pause is SIGSTOP of that prefork child);
+* *upkeep*: heartbeats to watching clients, expired subscriptions, forced cancels.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from interactive_tasks import codec
+from interactive_tasks.app import App
+from interactive_tasks.errors import ProtocolError
+from interactive_tasks.protocol import (
+    FINAL_KINDS,
+    READ_VERBS,
+    STATE_AFTER,
+    TASK_VERBS,
+    ControlMessage,
+    Envelope,
+    Event,
+    EventKind,
+    TaskSnapshot,
+    TaskState,
+    Verb,
+)
+from interactive_tasks.transport.redis_fast import (
+    INBOX_EXPIRES_MS,
+    TaskPublisher,
+    decode_frame,
+    encode_frame,
+    is_redis,
+    kombu_body,
+)
+from interactive_tasks.worker.ipc import ChannelClosed, FrameReader, FrameWriter
+
+logger = logging.getLogger("interactive_tasks.celery")
+
+#: control for a task this worker does not run (yet) is kept this long
+HELD_CONTROL_TTL = 300.0
+#: finished tasks kept for late control (TaskFinished) and attach
+FINISHED_KEPT = 500
+#: after a forced cancel's SIGTERM, SIGKILL follows this much later
+KILL_AFTER = 1.0
+
+
+@dataclass
+class _Conn:
+    """One pool process's channel."""
+
+    sock: socket.socket
+    reader: FrameReader = field(default_factory=FrameReader)
+    writer: FrameWriter | None = None
+    pid: int | None = None
+    tasks: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Task:
+    """What the relay knows of one task (the itask worker's TaskRecord, reduced)."""
+
+    id: str
+    name: str
+    conn: _Conn | None
+    pid: int | None
+    token_digest: str | None
+    run: int = 1
+    seq: int = 0
+    state: TaskState = TaskState.RUNNING
+    subscribers: dict[str, float] = field(default_factory=dict)
+    history: collections.deque[Event] = field(
+        default_factory=lambda: collections.deque(maxlen=200))
+    progress: Event | None = None
+    question: dict[str, Any] | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    last_cseq: dict[str, int] = field(default_factory=dict)
+    hard_paused: bool = False
+    cancel_requested: bool = False
+    force_at: float | None = None
+    kill_at: float | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.state.is_final
+
+    def snapshot(self, hostname: str) -> TaskSnapshot:
+        return TaskSnapshot(
+            task_id=self.id, name=self.name, state=self.state, seq=self.seq, run=self.run,
+            worker=hostname, pid=self.pid, progress=self.progress,
+            events=tuple(self.history), question=self.question, result=self.result,
+            error=self.error, started=self.started, finished=self.finished)
+
+
+@dataclass
+class _Held:
+    verb: str
+    data: Any
+    sender: str | None
+    rid: str | None
+    cseq: int
+    token: str | None
+    signed: bool
+    expires: float
+
+
+class Relay:
+    """One per Celery worker process; :meth:`start` after the socket is bound."""
+
+    def __init__(self, app: App, hostname: str, socket_path: str, *,
+                 supports_hard_pause: bool) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.socket_path = socket_path
+        self.supports_hard_pause = supports_hard_pause
+        self.lock = threading.RLock()
+        self.tasks: dict[str, _Task] = {}
+        self.finished: collections.OrderedDict[str, _Task] = collections.OrderedDict()
+        self.held: dict[str, list[_Held]] = {}
+        self.held_subscribers: dict[str, dict[str, float]] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._publish_lock = threading.Lock()
+        self._publisher: TaskPublisher | None = None
+        self._producer: Any = None
+        self._producer_conn: Any = None
+        self._declared: set[str] = set()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(socket_path)
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+
+    # -- lifecycle ----------
+    def start(self) -> None:
+        for target, name in ((self._channels_loop, "channels"),
+                             (self._control_loop, "control"),
+                             (self._upkeep_loop, "upkeep")):
+            thread = threading.Thread(target=target, name=f"itask-relay-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if is_redis(self.app.broker_url):
+            thread = threading.Thread(target=self._redis_control_loop,
+                                      name="itask-relay-ctl-list", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(3)
+        try:
+            self.listener.close()
+            os.unlink(self.socket_path)
+        except OSError:
+            pass
+        with self._publish_lock:
+            if self._publisher is not None:
+                self._publisher.close()
+            if self._producer_conn is not None:
+                try:
+                    self._producer_conn.release()
+                except Exception:
+                    pass
+
+    # -- publishing ----------
+    def publish_inbox(self, inbox: str, payload: dict[str, Any]) -> None:
+        """Send one message to a client inbox; a broker error is logged, not raised."""
+        body = codec.dumps(payload)
+        secret = self.app.secret
+        with self._publish_lock:
+            try:
+                if is_redis(self.app.broker_url):
+                    if self._publisher is None:
+                        self._publisher = TaskPublisher(
+                            self.app.broker_url, self.app.conf.broker_transport_options)
+                    self._publisher.push(inbox, encode_frame(body, secret), INBOX_EXPIRES_MS)
+                    return
+                self._publish_kombu(inbox, body, secret)
+            except Exception as exc:
+                logger.warning("could not publish to %s: %s", inbox, exc)
+                self._producer = None
+                self._declared.clear()
+
+    def _publish_kombu(self, inbox: str, body: bytes, secret: bytes | None) -> None:
+        from kombu import Producer
+
+        if self._producer is None:
+            conn = self.app.connection()
+            conn.ensure_connection(max_retries=3)
+            self._producer_conn = conn
+            self._producer = Producer(conn.default_channel)
+        headers = {}
+        if secret is not None:
+            headers[codec.SIGNATURE_HEADER] = codec.sign(secret, body)
+        declare = []
+        if inbox not in self._declared:
+            queue = self.app.names.inbox_queue(inbox.rsplit(".", 1)[-1])
+            if queue.name == inbox:
+                declare = [queue]
+        self._producer.publish(body, routing_key=inbox, exchange="",
+                               content_type=codec.CONTENT_TYPE, content_encoding="binary",
+                               headers=headers, declare=declare)
+        self._declared.add(inbox)
+
+    def reply(self, inbox: str, rid: str | None, ok: bool, *, data: Any = None,
+              error: tuple[str, str] | None = None, pending: bool = False) -> None:
+        payload: dict[str, Any] = {"t": Envelope.REPLY, "rid": rid, "ok": ok,
+                                   "worker": self.hostname}
+        if data is not None:
+            payload["data"] = data
+        if pending:
+            payload["pending"] = True
+        if error is not None:
+            payload["error"] = {"type": error[0], "message": error[1]}
+        self.publish_inbox(inbox, payload)
+
+    # -- events (caller holds the lock) ----------
+    def emit(self, task: _Task, kind: str, fields: dict[str, Any],
+             ts: float | None = None) -> None:
+        task.seq += 1
+        event = Event(task.id, task.seq, kind, ts or time.time(), fields, task.run)
+        task.history.append(event)
+        state = STATE_AFTER.get(kind)
+        if state is not None:
+            task.state = state
+        if kind == EventKind.PROGRESS:
+            task.progress = event
+        elif kind == EventKind.QUESTION:
+            task.question = dict(fields)
+        elif kind == EventKind.ANSWERED:
+            task.question = None
+        if kind in FINAL_KINDS:
+            task.finished = event.ts
+            task.result = fields.get("result")
+            task.error = fields.get("error")
+        payload = {"t": Envelope.EVENTS, "worker": self.hostname, "e": [event.to_wire()]}
+        for inbox in list(task.subscribers):
+            self.publish_inbox(inbox, payload)
+        if kind in FINAL_KINDS:
+            self._finish(task)
+
+    def _finish(self, task: _Task) -> None:
+        self.tasks.pop(task.id, None)
+        if task.conn is not None:
+            task.conn.tasks.discard(task.id)
+        self.finished[task.id] = task
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+        wire = task.snapshot(self.hostname).to_wire()
+        wire["events"] = wire["events"][-20:]
+        try:
+            self.app.results.put(task.id, wire)
+        except Exception as exc:
+            logger.warning("could not store the final state of %s: %s", task.id, exc)
+
+    # -- the channels thread ----------
+    def _channels_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, None)
+        while not self._stop.is_set():
+            for key, _ in sel.select(0.5):
+                if key.data is None:
+                    try:
+                        sock, _ = self.listener.accept()
+                    except OSError:
+                        continue
+                    sock.setblocking(False)
+                    conn = _Conn(sock)
+                    conn.writer = FrameWriter(sock)
+                    sel.register(sock, selectors.EVENT_READ, conn)
+                    continue
+                conn = key.data
+                try:
+                    data = conn.sock.recv(262144)
+                    if not data:
+                        raise ChannelClosed("pool process closed its channel")
+                    frames = conn.reader.feed(data)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except (OSError, ChannelClosed):
+                    sel.unregister(conn.sock)
+                    conn.sock.close()
+                    self._on_closed(conn)
+                    continue
+                with self.lock:
+                    for frame in frames:
+                        try:
+                            self._on_frame(conn, frame)
+                        except Exception:
+                            logger.exception("bad frame from pool process %s", conn.pid)
+        sel.close()
+
+    def _on_frame(self, conn: _Conn, frame: Any) -> None:
+        op = frame[0]
+        if op == "ready":
+            conn.pid = int(frame[1])
+        elif op == "begin":
+            self._on_begin(conn, str(frame[1]), frame[2])
+        elif op in ("ev", "done"):
+            _, task_id, kind, fields, ts = frame
+            task = self.tasks.get(task_id)
+            if task is None or task.conn is not conn:
+                return
+            if kind == EventKind.PAUSED and task.hard_paused:
+                return
+            if kind == EventKind.RETRY:
+                self.emit(task, kind, fields, ts)
+                task.conn = None
+                return
+            if op == "done" and kind == EventKind.FAILED and task.cancel_requested:
+                kind, fields = EventKind.CANCELLED, {}
+            self.emit(task, kind, fields, ts)
+            if op == "done" and not task.is_final:
+                self._finish(task)
+
+    def _on_begin(self, conn: _Conn, task_id: str, info: dict[str, Any]) -> None:
+        previous = self.tasks.get(task_id) or self.finished.pop(task_id, None)
+        run = previous.run + 1 if previous is not None else 1
+        task = _Task(id=task_id, name=str(info.get("name") or ""), conn=conn, pid=conn.pid,
+                     token_digest=info.get("token"), run=run)
+        if previous is not None:
+            task.subscribers = dict(previous.subscribers)
+        ttl = self.app.conf.subscription_ttl
+        reply_to = info.get("reply_to")
+        if isinstance(reply_to, str):
+            task.subscribers[reply_to] = float("inf")  # the starter: as long as the task
+        for inbox, expires in self.held_subscribers.pop(task_id, {}).items():
+            task.subscribers.setdefault(inbox, max(expires, time.monotonic() + ttl))
+        self.tasks[task_id] = task
+        conn.tasks.add(task_id)
+        self.emit(task, EventKind.STARTED, {"worker": self.hostname, "pid": conn.pid})
+        for held in sorted(self.held.pop(task_id, []), key=lambda h: h.cseq):
+            self.apply_task_control(task, held)
+
+    def _on_closed(self, conn: _Conn) -> None:
+        """A pool process ended (killed by a forced cancel, or it died)."""
+        with self.lock:
+            for task_id in list(conn.tasks):
+                task = self.tasks.get(task_id)
+                if task is None or task.is_final:
+                    continue
+                if task.cancel_requested:
+                    self.emit(task, EventKind.CANCELLED, {"forced": True})
+                else:
+                    self.emit(task, EventKind.FAILED, {"error": {
+                        "type": "WorkerLostError",
+                        "message": f"pool process {conn.pid} exited while running the task",
+                        "traceback": ""}})
+
+    def send_ctl(self, task: _Task, verb: str, data: Any) -> None:
+        conn = task.conn
+        if conn is None or conn.writer is None:
+            return
+        try:
+            conn.writer.write(["ctl", task.id, verb, data])
+        except ChannelClosed:
+            pass
+
+    # -- control ----------
+    def on_body(self, body: bytes, signed: bool) -> None:
+        """One control message body (msgpack) from the broker."""
+        secret = self.app.secret
+        try:
+            if secret is not None and not signed:
+                raise ProtocolError("control message is unsigned or its signature is wrong")
+            ctl = ControlMessage.from_wire(codec.loads(body, self.app.conf.max_message_size))
+        except ProtocolError as exc:
+            logger.warning("refused control message: %s", exc.reason)
+            return
+        with self.lock:
+            try:
+                self.handle(ctl, signed)
+            except Exception as exc:
+                logger.exception("error handling control %s", ctl.verb)
+                if ctl.sender:
+                    self.reply(ctl.sender, ctl.rid, False, error=("ControlError", str(exc)))
+
+    def handle(self, ctl: ControlMessage, signed: bool) -> None:
+        verb = ctl.verb
+        if verb == Verb.PING:
+            if ctl.sender:
+                self.reply(ctl.sender, ctl.rid, True, data={"pong": True})
+            return
+        if verb == Verb.INSPECT:
+            if ctl.sender:
+                self.reply(ctl.sender, ctl.rid, True, data=self.inspect(ctl.data))
+            return
+        if verb == Verb.REVOKE:
+            return  # Celery's own revoke reaches Celery workers; nothing held here
+        task_id = ctl.task_id or ""
+        task = self.tasks.get(task_id) or self.finished.get(task_id)
+        if verb in READ_VERBS:
+            self.handle_read(ctl, task, signed)
+            return
+        if verb in TASK_VERBS:
+            held = _Held(verb, ctl.data, ctl.sender, ctl.rid, ctl.cseq, ctl.token, signed,
+                         time.monotonic() + HELD_CONTROL_TTL)
+            if task is None:
+                self.held.setdefault(task_id, []).append(held)
+                if ctl.sender and ctl.rid:
+                    self.reply(ctl.sender, ctl.rid, True, pending=True)
+                return
+            self.apply_task_control(task, held)
+
+    def authorized(self, task: _Task, held: _Held) -> bool:
+        return held.signed or codec.token_matches(held.token, task.token_digest)
+
+    def apply_task_control(self, task: _Task, held: _Held) -> None:
+        sender = held.sender
+
+        def reply(ok: bool, error: tuple[str, str] | None = None) -> None:
+            if sender and held.rid:
+                self.reply(sender, held.rid, ok, error=error)
+
+        if not self.authorized(task, held):
+            logger.warning("refused %s for task %s from %s: wrong or missing token",
+                           held.verb, task.id, sender)
+            reply(False, ("NotAuthorized", f"not authorised to {held.verb} task {task.id}: "
+                                           "wrong or missing token"))
+            return
+        if sender and held.cseq:
+            if held.cseq <= task.last_cseq.get(sender, 0):
+                reply(True)  # a copy already applied (broadcast and direct)
+                return
+            task.last_cseq[sender] = held.cseq
+        if task.is_final:
+            reply(False, ("TaskFinished", f"task {task.id} already ended "
+                                          f"({task.state.value})"))
+            return
+        verb, data = held.verb, held.data
+        if verb == Verb.PAUSE:
+            hard = isinstance(data, dict) and bool(data.get("hard"))
+            if hard:
+                if not self._can_signal(task):
+                    reply(False, ("HardPauseUnsupported",
+                                  "hard pause needs the prefork pool; a soft pause works "
+                                  "everywhere"))
+                    return
+                if not task.hard_paused:
+                    os.kill(task.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+                    task.hard_paused = True
+                    self.emit(task, EventKind.PAUSED, {"hard": True})
+            else:
+                self.send_ctl(task, Verb.PAUSE, None)
+        elif verb == Verb.RESUME:
+            if task.hard_paused:
+                self._continue(task)
+                self.emit(task, EventKind.RESUMED, {"hard": True})
+            else:
+                self.send_ctl(task, Verb.RESUME, None)
+        elif verb == Verb.CANCEL:
+            grace = 5.0
+            if isinstance(data, dict) and isinstance(data.get("grace"), (int, float)):
+                grace = max(0.0, float(data["grace"]))
+            task.cancel_requested = True
+            if task.hard_paused:
+                self._continue(task)
+            self.send_ctl(task, Verb.CANCEL, None)
+            if self._can_signal(task):
+                task.force_at = time.monotonic() + grace
+        elif verb == Verb.MESSAGE:
+            self.send_ctl(task, Verb.MESSAGE, data)
+        elif verb == Verb.ANSWER:
+            question = task.question
+            qid = data.get("qid") if isinstance(data, dict) else None
+            if question is None:
+                reply(False, ("ControlError", f"task {task.id} has no pending question"))
+                return
+            if qid and qid != question.get("qid"):
+                reply(False, ("ControlError", "that question was already answered"))
+                return
+            value = data.get("value") if isinstance(data, dict) else data
+            self.send_ctl(task, Verb.ANSWER, {"qid": question.get("qid"), "value": value})
+        reply(True)
+
+    def _can_signal(self, task: _Task) -> bool:
+        """Only a prefork child can be stopped or killed without stopping Celery."""
+        return self.supports_hard_pause and task.pid is not None and \
+            task.pid != os.getpid()
+
+    def _continue(self, task: _Task) -> None:
+        if task.pid is not None:
+            os.kill(task.pid, signal.SIGCONT)
+        task.hard_paused = False
+
+    def handle_read(self, ctl: ControlMessage, task: _Task | None, signed: bool) -> None:
+        sender = ctl.sender
+        if not sender:
+            return
+        if ctl.verb == Verb.UNSUBSCRIBE:
+            if task is not None:
+                task.subscribers.pop(sender, None)
+            return
+        if task is not None and not self.app.conf.read_only_attach and not signed and \
+                not codec.token_matches(ctl.token, task.token_digest):
+            self.reply(sender, ctl.rid, False,
+                       error=("NotAuthorized", "attach needs the task's token here"))
+            return
+        expires = time.monotonic() + self.app.conf.subscription_ttl
+        renew = ctl.data.get("renew") if isinstance(ctl.data, dict) else None
+        if ctl.verb == Verb.SUBSCRIBE and isinstance(renew, list):
+            for task_id in renew:
+                held = self.tasks.get(task_id) if isinstance(task_id, str) else None
+                if held is not None and held.subscribers.get(sender, 0) != float("inf"):
+                    held.subscribers[sender] = expires
+            return
+        if task is None:
+            if ctl.task_id:
+                self.held_subscribers.setdefault(ctl.task_id, {})[sender] = expires
+            if ctl.verb == Verb.SUBSCRIBE:
+                self.reply(sender, ctl.rid, False, error=(
+                    "UnknownTask", f"task {ctl.task_id} is not on {self.hostname}"))
+            return
+        if task.subscribers.get(sender) != float("inf"):
+            task.subscribers[sender] = expires
+        if ctl.verb == Verb.SUBSCRIBE and ctl.rid is None:
+            return  # a renewal
+        self.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": ctl.rid,
+                                    "worker": self.hostname,
+                                    "snapshot": task.snapshot(self.hostname).to_wire()})
+
+    def inspect(self, data: Any) -> Any:
+        what = data.get("what") if isinstance(data, dict) else None
+        active = [{"id": t.id, "name": t.name, "state": t.state.value,
+                   "worker": self.hostname, "pid": t.pid, "started": t.started,
+                   "progress": t.progress.to_wire() if t.progress else None,
+                   "question": t.question, "interactive": True}
+                  for t in self.tasks.values()]
+        if what in ("active", "tasks"):
+            return active
+        return {"worker": self.hostname, "pid": os.getpid(), "pool": "celery",
+                "active": len(active), "online": True}
+
+    # -- broker control intake ----------
+    def _control_loop(self) -> None:
+        """kombu consumers: the broadcast queue, and the control queue off Redis."""
+        from kombu import Consumer
+
+        names = self.app.names
+        queues = [names.broadcast_queue(self.hostname)]
+        if not is_redis(self.app.broker_url):
+            queues.append(names.control_queue(self.hostname))
+        backoff = 0.5
+        while not self._stop.is_set():
+            conn = self.app.connection()
+            try:
+                conn.ensure_connection(max_retries=1)
+                consumer = Consumer(conn.channel(), queues=queues, accept=None,
+                                    on_message=self._on_kombu_message, no_ack=True)
+                consumer.consume()
+                backoff = 0.5
+                while not self._stop.is_set():
+                    try:
+                        conn.drain_events(timeout=0.5)
+                    except socket.timeout:
+                        pass
+            except Exception as exc:
+                logger.warning("relay control connection lost (%s); retrying", exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                try:
+                    conn.release()
+                except Exception:
+                    pass
+
+    def _on_kombu_message(self, message: Any) -> None:
+        body = message.body
+        if isinstance(body, str):
+            body = body.encode()
+        secret = self.app.secret
+        signed = secret is not None and codec.verify(
+            secret, body, (message.headers or {}).get(codec.SIGNATURE_HEADER))
+        self.on_body(body, signed)
+
+    def _redis_control_loop(self) -> None:
+        """Redis: the control queue is a plain list of raw frames (``BRPOP``, oldest
+        first)."""
+        import redis
+
+        key = self.app.names.control_queue_name(self.hostname)
+        secret = self.app.secret
+        while not self._stop.is_set():
+            client = redis.Redis.from_url(self.app.broker_url, socket_timeout=5)
+            try:
+                while not self._stop.is_set():
+                    item = client.brpop([key], timeout=1)
+                    if not item:
+                        continue
+                    raw = bytes(item[1])
+                    try:
+                        if raw[:1] == b"{":
+                            body, signature = kombu_body(raw)
+                            signed = secret is not None and codec.verify(secret, body,
+                                                                         signature)
+                        else:
+                            body = decode_frame(raw, secret)
+                            signed = secret is not None
+                    except ProtocolError as exc:
+                        logger.warning("refused control message: %s", exc.reason)
+                        continue
+                    self.on_body(body, signed)
+            except Exception as exc:
+                logger.warning("relay control list lost (%s); retrying", exc)
+                self._stop.wait(1.0)
+            finally:
+                client.close()
+
+    # -- upkeep ----------
+    def _upkeep_loop(self) -> None:
+        every = self.app.conf.worker_heartbeat
+        next_beat = 0.0
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            with self.lock:
+                self._force_due(now)
+                if now >= next_beat:
+                    next_beat = now + every
+                    self._heartbeat()
+                    self._expire(now)
+
+    def _heartbeat(self) -> None:
+        inboxes: dict[str, list[str]] = {}
+        for task in self.tasks.values():
+            for inbox in task.subscribers:
+                inboxes.setdefault(inbox, []).append(task.id)
+        for inbox, task_ids in inboxes.items():
+            self.publish_inbox(inbox, {"t": Envelope.HEARTBEAT, "worker": self.hostname,
+                                       "tasks": task_ids[:100], "ts": time.time()})
+
+    def _expire(self, now: float) -> None:
+        for task in self.tasks.values():
+            for inbox in [k for k, v in task.subscribers.items() if v < now]:
+                del task.subscribers[inbox]
+        for task_id in list(self.held):
+            kept = [h for h in self.held[task_id] if h.expires > now]
+            if kept:
+                self.held[task_id] = kept
+            else:
+                del self.held[task_id]
+        for task_id in list(self.held_subscribers):
+            subs = {k: v for k, v in self.held_subscribers[task_id].items() if v > now}
+            if subs:
+                self.held_subscribers[task_id] = subs
+            else:
+                del self.held_subscribers[task_id]
+
+    def _force_due(self, now: float) -> None:
+        """A cancel whose grace ran out: SIGTERM the child, SIGKILL a second later.
+        Celery's pool replaces the child; the task's channel closing ends it here."""
+        for task in self.tasks.values():
+            if task.is_final or task.pid is None:
+                continue
+            if task.force_at is not None and now >= task.force_at:
+                task.force_at = None
+                task.kill_at = now + KILL_AFTER
+                logger.info("forcing task %s to stop: SIGTERM to pool process %s",
+                            task.id, task.pid)
+                _signal(task.pid, signal.SIGTERM)
+            elif task.kill_at is not None and now >= task.kill_at:
+                task.kill_at = None
+                logger.info("forcing task %s to stop: SIGKILL to pool process %s",
+                            task.id, task.pid)
+                _signal(task.pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+__all__ = ["Relay"]
