@@ -1,0 +1,221 @@
+"""The Celery bridge against real ``celery worker`` subprocesses (docs/celery-bridge.md).
+
+Each test runs the stock ``celery -A tests.apps.celery_proj worker`` on Redis or
+RabbitMQ with its own queue and interactive_tasks namespace, and drives its tasks through
+``task.start()`` handles; Celery's result backend (Redis) must agree with the handles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from interactive_tasks.errors import HardPauseUnsupported, TaskCancelled
+from interactive_tasks.protocol import EventKind, TaskState
+from tests.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    ROOT,
+    holds_for,
+    require_broker,
+    wait_for,
+)
+
+pytest.importorskip("celery")
+pytestmark = pytest.mark.timeout(120)
+
+
+class CeleryEnv:
+    """Environment shared by the test process and its Celery workers."""
+
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
+        self.url = REDIS_URL if broker == "redis" else AMQP_URL
+        self.namespace = f"cb{uuid.uuid4().hex[:8]}"
+        self.queue = f"{self.namespace}.celery"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ITASK_")}
+        env.update({
+            "CELERY_BRIDGE_BROKER": self.url,
+            "CELERY_BRIDGE_BACKEND": REDIS_URL,
+            "CELERY_BRIDGE_QUEUE": self.queue,
+            "ITASK_TEST_NS": self.namespace,
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+
+class CeleryWorker:
+    """A real ``celery worker`` subprocess, its log in a file."""
+
+    def __init__(self, env: CeleryEnv, log_dir: Path, pool: str, concurrency: int) -> None:
+        self.name = f"w{uuid.uuid4().hex[:6]}@test"
+        self.log_path = log_dir / f"{self.name}.log"
+        self._log = open(self.log_path, "ab")
+        args = [sys.executable, "-m", "celery", "-A", "tests.apps.celery_proj", "worker",
+                "-P", pool, "-c", str(concurrency), "-n", self.name, "-l", "info",
+                "--without-mingle", "--without-gossip", "--without-heartbeat"]
+        self.proc = subprocess.Popen(args, env=env.env(), cwd=str(ROOT), stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30.0) -> CeleryWorker:
+        wait_for(lambda: " ready." in self.log() or self.proc.poll() is not None, timeout,
+                 message=f"celery worker {self.name} to start")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"celery worker exited early:\n{self.log()[-3000:]}")
+        return self
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True).stdout
+        return sorted(int(p) for p in out.split())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def celery_env(request: pytest.FixtureRequest,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[CeleryEnv]:
+    require_broker(request.param)
+    require_broker("redis")  # Celery's result backend in these tests
+    env = CeleryEnv(request.param)
+    for key, value in env.env().items():
+        monkeypatch.setenv(key, value)
+    for key in [k for k in os.environ if k.startswith("ITASK_") and k != "ITASK_TEST_NS"]:
+        monkeypatch.delenv(key)
+    yield env
+    if env.broker == "amqp":
+        import amqp
+
+        host = env.url.split("@", 1)[1].split("/", 1)[0]
+        conn = amqp.Connection(host, userid="guest", password="guest", heartbeat=0)
+        conn.connect()
+        try:
+            conn.channel().queue_delete(env.queue)
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def proj(celery_env: CeleryEnv) -> Iterator[Any]:
+    """The Celery project module as a client sees it, configured for this test."""
+    import tests.apps.celery_proj as module
+
+    module = importlib.reload(module)
+    yield module
+    from interactive_tasks.celery import bridge_app
+
+    bridge_app(module.app).close()
+
+
+@pytest.fixture
+def start_celery(celery_env: CeleryEnv, tmp_path: Path,
+                 request: pytest.FixtureRequest) -> Iterator[Callable[..., CeleryWorker]]:
+    workers: list[CeleryWorker] = []
+
+    def start(pool: str = "prefork", concurrency: int = 2) -> CeleryWorker:
+        worker = CeleryWorker(celery_env, tmp_path, pool, concurrency)
+        workers.append(worker)
+        return worker.wait_ready()
+
+    yield start
+    for worker in workers:
+        worker.stop()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for worker in workers:
+            sys.stderr.write(f"\n--- log of {worker.name} ---\n{worker.log()[-4000:]}\n")
+
+
+def proc_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (``T``: stopped)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("State:"):
+                return line.split()[1]
+    raise AssertionError(f"no state for {pid}")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_progress_stream_messages_and_result(proj: Any, start_celery: Any,
+                                             pool: str) -> None:
+    worker = start_celery(pool=pool)
+    handle = proj.train.start(40, expect=2)
+    wait_for(lambda: handle.state is not TaskState.PENDING, 20, message="task to start")
+    handle.send("first")
+    handle.send({"second": 2})
+    events = list(handle.events(timeout=30))
+    kinds = [e.kind for e in events]
+    assert kinds[0] == EventKind.STARTED and kinds[-1] == EventKind.SUCCEEDED
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(set(seqs))
+    # A handle keeps the latest of consecutive progress events its reader has not taken
+    # yet (never reordered); every event was numbered and none is missing besides those.
+    progress = [e.current for e in events if e.kind == EventKind.PROGRESS]
+    assert progress == sorted(set(progress)) and progress[-1] == 40
+    others = [e for e in events if e.kind != EventKind.PROGRESS]
+    assert events[-1].seq == len(others) + 40
+    echoes = [e.data for e in events if e.kind == EventKind.MESSAGE]
+    assert echoes == [{"echo": "first"}, {"echo": {"second": 2}}]
+    logs = [e.text for e in events if e.kind == EventKind.LOG]
+    assert "trained 40" in logs
+    assert any("a log record from the task" in text for text in logs)
+    expected = {"epochs": 40, "got": ["first", {"second": 2}]}
+    assert handle.result(timeout=10) == expected
+    # Celery's side is Celery's: the result backend and AsyncResult
+    assert handle.async_result.get(timeout=10) == expected
+    assert handle.async_result.state == "SUCCESS"
+    started = events[0]
+    assert started.worker == worker.name
+    if pool == "prefork":
+        assert started.pid in worker.children()
+    else:
+        assert started.pid == worker.proc.pid
+    # plain Celery tasks are untouched
+    assert proj.add.delay(2, 3).get(timeout=10) == 5
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_soft_pause_resume_then_cancel(proj: Any, start_celery: Any, pool: str) -> None:
+    start_celery(pool=pool)
+    handle = proj.looper.start(100000, 0.02)
+    wait_for(lambda: handle.progress is not None, 20, message="first progress")
+    handle.pause(wait=True, timeout=10)
+    assert handle.state is TaskState.PAUSED
+    at = handle.progress.current
+    holds_for(lambda: handle.progress.current == at, 0.6, message="no progress while paused")
+    handle.resume(wait=True, timeout=10)
+    wait_for(lambda: handle.progress.current > at + 3, 10, message="progress after resume")
+    assert handle.cancel(grace=10) is True
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=15)
+    kinds = [e.kind for e in handle.events_nowait()]
+    assert kinds.count(EventKind.PAUSED) == 1 and kinds.count(EventKind.RESUMED) == 1
+    # Celery records the cancel as a revoke
+    wait_for(lambda: handle.async_result.state == "REVOKED", 10, message="REVOKED in Celery")
