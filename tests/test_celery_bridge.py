@@ -219,3 +219,135 @@ def test_soft_pause_resume_then_cancel(proj: Any, start_celery: Any, pool: str) 
     assert kinds.count(EventKind.PAUSED) == 1 and kinds.count(EventKind.RESUMED) == 1
     # Celery records the cancel as a revoke
     wait_for(lambda: handle.async_result.state == "REVOKED", 10, message="REVOKED in Celery")
+
+
+def test_hard_pause_stops_the_pool_process(proj: Any, start_celery: Any) -> None:
+    worker = start_celery(pool="prefork")
+    handle = proj.looper.start(100000, 0.02)
+    wait_for(lambda: handle.progress is not None, 20, message="first progress")
+    pid = handle.pid
+    assert pid in worker.children()
+    handle.pause(hard=True, wait=True, timeout=10)
+    assert proc_state(pid) == "T"
+    at = handle.progress.current
+    holds_for(lambda: handle.progress.current == at, 0.6, message="frozen")
+    handle.resume(wait=True, timeout=10)
+    assert proc_state(pid) != "T"
+    wait_for(lambda: handle.progress.current > at, 10, message="progress after resume")
+    handle.cancel(grace=10)
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=15)
+
+
+def test_hard_pause_needs_prefork(proj: Any, start_celery: Any) -> None:
+    start_celery(pool="threads")
+    handle = proj.looper.start(100000, 0.02)
+    wait_for(lambda: handle.progress is not None, 20, message="first progress")
+    with pytest.raises(HardPauseUnsupported):
+        handle.pause(hard=True)
+    handle.cancel(grace=10)
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=15)
+
+
+def test_forced_cancel_ends_the_child_and_celery_replaces_it(proj: Any,
+                                                            start_celery: Any) -> None:
+    worker = start_celery(pool="prefork", concurrency=1)
+    handle = proj.spin.start(300)
+    wait_for(lambda: handle.progress is not None, 20, message="the task to spin")
+    pid = handle.pid
+    assert worker.children() == [pid]
+    handle.cancel(grace=0.5)
+    assert handle.wait(timeout=15) is TaskState.CANCELLED
+    assert handle.events_nowait()[-1].fields.get("forced") is True
+    wait_for(lambda: pid not in worker.children(), 10, message="the child to end")
+    # Celery replaces the child and the worker keeps serving
+    wait_for(lambda: len(worker.children()) == 1, 20, message="a new pool process")
+    assert proj.add.delay(1, 1).get(timeout=20) == 2
+    again = proj.double.start(21)
+    assert again.result(timeout=20) == 42
+    assert again.pid != pid
+    # Celery's own record of the killed run: its pool lost the process
+    wait_for(lambda: handle.async_result.state == "FAILURE", 20, message="FAILURE in Celery")
+    assert "WorkerLostError" in repr(handle.async_result.result)
+
+
+def test_question_answered_from_a_process_that_attached(proj: Any, start_celery: Any,
+                                                         celery_env: CeleryEnv) -> None:
+    start_celery(pool="prefork")
+    handle = proj.asker.start("learning rate?")
+    wait_for(lambda: handle.question is not None, 20, message="the question")
+    script = textwrap.dedent(f"""
+        import sys, time
+        import tests.apps.celery_proj as proj
+        from interactive_tasks.celery import bridge_app
+        h = bridge_app(proj.app).attach({handle.id!r}, token={handle.token!r})
+        deadline = time.monotonic() + 20
+        while h.question is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("ASKED", h.question["prompt"], flush=True)
+        h.answer(0.125)
+        bridge_app(proj.app).close()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env=celery_env.env(), cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ASKED learning rate?" in out.stdout
+    assert handle.result(timeout=15) == {"lr": 0.125}
+    assert handle.async_result.get(timeout=10) == {"lr": 0.125}
+
+
+def test_attach_gets_a_snapshot_then_the_live_tail(proj: Any, start_celery: Any,
+                                                  celery_env: CeleryEnv) -> None:
+    start_celery(pool="prefork")
+    handle = proj.looper.start(100000, 0.01)
+    wait_for(lambda: handle.progress is not None and handle.progress.current >= 5, 20,
+             message="some progress")
+    script = textwrap.dedent(f"""
+        import time
+        import tests.apps.celery_proj as proj
+        from interactive_tasks.celery import bridge_app
+        h = bridge_app(proj.app).attach({handle.id!r})
+        print("SNAPSHOT", h.state.value, h.worker, h.progress.current, flush=True)
+        first = h.progress.current
+        deadline = time.monotonic() + 20
+        while h.progress.current < first + 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print("TAIL", h.progress.current - first, flush=True)
+        bridge_app(proj.app).close()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env=celery_env.env(), cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    snapshot = next(line for line in out.stdout.splitlines() if line.startswith("SNAPSHOT"))
+    _, state, worker, current = snapshot.split()
+    assert state == "running" and worker == handle.worker and float(current) >= 5
+    tail = next(line for line in out.stdout.splitlines() if line.startswith("TAIL"))
+    assert float(tail.split()[1]) >= 20
+    handle.cancel(grace=10)
+    assert handle.wait(timeout=15) is TaskState.CANCELLED
+
+
+def test_chain_with_an_interactive_task(proj: Any, start_celery: Any) -> None:
+    from celery import chain
+
+    start_celery(pool="prefork")
+    result = chain(proj.add.s(1, 2), proj.double.s(), proj.add.s(10)).apply_async()
+    assert result.get(timeout=30) == 16
+    # the interactive step ran through the relay: its final state is in the result store
+    from interactive_tasks.celery import bridge_app
+
+    step = result.parent
+    record = wait_for(lambda: bridge_app(proj.app).results.get(step.id), 10,
+                      message="the interactive step's record")
+    assert record["state"] == "succeeded" and record["result"] == 6
+
+
+def test_worker_sigkill_is_reported_as_worker_lost(proj: Any, start_celery: Any) -> None:
+    worker = start_celery(pool="prefork")
+    handle = proj.looper.start(100000, 0.02)
+    wait_for(lambda: handle.progress is not None, 20, message="first progress")
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait(10)
+    wait_for(lambda: handle.worker_lost, 20, message="the handle to see the worker lost")
+    assert not handle.state.is_final

@@ -30,9 +30,19 @@ class _Bridge:
         if self.app is None:
             with _lock:
                 if self.app is None:
-                    url = self.celery_app.connection_for_write().as_uri(include_password=True)
+                    conf = self.celery_app.conf
+                    url = conf.broker_url or self.celery_app.connection_for_write().as_uri(
+                        include_password=True)
+                    settings = dict(self.settings)
+                    backend = settings.pop("result_backend", None)
+                    celery_backend = conf.result_backend
+                    if backend is None and isinstance(celery_backend, str) and \
+                            celery_backend.startswith(("redis://", "rediss://")):
+                        # Final snapshots (for attach after the end) beside Celery's
+                        # results, also when the broker keeps none (RabbitMQ).
+                        backend = celery_backend
                     self.app = App(self.celery_app.main or "celery", broker=url,
-                                   **self.settings)
+                                   result_backend=backend, **settings)
         return self.app
 
 
@@ -42,13 +52,14 @@ def enable(app: Celery, **settings: Any) -> None:
     Adds a bootstep to ``celery -A proj worker`` that runs the relay in Celery's main
     process and gives each pool process a channel to it. ``settings`` are
     interactive_tasks settings (``namespace``, ``secret``, ``subscription_ttl`` ...); the
-    broker is the Celery app's. Calling it again replaces the settings. Raises
+    broker is the Celery app's; ``result_backend`` (where final snapshots are kept for
+    attach) defaults to Celery's result backend when that is Redis. Calling it again replaces the settings. Raises
     :class:`~interactive_tasks.errors.ConfigurationError` for an unknown setting.
     """
     global _signal_connected
     from ..app import _SETTING_NAMES
 
-    unknown = set(settings) - _SETTING_NAMES
+    unknown = set(settings) - _SETTING_NAMES - {"result_backend"}
     if unknown:
         raise ConfigurationError(f"unknown setting(s) {', '.join(sorted(unknown))}")
     from .bootstep import RelayStep, connect_pool_process

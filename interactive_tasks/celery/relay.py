@@ -328,7 +328,10 @@ class Relay:
                 task.conn = None
                 return
             if op == "done" and kind == EventKind.FAILED and task.cancel_requested:
-                kind, fields = EventKind.CANCELLED, {}
+                # The task failed on its way out of a cancel (the SIGTERM of a forced
+                # cancel raises in the child, so does code that swallows Cancelled).
+                kind, fields = EventKind.CANCELLED, (
+                    {"forced": True} if task.kill_at is not None else {})
             self.emit(task, kind, fields, ts)
             if op == "done" and not task.is_final:
                 self._finish(task)
