@@ -61,11 +61,12 @@ class CeleryEnv:
 class CeleryWorker:
     """A real ``celery worker`` subprocess, its log in a file."""
 
-    def __init__(self, env: CeleryEnv, log_dir: Path, pool: str, concurrency: int) -> None:
+    def __init__(self, env: CeleryEnv, log_dir: Path, pool: str, concurrency: int,
+                 module: str = "tests.apps.celery_proj") -> None:
         self.name = f"w{uuid.uuid4().hex[:6]}@test"
         self.log_path = log_dir / f"{self.name}.log"
         self._log = open(self.log_path, "ab")
-        args = [sys.executable, "-m", "celery", "-A", "tests.apps.celery_proj", "worker",
+        args = [sys.executable, "-m", "celery", "-A", module, "worker",
                 "-P", pool, "-c", str(concurrency), "-n", self.name, "-l", "info",
                 "--without-mingle", "--without-gossip", "--without-heartbeat"]
         self.proc = subprocess.Popen(args, env=env.env(), cwd=str(ROOT), stdout=self._log,
@@ -139,8 +140,9 @@ def start_celery(celery_env: CeleryEnv, tmp_path: Path,
                  request: pytest.FixtureRequest) -> Iterator[Callable[..., CeleryWorker]]:
     workers: list[CeleryWorker] = []
 
-    def start(pool: str = "prefork", concurrency: int = 2) -> CeleryWorker:
-        worker = CeleryWorker(celery_env, tmp_path, pool, concurrency)
+    def start(pool: str = "prefork", concurrency: int = 2,
+              module: str = "tests.apps.celery_proj") -> CeleryWorker:
+        worker = CeleryWorker(celery_env, tmp_path, pool, concurrency, module)
         workers.append(worker)
         return worker.wait_ready()
 
@@ -351,3 +353,45 @@ def test_worker_sigkill_is_reported_as_worker_lost(proj: Any, start_celery: Any)
     worker.proc.wait(10)
     wait_for(lambda: handle.worker_lost, 20, message="the handle to see the worker lost")
     assert not handle.state.is_final
+
+
+def test_an_app_without_enable_is_unchanged(celery_env: CeleryEnv,
+                                             start_celery: Any) -> None:
+    from celery import chain
+
+    import tests.apps.celery_plain as plain
+    from interactive_tasks.celery.bootstep import RelayStep
+
+    plain = importlib.reload(plain)
+    assert RelayStep not in plain.app.steps["worker"]
+    worker = start_celery(pool="prefork", module="tests.apps.celery_plain")
+    assert plain.add.delay(2, 2).get(timeout=20) == 4
+    assert chain(plain.add.s(1, 1), plain.add.s(5)).apply_async().get(timeout=20) == 7
+    assert plain.flaky.delay().get(timeout=20) == 2
+    assert plain.environment.delay().get(timeout=20) is None
+    assert "interactive_tasks relay" not in worker.log()
+
+
+def test_interactive_task_called_directly_or_eagerly(proj: Any) -> None:
+    assert proj.train(3) == {"epochs": 3, "got": []}
+    assert proj.looper.apply(args=(3, 0)).get() == 3
+    from interactive_tasks.errors import QuestionTimeout
+
+    with pytest.raises(QuestionTimeout):
+        proj.asker()
+
+
+def test_start_needs_enable() -> None:
+    from celery import Celery
+
+    from interactive_tasks.celery import InteractiveTask
+    from interactive_tasks.errors import ConfigurationError
+
+    app = Celery("not_bridged", broker="redis://127.0.0.1:6379/0")
+
+    @app.task(base=InteractiveTask, bind=True)
+    def job(self: Any) -> int:
+        return 1
+
+    with pytest.raises(ConfigurationError, match="enable"):
+        job.start()

@@ -35,7 +35,7 @@ def test_library_never_imports_worker_or_cli():
     offenders = []
     for path in (ROOT / "interactive_tasks").rglob("*.py"):
         rel = path.relative_to(ROOT / "interactive_tasks")
-        if rel.parts[0] in ("worker", "cli"):
+        if rel.parts[0] in ("worker", "cli", "celery"):
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -49,6 +49,27 @@ def test_library_never_imports_worker_or_cli():
                 if any(part in ("worker", "cli") for part in name.split(".")):
                     offenders.append(f"{rel}: {name}")
     assert offenders == []
+
+
+def test_nothing_imports_the_celery_bridge():
+    """The Celery bridge (``interactive_tasks/celery/``) is a layer of its own on top of
+    the library and the worker; neither of them, nor the CLI, loads it."""
+    bridge = ROOT / "interactive_tasks" / "celery"
+    for path in (ROOT / "interactive_tasks").rglob("*.py"):
+        if bridge in path.parents:
+            continue
+        text = path.read_text()
+        assert "interactive_tasks.celery" not in text and "from .celery" not in text and \
+            "from ..celery" not in text, path
+
+
+def test_celery_bridge_loads_worker_code_only_inside_a_worker():
+    """A client that imports the bridge (to call ``task.start()``) loads no worker code."""
+    code = ("import sys, interactive_tasks.celery; "
+            "print(sorted(m for m in sys.modules if m.startswith('interactive_tasks.worker')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout.strip()
+    assert out == "[]"
 
 
 def test_worker_never_imports_cli():

@@ -15,7 +15,7 @@ from .process import RELAY_SOCKET_ENV, process_channel
 logger = logging.getLogger("interactive_tasks.celery")
 
 
-class RelayStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery has no hints
+class RelayStep(bootsteps.StartStopStep):
     """Runs the interactive_tasks relay in Celery's main process.
 
     The relay's socket is bound when the worker's blueprint is built, before the pool

@@ -53,8 +53,9 @@ def enable(app: Celery, **settings: Any) -> None:
     process and gives each pool process a channel to it. ``settings`` are
     interactive_tasks settings (``namespace``, ``secret``, ``subscription_ttl`` ...); the
     broker is the Celery app's; ``result_backend`` (where final snapshots are kept for
-    attach) defaults to Celery's result backend when that is Redis. Calling it again replaces the settings. Raises
-    :class:`~interactive_tasks.errors.ConfigurationError` for an unknown setting.
+    attach) defaults to Celery's result backend when that is Redis. Calling it again
+    replaces the settings. Raises :class:`~interactive_tasks.errors.ConfigurationError`
+    for an unknown setting.
     """
     global _signal_connected
     from ..app import _SETTING_NAMES

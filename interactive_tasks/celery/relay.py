@@ -575,7 +575,7 @@ class Relay:
                 while not self._stop.is_set():
                     try:
                         conn.drain_events(timeout=0.5)
-                    except socket.timeout:
+                    except TimeoutError:
                         pass
             except Exception as exc:
                 logger.warning("relay control connection lost (%s); retrying", exc)
@@ -610,7 +610,7 @@ class Relay:
                     item = client.brpop([key], timeout=1)
                     if not item:
                         continue
-                    raw = bytes(item[1])
+                    raw = item[1] if isinstance(item[1], bytes) else str(item[1]).encode()
                     try:
                         if raw[:1] == b"{":
                             body, signature = kombu_body(raw)

@@ -37,7 +37,7 @@ class CeleryTaskHandle(TaskHandle[Any]):
     async_result: AsyncResult | None = None
 
 
-class InteractiveTask(Task):  # type: ignore[misc]  # celery ships no type hints
+class InteractiveTask(Task):
     """Base class for Celery tasks that can be watched and steered while they run.
 
     Use it as ``@app.task(base=InteractiveTask, bind=True)``; ``task.start()`` returns a
@@ -93,8 +93,7 @@ class InteractiveTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
     def _run_bridged(self, channel: Any, args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> Any:
-        from interactive_tasks.worker.child import SlotRuntime, bind_output, \
-            describe_exception
+        from interactive_tasks.worker.child import SlotRuntime, bind_output, describe_exception
 
         request = self.request
         task_id = str(request.id)
