@@ -184,7 +184,7 @@ def test_a_killed_workers_task_comes_back_when_the_liveness_check_finds_it_dead(
             made.release.set()
             assert handle.get(timeout=5) == "k"
         # back after the liveness timeout, not before, and counted as a second delivery
-        assert 0.9 <= took < 3.0, took
+        assert 0.75 <= took < 5.0, took  # lost after 1 s, counted from its last beat
         assert made.runs == [("k", 1), ("k", 2)]
         assert made.broker.workers() == []
     finally:

@@ -383,6 +383,13 @@ class Delayed:
                 due.append((queue, envelope))
         return due
 
+    def move_due(self, now: float | None = None) -> int:
+        """Put every task due by ``now`` (default: now) on its queue; how many."""
+        due = self.take_due(time.time() if now is None else now)
+        for queue, envelope in due:
+            put_envelope(queue, envelope)
+        return len(due)
+
     def find(self, task_id: str) -> bytes | None:
         with STATE.lock:
             for entry in self._heap:
@@ -424,14 +431,6 @@ def put_envelope(queue: str, envelope: bytes) -> None:
     raw["properties"].setdefault("delivery_info", {}).update(exchange="", routing_key=queue)
     Channel.queues.setdefault(queue, FifoQueue()).put(raw)
     STATE.notify()
-
-
-def move_due(namespace: str, now: float | None = None) -> int:
-    """Put every task of ``namespace`` due by ``now`` on its queue; how many."""
-    due = delayed_of(namespace).take_due(time.time() if now is None else now)
-    for queue, envelope in due:
-        put_envelope(queue, envelope)
-    return len(due)
 
 
 def sweep(namespace: str, lost_after: float) -> dict[str, int]:
@@ -551,7 +550,7 @@ class MemoryBroker:
         """Put every task due by ``now`` (epoch seconds; default: now) on its queue, as a
         worker's timer does every 0.25 s; how many. A later ``now`` moves a task early,
         but its worker still holds it until its eta."""
-        return move_due(self.namespace, now)
+        return delayed_of(self.namespace).move_due(now)
 
     def workers(self) -> list[str]:
         """Hostnames of the workers the liveness record holds (alive or not yet found

@@ -16,16 +16,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import memory
-from .upkeep import BrokerUpkeep, cancel_timers
+from .upkeep import StoreUpkeep, cancel_timers
 
 if TYPE_CHECKING:
     from ..app import App
-    from .redis_delay import ScheduledTask
 
 logger = logging.getLogger("interactive_tasks.worker")
 
 
-class MemoryUpkeep(BrokerUpkeep):
+class MemoryUpkeep(StoreUpkeep):
     """The in-memory broker's liveness record and delayed set."""
 
     def __init__(self, app: App, incarnation: str,
@@ -80,21 +79,7 @@ class MemoryUpkeep(BrokerUpkeep):
                            self.app.conf.worker_lost_timeout, count)
 
     def move_due(self) -> None:
-        memory.move_due(self.namespace)
-
-    def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
-                 eta: float) -> bool:
-        self._delayed.schedule(queue, task_id, envelope, eta)
-        return True
-
-    def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
-        return self._delayed.listing(limit)
-
-    def find(self, task_id: str) -> bytes | None:
-        return self._delayed.find(task_id)
-
-    def unschedule(self, task_id: str) -> bytes | None:
-        return self._delayed.unschedule(task_id)
+        self._delayed.move_due()
 
     def possibly_lost(self) -> bool:
         return time.monotonic() - self._last_beat > self.app.conf.worker_lost_timeout

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import is_amqp, is_embedded, is_memory
 from .redis_fast import is_redis
@@ -242,7 +242,42 @@ class RedisUpkeep(BrokerUpkeep):
         self._client = None
 
 
-class EmbeddedUpkeep(BrokerUpkeep):
+class DelayedStore(Protocol):
+    """Where a broker without a server-side script keeps delayed tasks (the embedded
+    broker's ``scheduled/`` directory, the in-memory broker's heap)."""
+
+    def schedule(self, queue: str, task_id: str, message: bytes, eta: float) -> None: ...
+
+    def move_due(self, now: float | None = None) -> int: ...
+
+    def listing(self, limit: int = 100) -> list[ScheduledTask]: ...
+
+    def find(self, task_id: str) -> bytes | None: ...
+
+    def unschedule(self, task_id: str) -> bytes | None: ...
+
+
+class StoreUpkeep(BrokerUpkeep):
+    """Delayed delivery through a :class:`DelayedStore` (``self._delayed``)."""
+
+    _delayed: DelayedStore
+
+    def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
+                 eta: float) -> bool:
+        self._delayed.schedule(queue, task_id, envelope, eta)
+        return True
+
+    def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
+        return self._delayed.listing(limit)
+
+    def find(self, task_id: str) -> bytes | None:
+        return self._delayed.find(task_id)
+
+    def unschedule(self, task_id: str) -> bytes | None:
+        return self._delayed.unschedule(task_id)
+
+
+class EmbeddedUpkeep(StoreUpkeep):
     """The embedded broker: the queues' leases already return a dead process's messages;
     delayed tasks wait in its ``scheduled/`` directory (:mod:`.embedded_delay`)."""
 
@@ -269,20 +304,6 @@ class EmbeddedUpkeep(BrokerUpkeep):
             self._delayed.move_due()
         except OSError as exc:
             logger.warning("moving due tasks failed: %s", exc)
-
-    def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
-                 eta: float) -> bool:
-        self._delayed.schedule(queue, task_id, envelope, eta)
-        return True
-
-    def scheduled(self, limit: int = 100) -> list[ScheduledTask]:
-        return self._delayed.listing(limit)
-
-    def find(self, task_id: str) -> bytes | None:
-        return self._delayed.find(task_id)
-
-    def unschedule(self, task_id: str) -> bytes | None:
-        return self._delayed.unschedule(task_id)
 
     def close(self, clean: bool) -> None:
         if self._timer is not None:
