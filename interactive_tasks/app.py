@@ -250,7 +250,7 @@ class App:
         """
         from .config import settings_of, translate
 
-        settings = translate(self, settings_of(obj, namespace))
+        settings = translate(self, settings_of(obj, namespace), namespace)
         if settings:
             self.configure(**settings)
 
@@ -295,10 +295,12 @@ class App:
             self._annotate(task)
 
     def _annotate(self, task: Task[Any, Any]) -> None:
-        for name, options in self._annotations:
-            if name in ("*", task.name):
-                for key, value in options.items():
-                    setattr(task, key, value)
+        # "*" first, so an annotation naming the task wins whatever the order given
+        for wanted in ("*", task.name):
+            for name, options in self._annotations:
+                if name == wanted:
+                    for key, value in options.items():
+                        setattr(task, key, value)
 
     def autodiscover_tasks(self, packages: Any = None, related_name: str = "tasks",
                            force: bool = False) -> None:

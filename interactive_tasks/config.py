@@ -44,7 +44,20 @@ NO_EFFECT = {
     "broker_connection_retry": "workers and clients always reconnect",
     "broker_connection_retry_on_startup": "workers and clients always reconnect",
     "worker_hijack_root_logger": "logging is set by `itask worker -l`",
+    "task_send_sent_event": "clients publish no events (task-received is the first)",
+    "task_create_missing_queues": "queues are always declared when first used",
+    "task_ignore_result": "results are always kept for result_expires",
+    "result_persistent": "results are kept as the result store keeps them",
+    "broker_pool_limit": "each process keeps its own few connections",
+    "broker_connection_timeout": "connections are given 5 s",
 }
+
+#: prefixes of Celery's setting names: an unknown name with one is a setting this project
+#: does not know (refused); other unknown names are a config file's own variables
+CELERY_PREFIXES = ("broker_", "result_", "task_", "worker_", "beat_", "event_", "control_",
+                   "security_", "redis_", "database_", "cache_", "mongodb_", "cassandra_",
+                   "elasticsearch_", "s3_", "azureblockblob_", "email_", "couchbase_",
+                   "arangodb_", "cosmosdbsql_", "couchdb_", "filesystem_")
 
 #: Celery settings that cannot mean the same here: what to do instead
 UNSUPPORTED = {
@@ -57,6 +70,10 @@ UNSUPPORTED = {
     "worker_concurrency": "pass -c to `itask worker`",
     "worker_pool": "pass -P to `itask worker`",
     "worker_max_tasks_per_child": "pass --max-tasks-per-child to `itask worker`",
+    "worker_max_memory_per_child": "not supported; --max-tasks-per-child recycles processes",
+    "task_compression": "messages are not compressed; pass references to large data",
+    "result_compression": "results are not compressed",
+    "task_default_priority": "pass priority= when sending",
 }
 
 
@@ -78,8 +95,8 @@ def settings_of(obj: Any, namespace: str | None = None) -> dict[str, Any]:
     for name, value in items.items():
         if not isinstance(name, str) or not name.startswith(prefix):
             continue
-        if isinstance(value, ModuleType) or (callable(value) and isinstance(value, type)):
-            continue  # `import os`, a class used by the config: not settings
+        if isinstance(value, ModuleType) or callable(value):
+            continue  # `import os`, a class or function the config uses: not settings
         key = name[len(prefix):]
         if namespace:
             key = key.lower()
@@ -105,9 +122,12 @@ def _import_object(path: str) -> Any:
                                  f"{attribute!r}") from None
 
 
-def translate(app: App, found: dict[str, Any]) -> dict[str, Any]:
+def translate(app: App, found: dict[str, Any], namespace: str | None = None
+              ) -> dict[str, Any]:
     """Apply Celery-named settings to ``app``; returns the settings for ``configure``.
 
+    Without a ``namespace``, a name that is neither a setting here nor shaped like one
+    of Celery's (``task_…``, ``broker_…`` …) is the file's own variable and is ignored.
     Raises ConfigurationError naming every setting that cannot apply and why.
     """
     from .app import _SETTING_NAMES
@@ -143,6 +163,9 @@ def translate(app: App, found: dict[str, Any]) -> dict[str, Any]:
                 settings["allow_pickle"] = True
         elif name == "task_annotations":
             app.annotate(value)
+        elif name == "task_default_rate_limit":
+            if value is not None:
+                app.annotate({"*": {"rate_limit": value}})
         elif name in ("imports", "include"):
             names = [value] if isinstance(value, str) else list(value or ())
             app.autodiscover_modules(names)
@@ -156,8 +179,10 @@ def translate(app: App, found: dict[str, Any]) -> dict[str, Any]:
             problems.append(f"{name}: {UNSUPPORTED[name]}")
         elif target in _SETTING_NAMES:
             settings[target] = value
-        else:
+        elif namespace or name.startswith(CELERY_PREFIXES):
             problems.append(f"{name}: unknown setting")
+        else:
+            logger.debug("config_from_object: %s is not a setting; ignored", name)
     if problems:
         raise ConfigurationError("config_from_object: " + "; ".join(problems))
     return settings

@@ -19,6 +19,9 @@ from tests.conftest import REDIS_URL, ROOT, BrokerEnv, WorkerProcess
 #: a celeryconfig.py as Celery's "First steps" and "Configuration" pages write one
 CELERYCONFIG = '''\
 from datetime import timedelta
+from os import environ
+
+default_queue_name = environ.get("PROJ_QUEUE", "celery")  # the file's own variable
 
 broker_url = "{broker_url}"
 result_backend = "rpc://"
@@ -29,12 +32,13 @@ accept_content = ["json"]
 timezone = "Europe/Oslo"
 enable_utc = True
 
-task_default_queue = "celery"
+task_default_queue = default_queue_name
 task_routes = {{
     "proj.orders.tasks.ship": "low-priority",
     "proj.billing.*": {{"queue": "billing"}},
 }}
 task_annotations = {{"proj.orders.tasks.ship": {{"rate_limit": "10/m"}}}}
+task_default_rate_limit = "100/s"
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
@@ -131,6 +135,7 @@ def test_a_celeryconfig_loads_unchanged(project: Path) -> None:
     assert "proj.notasks.tasks" not in sys.modules  # a package without tasks: skipped
     # task_annotations reach the tasks
     assert app.tasks["proj.orders.tasks.ship"].rate_limit == "10/m"
+    assert app.tasks["proj.billing.tasks.charge"].rate_limit == "100/s"  # the default
 
 
 def test_django_settings_with_a_namespace() -> None:
@@ -179,7 +184,11 @@ def test_settings_that_cannot_apply_are_named_with_what_to_do() -> None:
     message = str(info.value)
     assert "task_time_limit: set time_limit on each task" in message
     assert "worker_concurrency: pass -c" in message
-    assert "no_such_setting: unknown setting" in message
+    assert "no_such_setting" not in message  # not shaped like a setting: a variable
+    with pytest.raises(ConfigurationError, match="task_no_such_thing: unknown setting"):
+        App("x").config_from_object({"task_no_such_thing": 1})
+    with pytest.raises(ConfigurationError, match="no_such_setting: unknown setting"):
+        App("x").config_from_object({"CELERY_NO_SUCH_SETTING": 1}, namespace="CELERY")
     with pytest.raises(ConfigurationError, match="router functions"):
         App("x").config_from_object({"task_routes": [lambda *a: None]})
     with pytest.raises(ConfigurationError, match="names no queue"):
