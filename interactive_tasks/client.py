@@ -267,8 +267,8 @@ class Client:
         Raises PayloadTooLarge and TransportError.
         """
         queue = self.app.names.task_queue(message.queue)
-        announce = bool(signals.before_task_publish.receivers or
-                        signals.after_task_publish.receivers)
+        announce = signals.before_task_publish.has_listeners() or \
+            signals.after_task_publish.has_listeners()
         if announce:
             _before_publish(message, queue.name)
         body = codec.dumps(message.to_wire())

@@ -121,6 +121,10 @@ class Signal:
         return [fn for _, ref, _ in entries if (fn := ref()) is not None]
 
     def has_listeners(self, sender: Any = None) -> bool:
+        """Whether a receiver is connected (for ``sender``). Without a sender it is one
+        attribute read, cheap enough for the path of every published task."""
+        if sender is None:
+            return bool(self._receivers)
         return bool(self._live(sender))
 
     def _live(self, sender: Any) -> list[Receiver]:

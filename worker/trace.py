@@ -90,7 +90,7 @@ def revoked(app: Any, message: TaskMessage, kind: str, fields: dict[str, Any],
     or expired before it started) or ``cancelled`` (``terminated``; ``signum`` is SIGTERM
     when the cancel was forced)."""
     if kind not in (EventKind.REVOKED, EventKind.CANCELLED) or \
-            not signals.task_revoked.receivers:
+            not signals.task_revoked.has_listeners():
         return
     task = app.tasks.get(message.task)
     request = Request(id=message.id, task=message.task, args=tuple(message.args),
