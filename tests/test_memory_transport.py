@@ -310,3 +310,16 @@ def test_a_worker_taken_for_dead_while_it_runs_keeps_running_and_is_reported_onc
     finally:
         made.release.set()
         made.app.close()
+
+
+def test_join_waits_for_delayed_tasks_unless_told_not_to(tasks):
+    tasks.add.apply_async((1, 2), countdown=30)
+    with pytest.raises(TimeoutError):
+        tasks.broker.join(timeout=0.1)
+    tasks.broker.join(timeout=0.1, delayed=False)
+
+
+def test_the_solo_pool_runs_in_process_too(tasks):
+    with start_worker(tasks.app, pool="solo") as worker:
+        assert worker.concurrency == 1
+        assert tasks.add.delay(20, 22).get(timeout=5) == 42
