@@ -13,7 +13,6 @@ Flow of a task: message → validated (else dead letter) → :class:`TaskRecord`
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import signal
@@ -47,8 +46,9 @@ from .control import ControlRouter
 from .ipc import ChannelClosed
 from .outcomes import Outcomes, error_fields
 from .pools.base import Pool, PoolSlot
-from .records import HeldControl, Subscriber, TaskRecord
+from .records import Subscriber, TaskRecord
 from .relay import Relay
+from .state import WorkerState
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -130,36 +130,66 @@ class Worker:
         self.shutdown_timeout = (
             app.conf.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         )
-        self.slots: list[PoolSlot] = []
-        self.records: dict[str, TaskRecord] = {}
-        self.finished: collections.OrderedDict[str, TaskRecord] = collections.OrderedDict()
-        self.ready: collections.deque[TaskRecord] = collections.deque()
-        self.held: dict[str, list[HeldControl]] = {}
-        self.held_subscribers: dict[str, dict[str, Subscriber]] = {}
-        self.processed = 0
-        self.started_at = time.time()
+        #: what the worker's parts share (they get it, not the worker)
+        self.state = state = WorkerState(app, self.hostname, self.pool, self.concurrency,
+                                         self.queue_names)
+        # The loop's own names for the shared containers (never rebound).
+        self.slots = state.slots
+        self.records = state.records
+        self.finished = state.finished
+        self.ready = state.ready
+        self.held = state.held
+        self.held_subscribers = state.held_subscribers
+        self.revoked = state.revoked
         self._stopping = False
         self._stop_deadline: float | None = None
         self._terminate = False
-        self.hub: Hub | None = None
         self.connection: Any = None
-        self.producer: Producer | None = None
         self.upkeep = upkeep_for(app, self.incarnation, self._on_declared_dead, self.records,
                                  self._give_back)
         self.control = ControlRouter(self)
+        self.relay = Relay(state, stats=self.control.stats)
         self.outcomes = Outcomes(self)
         self.intake = intake_for(app, self.hostname, on_task=self._on_task_message,
                                  on_garbage=self.outcomes.dead_letter,
                                  on_control=self.control.on_message,
                                  on_control_frames=self.control.on_frames)
         self._exit_code = 0
-        self.relay = Relay(self)
-        #: revoked task ids -> [expires (epoch), token | None, signed]
-        self.revoked: dict[str, list[Any]] = {}
         self._buckets: dict[str, TokenBucket | None] = {}
         self._rate_timer = False
         self._spawn_failures = 0
         self._ready_sent = False
+
+    @property
+    def hub(self) -> Hub | None:
+        """The loop while connected, else None."""
+        return self.state.hub
+
+    @hub.setter
+    def hub(self, hub: Hub | None) -> None:
+        self.state.hub = hub
+
+    @property
+    def producer(self) -> Producer | None:
+        """The kombu producer of the worker's connection while connected, else None."""
+        return self.state.producer
+
+    @producer.setter
+    def producer(self, producer: Producer | None) -> None:
+        self.state.producer = producer
+
+    @property
+    def processed(self) -> int:
+        """Tasks finished here since the start."""
+        return self.state.processed
+
+    @processed.setter
+    def processed(self, count: int) -> None:
+        self.state.processed = count
+
+    @property
+    def started_at(self) -> float:
+        return self.state.started_at
 
     # -- lifecycle ----------
     def run(self) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from interactive_tasks.protocol import Envelope, Event, EventKind, TaskSnapshot, TaskState
@@ -23,7 +24,7 @@ from interactive_tasks.transport.outbound import outbound_for
 from .records import TaskRecord
 
 if TYPE_CHECKING:
-    from .main import Worker
+    from .state import WorkerState
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -39,22 +40,24 @@ MONITORED = {
 
 
 class Relay:
-    """Everything the worker sends to clients; one per worker."""
+    """Everything the worker sends to clients; one per worker. ``stats`` gives the
+    worker's figures for its heartbeat (``ControlRouter.stats``)."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    def __init__(self, state: WorkerState, stats: Callable[[], dict[str, Any]]) -> None:
+        self.state = state
+        self._stats = stats
         self.outbox: dict[str, list[list[Any]]] = {}
         self.pending_results: list[tuple[str, dict[str, Any]]] = []
         self.pending_acks: list[Any] = []
         self.monitor: list[dict[str, Any]] = []
         self.flush_scheduled = False
-        self.send_task_events = worker.app.conf.worker_send_task_events
-        self.outbound = outbound_for(worker.app, lambda: worker.producer, self._wake)
+        self.send_task_events = state.app.conf.worker_send_task_events
+        self.outbound = outbound_for(state.app, lambda: state.producer, self._wake)
 
     def reset(self) -> None:
         """After a (re)connect: resend what could not go; raises the broker's
         connection errors."""
-        self.outbound.connected(self.worker.hub)
+        self.outbound.connected(self.state.hub)
 
     def detach(self) -> None:
         """Before the worker's loop goes away: wait for what is in flight."""
@@ -64,7 +67,7 @@ class Relay:
         """Queue a monitoring event (``task-received`` …) if task events are on."""
         if self.send_task_events:
             self.monitor.append({"type": type_, "id": record.id, "name": record.name,
-                                 "worker": self.worker.hostname, "ts": time.time(),
+                                 "worker": self.state.hostname, "ts": time.time(),
                                  "state": record.state.value, **fields})
             self.schedule_flush()
 
@@ -96,15 +99,15 @@ class Relay:
         return event
 
     def schedule_flush(self) -> None:
-        w = self.worker
-        if not self.flush_scheduled and w.hub is not None:
+        hub = self.state.hub
+        if not self.flush_scheduled and hub is not None:
             self.flush_scheduled = True
-            w.hub.call_soon(self._scheduled_flush)
+            hub.call_soon(self._scheduled_flush)
 
     def _wake(self, delay: float) -> None:
         """The outbound asks for a flush: now if anything waits, or to retry later."""
         if delay > 0:
-            hub = self.worker.hub
+            hub = self.state.hub
             if hub is not None:
                 hub.call_later(delay, self.schedule_flush)
         elif self.outbox or self.pending_results or self.pending_acks or self.monitor or \
@@ -124,7 +127,7 @@ class Relay:
 
         With ``wait`` this returns only once the broker has everything sent so far.
         """
-        w = self.worker
+        w = self.state
         self.flush_scheduled = False
         messages = [(inbox, {"t": Envelope.EVENTS, "worker": w.hostname, "e": events})
                     for inbox, events in self.outbox.items()]
@@ -149,7 +152,7 @@ class Relay:
     def send_final_direct(self, task_id: str, name: str, reply_to: str | None, kind: str,
                            fields: dict[str, Any], store: bool = False) -> None:
         """Final event for a task that never got a record (rejected on arrival)."""
-        w = self.worker
+        w = self.state
         event = Event(task_id, 1, kind, time.time(), fields, 1)
         if store:
             snap = TaskSnapshot(task_id=task_id, name=name, state=TaskState(kind), seq=1,
@@ -161,7 +164,7 @@ class Relay:
         self.schedule_flush()
 
     def heartbeat(self) -> None:
-        w = self.worker
+        w = self.state
         inboxes: dict[str, list[str]] = {}
         for record in w.records.values():
             for inbox in record.subscribers:
@@ -171,7 +174,7 @@ class Relay:
                                         "tasks": task_ids[:100], "ts": time.time()})
         self.publish_monitor({"t": "worker-heartbeat", "worker": w.hostname,
                               "ts": time.time(), "freq": w.app.conf.worker_heartbeat,
-                              "stats": w.control.stats()})
+                              "stats": self._stats()})
 
     def expire(self) -> None:
         """Drop expired subscriptions, held controls and revoked ids (every second)."""
@@ -180,14 +183,14 @@ class Relay:
         self.outbound.tick()
 
     def _prune_revoked(self) -> None:
-        revoked = self.worker.revoked
+        revoked = self.state.revoked
         if revoked:
             now = time.time()
             for task_id in [k for k, v in revoked.items() if v[0] < now]:
                 del revoked[task_id]
 
     def _expire_subscriptions(self) -> None:
-        w = self.worker
+        w = self.state
         now = time.monotonic()
         for record in w.records.values():
             expired = [k for k, s in record.subscribers.items() if s.expires < now]
