@@ -691,19 +691,19 @@ def load_app(spec: str) -> App:
             f"app module {module_name!r} raised {type(exc).__name__} while importing"
             f"{_where(exc)}: {exc}") from exc
     if attr:
-        app = getattr(module, attr, None)
-        if not isinstance(app, App):
-            found = [k for k, v in vars(module).items() if isinstance(v, App)]
-            what = "has no attribute" if app is None else "is not an App:"
+        app = _as_app(getattr(module, attr, None))
+        if app is None:
+            found = [k for k, v in vars(module).items() if _as_app(v) is not None]
+            what = "has no attribute" if not hasattr(module, attr) else "is not an App:"
             raise ConfigurationError(
                 f"{spec!r} is not an interactive_tasks App ({module_name!r} {what} {attr!r})"
                 + (f"; its App is -A {module_name}:{found[0]}" if len(found) == 1 else ""))
         return app
     for candidate in ("app", "celery"):
-        app = getattr(module, candidate, None)
-        if isinstance(app, App):
+        app = _as_app(getattr(module, candidate, None))
+        if app is not None:
             return app
-    apps = [v for v in vars(module).values() if isinstance(v, App)]
+    apps = [a for a in (_as_app(v) for v in vars(module).values()) if a is not None]
     if len(apps) == 1:
         return apps[0]
     if not apps and hasattr(module, "__path__") and \
@@ -713,6 +713,20 @@ def load_app(spec: str) -> App:
         f"module {module_name!r} has {'no' if not apps else 'several'} App; "
         f"name one with -A {module_name}:<attribute>"
     )
+
+
+def _as_app(obj: object) -> App | None:
+    """``obj`` when it is an :class:`App`; the App that speaks for it when it offers one
+    (``interactive_tasks_app()``: a Celery app passed to ``interactive_tasks.celery.enable``,
+    so ``-A proj`` names a Celery project too); else None."""
+    if isinstance(obj, App):
+        return obj
+    offer = getattr(obj, "interactive_tasks_app", None) if not isinstance(obj, type) else None
+    if callable(offer):
+        app = offer()
+        if isinstance(app, App):
+            return app
+    return None
 
 
 def _where(exc: BaseException) -> str:

@@ -395,3 +395,45 @@ def test_start_needs_enable() -> None:
 
     with pytest.raises(ConfigurationError, match="enable"):
         job.start()
+
+
+def itask(env: CeleryEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "interactive_tasks.cli.main", *args,
+                           "-A", "tests.apps.celery_proj"], env=env.env(), cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_itask_commands_and_top_on_a_celery_app(proj: Any, start_celery: Any,
+                                                celery_env: CeleryEnv) -> None:
+    import json
+
+    from interactive_tasks.app import load_app
+    from interactive_tasks.celery import bridge_app
+    from interactive_tasks.cli.attach import ClusterSource
+
+    assert load_app("tests.apps.celery_proj") is bridge_app(proj.app)
+    worker = start_celery(pool="prefork")
+    handle = proj.looper.start(100000, 0.02)
+    wait_for(lambda: handle.progress is not None, 20, message="first progress")
+    listed = json.loads(itask(celery_env, "ls", "--json").stdout)
+    assert [(t["id"], t["worker"]) for t in listed] == [(handle.id, worker.name)]
+    out = itask(celery_env, "pause", handle.id, "--token", handle.token, "--wait")
+    assert out.returncode == 0, out.stderr
+    assert handle.state is TaskState.PAUSED
+    source = ClusterSource(bridge_app(proj.app), interval=0.2)
+    try:
+        row = wait_for(lambda: [w for w in source.workers()
+                                if w["worker"] == worker.name and w["online"]], 15,
+                       message="the Celery worker in top")[0]
+        assert {c["pid"] for c in row["children"]} == set(worker.children())
+        assert [c["state"] for c in row["children"] if c["task_id"] == handle.id] == \
+            ["paused"]
+        wait_for(lambda: [t.task_id for t in source.tasks()] == [handle.id], 10,
+                 message="the task in top")
+    finally:
+        source.close()
+    out = itask(celery_env, "cancel", handle.id, "--token", handle.token)
+    assert out.returncode == 0, out.stderr
+    assert handle.wait(timeout=15) is TaskState.CANCELLED
+    result = json.loads(itask(celery_env, "result", handle.id, "--json").stdout)
+    assert result["state"] == "cancelled" and result["worker"] == worker.name

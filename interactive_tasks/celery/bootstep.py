@@ -34,8 +34,13 @@ class RelayStep(bootsteps.StartStopStep):
         path = os.path.join(self.directory, "relay.sock")
         # Hard pause and forced cancel signal a pool process: only prefork has one per task.
         prefork = getattr(worker.pool_cls, "__module__", "") == "celery.concurrency.prefork"
+        pool = getattr(worker.pool_cls, "__module__", "").rsplit(".", 1)[-1]
+        queues = sorted(getattr(worker.app.amqp.queues, "consume_from", None) or {}) or \
+            [worker.app.conf.task_default_queue]
         self.relay = Relay(bridge_app(worker.app), worker.hostname, path,
-                           supports_hard_pause=prefork)
+                           supports_hard_pause=prefork,
+                           pool={"thread": "threads"}.get(pool, pool),
+                           concurrency=int(worker.concurrency or 1), queues=queues)
         os.environ[RELAY_SOCKET_ENV] = path
 
     def start(self, worker: Any) -> None:

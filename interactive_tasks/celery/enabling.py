@@ -65,7 +65,10 @@ def enable(app: Celery, **settings: Any) -> None:
         raise ConfigurationError(f"unknown setting(s) {', '.join(sorted(unknown))}")
     from .bootstep import RelayStep, connect_pool_process
 
-    setattr(app, _ATTRIBUTE, _Bridge(app, dict(settings)))
+    bridge = _Bridge(app, dict(settings))
+    setattr(app, _ATTRIBUTE, bridge)
+    # what `itask -A proj` looks for (interactive_tasks.app.load_app)
+    app.interactive_tasks_app = bridge.itask_app
     if RelayStep not in app.steps["worker"]:
         app.steps["worker"].add(RelayStep)
     with _lock:

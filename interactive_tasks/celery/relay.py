@@ -128,11 +128,18 @@ class Relay:
     """One per Celery worker process; :meth:`start` after the socket is bound."""
 
     def __init__(self, app: App, hostname: str, socket_path: str, *,
-                 supports_hard_pause: bool) -> None:
+                 supports_hard_pause: bool, pool: str = "prefork", concurrency: int = 1,
+                 queues: list[str] | None = None) -> None:
         self.app = app
         self.hostname = hostname
         self.socket_path = socket_path
         self.supports_hard_pause = supports_hard_pause
+        self.pool = pool
+        self.concurrency = concurrency
+        self.queues = list(queues or ())
+        self.started_at = time.time()
+        self.processed = 0
+        self.conns: list[_Conn] = []
         self.lock = threading.RLock()
         self.tasks: dict[str, _Task] = {}
         self.finished: collections.OrderedDict[str, _Task] = collections.OrderedDict()
@@ -201,14 +208,24 @@ class Relay:
                 self._producer = None
                 self._declared.clear()
 
-    def _publish_kombu(self, inbox: str, body: bytes, secret: bytes | None) -> None:
+    def _kombu_producer(self) -> Any:
+        """The relay's kombu producer (made on first use; caller holds the publish lock)."""
         from kombu import Producer
 
         if self._producer is None:
+            if self._producer_conn is not None:
+                try:
+                    self._producer_conn.release()
+                except Exception:
+                    pass
             conn = self.app.connection()
             conn.ensure_connection(max_retries=3)
             self._producer_conn = conn
             self._producer = Producer(conn.default_channel)
+        return self._producer
+
+    def _publish_kombu(self, inbox: str, body: bytes, secret: bytes | None) -> None:
+        producer = self._kombu_producer()
         headers = {}
         if secret is not None:
             headers[codec.SIGNATURE_HEADER] = codec.sign(secret, body)
@@ -217,7 +234,7 @@ class Relay:
             queue = self.app.names.inbox_queue(inbox.rsplit(".", 1)[-1])
             if queue.name == inbox:
                 declare = [queue]
-        self._producer.publish(body, routing_key=inbox, exchange="",
+        producer.publish(body, routing_key=inbox, exchange="",
                                content_type=codec.CONTENT_TYPE, content_encoding="binary",
                                headers=headers, declare=declare)
         self._declared.add(inbox)
@@ -261,6 +278,7 @@ class Relay:
 
     def _finish(self, task: _Task) -> None:
         self.tasks.pop(task.id, None)
+        self.processed += 1
         if task.conn is not None:
             task.conn.tasks.discard(task.id)
         self.finished[task.id] = task
@@ -287,6 +305,8 @@ class Relay:
                     sock.setblocking(False)
                     conn = _Conn(sock)
                     conn.writer = FrameWriter(sock)
+                    with self.lock:
+                        self.conns.append(conn)
                     sel.register(sock, selectors.EVENT_READ, conn)
                     continue
                 conn = key.data
@@ -358,6 +378,8 @@ class Relay:
     def _on_closed(self, conn: _Conn) -> None:
         """A pool process ended (killed by a forced cancel, or it died)."""
         with self.lock:
+            if conn in self.conns:
+                self.conns.remove(conn)
             for task_id in list(conn.tasks):
                 task = self.tasks.get(task_id)
                 if task is None or task.is_final:
@@ -543,16 +565,44 @@ class Relay:
                                     "snapshot": task.snapshot(self.hostname).to_wire()})
 
     def inspect(self, data: Any) -> Any:
+        """``inspect active``/``tasks``/``stats`` as the itask worker answers them."""
         what = data.get("what") if isinstance(data, dict) else None
-        active = [{"id": t.id, "name": t.name, "state": t.state.value,
-                   "worker": self.hostname, "pid": t.pid, "started": t.started,
-                   "progress": t.progress.to_wire() if t.progress else None,
-                   "question": t.question, "interactive": True}
-                  for t in self.tasks.values()]
-        if what in ("active", "tasks"):
-            return active
-        return {"worker": self.hostname, "pid": os.getpid(), "pool": "celery",
-                "active": len(active), "online": True}
+        if what == "active":
+            return [self._summary(t) for t in self.tasks.values()]
+        if what == "tasks":
+            recent = list(self.finished.values())[-50:]
+            return [self._summary(t) for t in [*self.tasks.values(), *recent]]
+        if what == "registered":
+            return []
+        return self.stats()
+
+    def _summary(self, task: _Task) -> dict[str, Any]:
+        return {"id": task.id, "name": task.name, "state": task.state.value,
+                "worker": self.hostname, "pid": task.pid,
+                "progress": task.progress.to_wire() if task.progress else None,
+                "received": task.started, "started": task.started,
+                "finished": task.finished, "question": task.question,
+                "interactive": True}
+
+    def stats(self) -> dict[str, Any]:
+        children = []
+        for conn in self.conns:
+            running = [t for t in (self.tasks.get(i) for i in conn.tasks) if t is not None]
+            task = running[0] if running else None
+            state = "idle"
+            if task is not None:
+                state = "stopped" if task.hard_paused else (
+                    "paused" if task.state is TaskState.PAUSED else "busy")
+            children.append({"pid": conn.pid, "state": state,
+                             "task_id": task.id if task else None,
+                             "task": task.name if task else None})
+        return {"worker": self.hostname, "hostname": socket.gethostname(),
+                "pid": os.getpid(), "pool": f"celery {self.pool}",
+                "concurrency": self.concurrency, "children": children,
+                "processed": self.processed, "active": len(self.tasks), "reserved": 0,
+                "uptime": time.time() - self.started_at,
+                "broker": self.app.broker_url_display, "queues": self.queues,
+                "online": True}
 
     # -- broker control intake ----------
     def _control_loop(self) -> None:
@@ -642,7 +692,31 @@ class Relay:
                     self._heartbeat()
                     self._expire(now)
 
+    def publish_monitor(self, payload: dict[str, Any]) -> None:
+        """Publish on the fanout ``<ns>.events`` exchange (``itask top``, ``itask
+        events``); dropped when nobody listens, logged when the broker fails."""
+        body = codec.dumps(payload)
+        secret = self.app.secret
+        headers = {}
+        if secret is not None:
+            headers[codec.SIGNATURE_HEADER] = codec.sign(secret, body)
+        exchange = self.app.names.events_exchange
+        with self._publish_lock:
+            try:
+                producer = self._kombu_producer()
+                producer.publish(body, routing_key="", exchange=exchange,
+                                 content_type=codec.CONTENT_TYPE,
+                                 content_encoding="binary", headers=headers,
+                                 declare=[exchange])
+            except Exception as exc:
+                logger.warning("could not publish monitoring events: %s", exc)
+                self._producer = None
+                self._declared.clear()
+
     def _heartbeat(self) -> None:
+        self.publish_monitor({"t": "worker-heartbeat", "worker": self.hostname,
+                              "ts": time.time(), "freq": self.app.conf.worker_heartbeat,
+                              "stats": self.stats()})
         inboxes: dict[str, list[str]] = {}
         for task in self.tasks.values():
             for inbox in task.subscribers:
