@@ -717,7 +717,7 @@ def load_app(spec: str) -> App:
 
 def _as_app(obj: object) -> App | None:
     """``obj`` when it is an :class:`App`; the App that speaks for it when it offers one
-    (``interactive_tasks_app()``: a Celery app passed to ``interactive_tasks.celery.enable``,
+    (``interactive_tasks_app()``: a Celery app given to the Celery bridge's ``enable``,
     so ``-A proj`` names a Celery project too); else None."""
     if isinstance(obj, App):
         return obj
