@@ -8,6 +8,8 @@ member ids and the callback). See :mod:`interactive_tasks.canvas` for the client
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from interactive_tasks.errors import ProtocolError
@@ -23,9 +25,22 @@ from interactive_tasks.protocol import (
 )
 
 if TYPE_CHECKING:
-    from .main import Worker
+    from interactive_tasks.app import App
+
+    from .relay import Relay
 
 logger = logging.getLogger("interactive_tasks.worker")
+
+
+@dataclass(frozen=True)
+class Workflows:
+    """What continuing a workflow needs of the worker: its ``app`` (the result store, for
+    a chord), its ``relay`` (final events of steps that will never run) and
+    ``publish_task`` (the next step)."""
+
+    app: App
+    relay: Relay
+    publish_task: Callable[[TaskMessage], None]
 
 
 def _step_message(step: object, args_prefix: list[Any], reply_to: str | None,
@@ -42,18 +57,18 @@ def _step_message(step: object, args_prefix: list[Any], reply_to: str | None,
     return TaskMessage.from_wire(wire)
 
 
-def _stop(worker: Worker, steps: list[Any], reply_to: str | None, reason: str) -> None:
+def _stop(flow: Workflows, steps: list[Any], reply_to: str | None, reason: str) -> None:
     """End the steps that will never run as ``revoked``, so their handles finish too."""
     for step in steps:
         if isinstance(step, dict) and isinstance(step.get("id"), str):
-            worker.relay.send_final_direct(
+            flow.relay.send_final_direct(
                 step["id"], str(step.get("task", "?")), step.get("reply_to", reply_to),
                 EventKind.REVOKED,
                 {"error": {"type": "TaskRevoked", "message": reason, "traceback": ""}},
                 store=True)
 
 
-def after_finish(worker: Worker, message: TaskMessage, kind: str,
+def after_finish(flow: Workflows, message: TaskMessage, kind: str,
                  fields: dict[str, Any]) -> None:
     """Publish what comes next in the task's workflow, if it is part of one.
 
@@ -64,17 +79,17 @@ def after_finish(worker: Worker, message: TaskMessage, kind: str,
     try:
         chain = headers.get(HEADER_CHAIN)
         if isinstance(chain, list) and chain:
-            _continue_chain(worker, message, kind, fields, chain)
+            _continue_chain(flow, message, kind, fields, chain)
         chord = headers.get(HEADER_CHORD)
         if isinstance(chord, dict):
-            _chord_member_done(worker, chord)
+            _chord_member_done(flow, chord)
         if HEADER_LINK in headers or HEADER_LINK_ERROR in headers:
-            _callbacks(worker, message, kind, fields)
+            _callbacks(flow, message, kind, fields)
     except ProtocolError as exc:
         logger.error("task %s: cannot continue its workflow: %s", message.id, exc.reason)
 
 
-def _callbacks(worker: Worker, message: TaskMessage, kind: str,
+def _callbacks(flow: Workflows, message: TaskMessage, kind: str,
                fields: dict[str, Any]) -> None:
     """``apply_async(link=, link_error=)``: after a success each link is published with
     the result first in its arguments, after a failure each errback with the task's id
@@ -91,39 +106,39 @@ def _callbacks(worker: Worker, message: TaskMessage, kind: str,
     else:
         run, prefix, skipped = [], [], links + errbacks
     for step in run:
-        worker.publish_task(_step_message(step, prefix, message.reply_to, {}))
-    _stop(worker, skipped, message.reply_to,
+        flow.publish_task(_step_message(step, prefix, message.reply_to, {}))
+    _stop(flow, skipped, message.reply_to,
           f"callback not run: task {message.task} ({message.id}) ended {kind}")
 
 
-def _continue_chain(worker: Worker, message: TaskMessage, kind: str, fields: dict[str, Any],
+def _continue_chain(flow: Workflows, message: TaskMessage, kind: str, fields: dict[str, Any],
                     chain: list[Any]) -> None:
     reply_to = message.reply_to
     last = chain[-1]
     # a chain in a chord's header: its last step carries the chord
     chord = last.get("chord") if isinstance(last, dict) else None
     if kind != EventKind.SUCCEEDED:
-        _stop(worker, chain, reply_to,
+        _stop(flow, chain, reply_to,
               f"chain stopped: step {message.task} ({message.id}) ended {kind}")
         if isinstance(chord, dict):
-            _chord_member_done(worker, chord)  # the chain ended: the chord counts it
+            _chord_member_done(flow, chord)  # the chain ended: the chord counts it
         return
     rest = chain[1:]
     headers: dict[str, Any] = {HEADER_CHAIN: rest} if rest else {}
     if not rest and isinstance(chord, dict):
         headers[HEADER_CHORD] = chord
     message = _step_message(chain[0], [fields.get("result")], reply_to, headers)
-    worker.publish_task(message)
+    flow.publish_task(message)
 
 
-def _chord_member_done(worker: Worker, chord: dict[str, Any]) -> None:
+def _chord_member_done(flow: Workflows, chord: dict[str, Any]) -> None:
     chord_id, size = chord.get("id"), chord.get("size")
     members, body = chord.get("members"), chord.get("body")
     if not (isinstance(chord_id, str) and isinstance(size, int) and isinstance(members, list)):
         raise ProtocolError("chord header is malformed")
     # The member's own result must be readable before we count it.
-    worker.relay.flush(wait=True)
-    results = worker.app.results
+    flow.relay.flush(wait=True)
+    results = flow.app.results
     if results.chord_incr(chord_id) < size:
         return
     results.chord_forget(chord_id)
@@ -141,9 +156,9 @@ def _chord_member_done(worker: Worker, chord: dict[str, Any]) -> None:
     reply_to = body.get("reply_to") if isinstance(body, dict) else None
     if failure is not None:
         if isinstance(body, dict) and isinstance(body.get("id"), str):
-            worker.relay.send_final_direct(
+            flow.relay.send_final_direct(
                 body["id"], str(body.get("task", "?")), reply_to, EventKind.FAILED,
                 {"error": {"type": "ChordError", "message": failure, "traceback": ""}},
                 store=True)
         return
-    worker.publish_task(_step_message(body, [values], reply_to, {}))
+    flow.publish_task(_step_message(body, [values], reply_to, {}))

@@ -388,7 +388,7 @@ class ControlRouter:
         w.relay.send_final_direct(msg.id, msg.task, msg.reply_to, EventKind.REVOKED, fields,
                                   store=True)
         if HEADER_CHAIN in msg.headers or HEADER_CHORD in msg.headers:
-            after_finish(w, msg, EventKind.REVOKED, fields)
+            after_finish(w.workflows, msg, EventKind.REVOKED, fields)
         return True
 
     def revoke_applies(self, entry: list[Any], record: TaskRecord) -> bool:

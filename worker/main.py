@@ -41,7 +41,7 @@ from interactive_tasks.transport.redis_liveness import incarnation
 from interactive_tasks.transport.upkeep import SCHEDULE_AHEAD, upkeep_for
 from interactive_tasks.transport.worker_side import intake_for
 
-from .canvas import after_finish
+from .canvas import Workflows, after_finish
 from .control import ControlRouter
 from .ipc import ChannelClosed
 from .outcomes import Outcomes, error_fields
@@ -149,7 +149,9 @@ class Worker:
                                  self._give_back)
         self.control = ControlRouter(self)
         self.relay = Relay(state, stats=self.control.stats)
-        self.outcomes = Outcomes(self)
+        self.workflows = Workflows(app, self.relay, self.publish_task)
+        self.outcomes = Outcomes(state, relay=self.relay, upkeep=self.upkeep,
+                                 workflows=self.workflows, publish_task=self.publish_task)
         self.intake = intake_for(app, self.hostname, on_task=self._on_task_message,
                                  on_garbage=self.outcomes.dead_letter,
                                  on_control=self.control.on_message,
@@ -496,7 +498,7 @@ class Worker:
         self.relay.send_final_direct(msg.id, msg.task, msg.reply_to, EventKind.FAILED,
                                      fields, store=True)
         if any(header in msg.headers for header in WORKFLOW_HEADERS):
-            after_finish(self, msg, EventKind.FAILED, fields)
+            after_finish(self.workflows, msg, EventKind.FAILED, fields)
 
     def _eta_due(self, record: TaskRecord) -> None:
         if record.is_final or record.id not in self.records:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from interactive_tasks import codec
@@ -28,8 +29,12 @@ from .canvas import after_finish
 from .records import Subscriber, TaskRecord
 
 if TYPE_CHECKING:
-    from .main import Worker
+    from interactive_tasks.transport.upkeep import BrokerUpkeep
+
+    from .canvas import Workflows
     from .pools.base import PoolSlot
+    from .relay import Relay
+    from .state import WorkerState
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -45,12 +50,17 @@ def error_fields(type_: str, message: str) -> dict[str, Any]:
 class Outcomes:
     """The end of each run, for one worker."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    def __init__(self, state: WorkerState, *, relay: Relay, upkeep: BrokerUpkeep,
+                 workflows: Workflows, publish_task: Callable[[TaskMessage], None]) -> None:
+        self.state = state
+        self.relay = relay
+        self.upkeep = upkeep
+        self.workflows = workflows
+        self.publish_task = publish_task
 
     def dead_letter(self, message: Any, reason: str) -> None:
         """Keep a rejected message on the dead-letter queue, ack the original, log why."""
-        w = self.worker
+        w = self.state
         logger.error("rejected message from %s: %s",
                      (message.delivery_info or {}).get("routing_key", "?"), reason)
         try:
@@ -71,7 +81,7 @@ class Outcomes:
 
     def dead_letter_record(self, record: TaskRecord, reason: str) -> None:
         """Dead-letter a task we hold a record of (its message may be acked already)."""
-        w = self.worker
+        w = self.state
         if record.kombu_message is not None:
             self.dead_letter(record.kombu_message, reason)
             record.kombu_message = None
@@ -89,7 +99,7 @@ class Outcomes:
     def task_lost(self, record: TaskRecord, how: str, slot: PoolSlot) -> None:
         """The pool process running ``record`` died: cancelled, timed out, redelivered (up
         to ``max_deliveries``, then dead-lettered) or failed with ``WorkerLost``."""
-        w = self.worker
+        w = self.state
         if record.cancel_requested:
             logger.info("task %s cancelled: %s", record.id, how)
             self.finish(record, EventKind.CANCELLED, {"forced": True})
@@ -110,7 +120,7 @@ class Outcomes:
                 self.finish(record, EventKind.FAILED,
                             {"error": error_fields("WorkerLost", reason)})
                 return
-            w.relay.emit(record, EventKind.WORKER_LOST, {"reason": reason, "redelivered": True})
+            self.relay.emit(record, EventKind.WORKER_LOST, {"reason": reason, "redelivered": True})
             self.redeliver(record)
             return
         self.finish(record, EventKind.FAILED, {"error": error_fields("WorkerLost", reason)})
@@ -123,8 +133,8 @@ class Outcomes:
         elsewhere: its stale run must not report a second final state nor overwrite the
         result. Other runs need no look.
         """
-        w = self.worker
-        if not (record.maybe_redelivered or w.upkeep.possibly_lost()):
+        w = self.state
+        if not (record.maybe_redelivered or self.upkeep.possibly_lost()):
             return False
         try:
             stored = w.app.results.get(record.id)
@@ -136,10 +146,9 @@ class Outcomes:
 
     def retry(self, record: TaskRecord, fields: dict[str, Any]) -> None:
         """The task asked to run again: tell watchers, publish it with a countdown."""
-        w = self.worker
         countdown = float(fields.get("countdown") or 0.0)
         retries = int(fields.get("retries") or record.message.retries + 1)
-        w.relay.emit(record, EventKind.RETRY, {**fields, "attempt": retries + 1})
+        self.relay.emit(record, EventKind.RETRY, {**fields, "attempt": retries + 1})
         logger.info("task %s retry %d in %.3gs", record.id, retries, countdown)
         self.republish(record, deliveries=1, retries=retries, eta=time.time() + countdown)
 
@@ -150,7 +159,7 @@ class Outcomes:
     def republish(self, record: TaskRecord, *, deliveries: int, retries: int | None = None,
                   eta: float | None = None) -> None:
         """Publish a new copy of the task, hand its watchers over, ack this copy."""
-        w = self.worker
+        w = self.state
         msg = record.message
         headers = dict(msg.headers)
         headers[HEADER_DELIVERIES] = deliveries
@@ -160,7 +169,7 @@ class Outcomes:
             wire["retries"] = retries
         if eta is not None:
             wire["eta"] = eta
-        w.publish_task(TaskMessage.from_wire(wire))
+        self.publish_task(TaskMessage.from_wire(wire))
         # Watchers follow the task to its next delivery (if it comes back here; others
         # locate it again). Held subscriptions expire like any other.
         until = time.monotonic() + w.app.conf.subscription_ttl
@@ -178,7 +187,7 @@ class Outcomes:
         """The final event: emitted, result stored, message acked (in that order, by the
         relay's next flush), workflow continued; a stale run of a task that finished
         elsewhere is dropped instead."""
-        w = self.worker
+        w = self.state
         if record.is_final:
             return
         if self.superseded(record):
@@ -187,10 +196,10 @@ class Outcomes:
                            record.id, record.run)
             self.cancel_timers(record)
             if record.kombu_message is not None:
-                w.relay.pending_acks.append(record.kombu_message)
+                self.relay.pending_acks.append(record.kombu_message)
                 record.kombu_message = None
             w.records.pop(record.id, None)
-            w.relay.schedule_flush()
+            self.relay.schedule_flush()
             return
         self.cancel_timers(record)
         if record.kill_reason and kind in (EventKind.CANCELLED, EventKind.FAILED):
@@ -199,23 +208,23 @@ class Outcomes:
                 "error": error_fields("TimeLimitExceeded", record.kill_reason)}
         elif kind in (EventKind.FAILED, EventKind.RETRY) and record.cancel_requested:
             kind, fields = EventKind.CANCELLED, {}
-        w.relay.emit(record, kind, fields, ts)
+        self.relay.emit(record, kind, fields, ts)
         trace.revoked(w.app, record.message, kind, fields, w.hostname)
         w.processed += 1
-        w.relay.pending_results.append((record.id, record.final_record()))
+        self.relay.pending_results.append((record.id, record.final_record()))
         if record.kombu_message is not None:
-            w.relay.pending_acks.append(record.kombu_message)
+            self.relay.pending_acks.append(record.kombu_message)
             record.kombu_message = None
-        w.relay.pending_acks.extend(record.duplicates)
+        self.relay.pending_acks.extend(record.duplicates)
         record.duplicates.clear()
         w.records.pop(record.id, None)
         w.finished[record.id] = record
         while len(w.finished) > FINISHED_KEPT:
             w.finished.popitem(last=False)
-        w.relay.schedule_flush()
+        self.relay.schedule_flush()
         if any(header in record.message.headers for header in WORKFLOW_HEADERS):
             try:
-                after_finish(w, record.message, kind, fields)
+                after_finish(self.workflows, record.message, kind, fields)
             except Exception:  # the task's own result is safe; log the workflow failure
                 logger.exception("task %s: continuing its workflow failed", record.id)
 
