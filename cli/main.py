@@ -87,7 +87,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = [q for part in (args.queues or []) for q in part.split(",") if q] or None
     worker = Worker(app, hostname=hostname, pool=args.pool, concurrency=args.concurrency,
                     queues=queues, max_tasks_per_child=args.max_tasks_per_child,
-                    shutdown_timeout=args.shutdown_timeout)
+                    shutdown_timeout=args.shutdown_timeout, time_limit=args.time_limit,
+                    soft_time_limit=args.soft_time_limit)
     return worker.run()
 
 
@@ -298,6 +299,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="itask",
@@ -338,6 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a warm shutdown waits for running tasks")
     p.add_argument("-E", "--task-events", action="store_true",
                    help="publish task events for monitoring (itask top, itask events)")
+    p.add_argument("--time-limit", type=_positive_seconds, default=None,
+                   help="time_limit (seconds) of tasks that set none")
+    p.add_argument("--soft-time-limit", type=_positive_seconds, default=None,
+                   help="soft_time_limit (seconds) of tasks that set none")
+    # Celery's -O fair: never reserve a task for a busy pool process. This worker keeps
+    # what it reserves in one queue and hands a task only to an idle slot, so it is fair
+    # either way; both values are accepted so Celery command lines work unchanged.
+    p.add_argument("-O", dest="optimization", choices=["default", "fair"], default="default",
+                   help="accepted for Celery's command line: tasks always go to idle pool "
+                        "slots only (Celery's fair)")
 
     p = add("ping", cmd_ping, "ask every worker to reply")
     p.add_argument("--timeout", type=float, default=1.0)

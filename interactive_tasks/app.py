@@ -69,6 +69,11 @@ class Settings:
     max_deliveries: int = 3
     #: messages a worker reserves per pool slot
     prefetch_multiplier: int = 4
+    #: the ``time_limit`` of tasks that set none, in seconds (Celery's setting;
+    #: ``itask worker --time-limit`` overrides it for that worker)
+    task_time_limit: float | None = None
+    #: the ``soft_time_limit`` of tasks that set none (``--soft-time-limit``)
+    task_soft_time_limit: float | None = None
     #: seconds between worker heartbeats (to subscribed clients and the events stream,
     #: and on Redis into the broker's record of live workers)
     worker_heartbeat: float = 2.0
@@ -133,6 +138,11 @@ def _check_settings(conf: Settings) -> None:
     if not (isinstance(beat, (int, float)) and beat >= 0):
         raise ConfigurationError(
             f"broker_heartbeat must be a number of seconds (0: off), not {beat!r}")
+    for name in ("task_time_limit", "task_soft_time_limit"):
+        limit = getattr(conf, name)
+        if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+            raise ConfigurationError(f"{name} must be a positive number of seconds or "
+                                     f"None, not {limit!r}")
     interval = conf.worker_switch_interval
     if interval is not None and not (isinstance(interval, (int, float)) and interval > 0):
         raise ConfigurationError(

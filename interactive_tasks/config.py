@@ -61,8 +61,6 @@ CELERY_PREFIXES = ("broker_", "result_", "task_", "worker_", "beat_", "event_", 
 
 #: Celery settings that cannot mean the same here: what to do instead
 UNSUPPORTED = {
-    "task_time_limit": "set time_limit on each task (@app.task(time_limit=…))",
-    "task_soft_time_limit": "set soft_time_limit on each task",
     "task_always_eager": "call the task directly (task(…)) to run it in-process",
     "task_queues": "queues are declared from task_routes and `itask worker -Q`",
     "task_default_exchange": "queues are named by task_routes / task_default_queue",

@@ -174,15 +174,15 @@ def test_pickle_is_refused_unless_allowed() -> None:
 def test_settings_that_cannot_apply_are_named_with_what_to_do() -> None:
     with pytest.raises(ConfigurationError) as info:
         App("x").config_from_object({
-            "task_time_limit": 30, "worker_concurrency": 8, "no_such_setting": 1,
+            "task_compression": "gzip", "worker_concurrency": 8, "no_such_setting": 1,
             "result_backend": "db+sqlite:///results.db"})
     message = str(info.value)
     assert "unsupported result_backend" in message
     with pytest.raises(ConfigurationError) as info:
-        App("x").config_from_object({"task_time_limit": 30, "worker_concurrency": 8,
+        App("x").config_from_object({"task_compression": "gzip", "worker_concurrency": 8,
                                      "no_such_setting": 1})
     message = str(info.value)
-    assert "task_time_limit: set time_limit on each task" in message
+    assert "task_compression: messages are not compressed" in message
     assert "worker_concurrency: pass -c" in message
     assert "no_such_setting" not in message  # not shaped like a setting: a variable
     with pytest.raises(ConfigurationError, match="task_no_such_thing: unknown setting"):

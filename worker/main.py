@@ -119,8 +119,14 @@ class Worker:
         queues: list[str] | None = None,
         max_tasks_per_child: int | None = None,
         shutdown_timeout: float | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
     ) -> None:
         self.app = app
+        #: the limits of tasks that set none (``--time-limit``; else ``task_time_limit``)
+        self.time_limit = app.conf.task_time_limit if time_limit is None else time_limit
+        self.soft_time_limit = (app.conf.task_soft_time_limit if soft_time_limit is None
+                                else soft_time_limit)
         self.hostname = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
         #: this start of the worker, as the broker's liveness record knows it
         self.incarnation = incarnation(self.hostname)
@@ -455,8 +461,10 @@ class Worker:
         record = TaskRecord(msg, message, task.interactive, self.app.conf.event_history,
                             delivery=delivery, run=msg.retries + delivery)
         record.worker = self.hostname
-        record.time_limit = task.time_limit  # type: ignore[attr-defined]
-        record.soft_time_limit = task.soft_time_limit  # type: ignore[attr-defined]
+        # A task's own limit wins over the worker's default, as in Celery.
+        own_limit, own_soft = task.time_limit, task.soft_time_limit
+        record.time_limit = self.time_limit if own_limit is None else own_limit
+        record.soft_time_limit = self.soft_time_limit if own_soft is None else own_soft
         now = time.monotonic()
         if msg.reply_to:
             # A starter that only wants the result keeps its subscription for the task's
@@ -572,7 +580,7 @@ class Worker:
             "id": msg.id, "task": msg.task, "args": msg.args, "kwargs": msg.kwargs,
             "retries": msg.retries, "delivery": record.delivery, "headers": msg.headers,
             "paused": record.start_paused, "eta": msg.eta, "expires": msg.expires,
-            "soft_time_limit": getattr(record, "soft_time_limit", None),
+            "soft_time_limit": record.soft_time_limit,
         }
         slot.task_id = record.id
         record.slot = slot
@@ -740,7 +748,7 @@ class Worker:
     def _check_limits(self) -> None:
         now = time.monotonic()
         for record in list(self.records.values()):
-            limit = getattr(record, "time_limit", None)
+            limit = record.time_limit
             if limit is None or record.slot is None or record.kill_reason:
                 continue
             if record.slot.hard_paused:

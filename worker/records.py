@@ -74,6 +74,10 @@ class TaskRecord:
     #: the token that last proved itself against the message's digest (hashing it again
     #: for every message of a stream took ~7 % of the worker's time per control here)
     proven_token: str | None = None
+    #: seconds of running time after which the task is stopped / told (the task's own
+    #: limits, else the worker's)
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
     # running time excluding pauses, for time limits
     run_started_mono: float | None = None
     paused_since: float | None = None

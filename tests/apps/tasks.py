@@ -444,3 +444,34 @@ def show_request(self: Any) -> dict[str, Any]:
     return {"headers": {k: v for k, v in self.request.headers.items()
                         if not k.startswith("itask-")},
             "eta": self.request.eta, "started": time.time()}
+
+
+@app.task
+def outlive_soft(seconds: float) -> str:
+    """No limits of its own: catches the soft limit, then runs into the hard one."""
+    from interactive_tasks import SoftTimeLimitExceeded
+
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        record(str(os.getpid()), "soft")
+        time.sleep(seconds)
+    return "finished"
+
+
+@app.task(bind=True, time_limit=30, soft_time_limit=20)
+def own_limits(self: Any, seconds: float) -> str:
+    """Limits of its own, longer than the worker's defaults in the tests."""
+    time.sleep(seconds)
+    return "finished"
+
+
+#: memory a task kept in its pool process (so the process's RSS stays grown)
+_kept: list[bytes] = []
+
+
+@app.task
+def grow(megabytes: int) -> dict[str, int]:
+    """Keep ``megabytes`` MB in this pool process; returns its pid."""
+    _kept.append(b"x" * (megabytes * 1024 * 1024))
+    return {"pid": os.getpid(), "kept": sum(len(b) for b in _kept) // (1024 * 1024)}

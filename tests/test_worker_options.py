@@ -1,0 +1,29 @@
+"""Celery's worker options on real ``itask worker`` processes: worker-wide time limits,
+``-O fair``, ``--max-memory-per-child``, ``--autoscale`` (with ``pool_grow`` /
+``pool_shrink``) and ``-B``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from interactive_tasks import TaskFailed
+
+pytestmark = pytest.mark.parametrize("broker", ["redis"], indirect=True)
+
+
+def test_worker_time_limits_apply_to_tasks_without_their_own(tasks, start_worker, broker):
+    start_worker(pool="prefork", concurrency=2,
+                 extra_args=["--time-limit", "2", "--soft-time-limit", "0.5", "-O", "fair"])
+    started = time.monotonic()
+    plain = tasks.outlive_soft.delay(30)
+    own = tasks.own_limits.delay(3)  # its own limits (30 s / 20 s) win over the worker's
+    with pytest.raises(TaskFailed) as info:
+        plain.result(timeout=20)
+    assert info.value.remote_type == "TimeLimitExceeded"
+    assert time.monotonic() - started < 15
+    soft = [r for path in broker.record_dir.glob("*.jsonl")
+            for r in broker.records(path.stem) if r["what"] == "soft"]
+    assert len(soft) == 1  # the soft limit came first, at 0.5 s
+    assert own.result(timeout=20) == "finished"
