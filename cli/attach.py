@@ -16,8 +16,8 @@ from typing import Any
 from interactive_tasks import App, TaskHandle
 from interactive_tasks.errors import InteractiveTasksError
 from interactive_tasks.protocol import Event, TaskSnapshot, TaskState
+from interactive_tasks.view import RateMeter
 
-from .render import ProgressRate
 from .tui import run_attach, run_top
 
 HELP = "pause | resume | cancel | answer TEXT | q to detach | anything else is sent as a message"
@@ -61,18 +61,19 @@ class HandleSource:
 
     def __init__(self, handle: TaskHandle[Any]) -> None:
         self.handle = handle
-        self._rate = ProgressRate()
+        self._meter = RateMeter()
         self._lock = threading.Lock()
+        self._rate: tuple[float | None, float | None] = (None, None)
         self._callbacks: list[Callable[[], None]] = []
         handle.add_listener(self._on_change)
-        if handle.progress is not None:
-            self._rate.observe(handle.progress)
+        self._observe()
+
+    def _observe(self) -> None:
+        with self._lock:
+            self._rate = self._meter.observe(self.handle.snapshot())
 
     def _on_change(self, handle: TaskHandle[Any]) -> None:
-        progress = handle.progress
-        if progress is not None:
-            with self._lock:
-                self._rate.observe(progress)
+        self._observe()
         for callback in list(self._callbacks):
             callback()
 
@@ -80,12 +81,8 @@ class HandleSource:
         return self.handle.snapshot()
 
     def rate(self) -> tuple[float | None, float | None]:
-        progress = self.handle.progress
         with self._lock:
-            rate = self._rate.rate
-            eta = (self._rate.eta(progress.current or 0, progress.total)
-                   if progress is not None else None)
-        return rate, eta
+            return self._rate
 
     def command(self, line: str) -> str:
         return run_command(self.handle, line)

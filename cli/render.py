@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,11 +26,12 @@ from rich.table import Table
 from rich.text import Text
 
 from interactive_tasks.protocol import Event, EventKind, TaskSnapshot, TaskState
+from interactive_tasks.view import cut as _cut
+from interactive_tasks.view import format_duration, format_eta, format_rate, outcome_text
 
 __all__ = [
     "KEY_HELP",
     "TAIL_KINDS",
-    "ProgressRate",
     "format_duration",
     "render_task",
     "render_task_table",
@@ -81,7 +81,6 @@ TAIL_KINDS = frozenset(
 #: The key help line of ``itask top``.
 KEY_HELP = "↑/↓ select  p pause  r resume  c cancel  a/Enter attach  q quit"
 
-_RESULT_CHARS = 300
 _DATA_CHARS = 200
 
 # C0 controls (but tab and newline), DEL and C1 controls, shown as \xNN instead of being
@@ -97,18 +96,6 @@ def short_id(task_id: str) -> str:
     return task_id[:8]
 
 
-def format_duration(seconds: float) -> str:
-    """``42s``, ``1m05s``, ``2h03m``, ``3d04h``; negative durations count as zero."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
 def _offset(seconds: float) -> str:
     if seconds < 60:
         return f"+{max(0.0, seconds):.1f}s"
@@ -121,20 +108,8 @@ def _num(x: float) -> str:
     return f"{x:.1f}"
 
 
-def _rate(r: float) -> str:
-    if r >= 100:
-        return f"{r:.0f}/s"
-    if r >= 10:
-        return f"{r:.1f}/s"
-    return f"{r:.2f}/s"
-
-
 def _clean(s: object) -> str:
     return str(s).translate(_CONTROL)
-
-
-def _cut(s: str, limit: int) -> str:
-    return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 def _safe_repr(value: Any, limit: int) -> str:
@@ -203,67 +178,6 @@ class _Bar:
         return Measurement(10, options.max_width)
 
 
-# -- rate estimation --------------------------------------------------------------------
-
-
-class ProgressRate:
-    """Estimates items per second from progress events, over the last ``window`` seconds.
-
-    Feed it every progress event (``observe``); events it has already seen (same ``run``
-    and an older or equal ``seq``) and events of other kinds are ignored, so feeding it the
-    ``progress`` of each new snapshot is fine. A new run, or ``current`` going backwards,
-    starts the estimate over. Uses the events' own timestamps, never a clock.
-    """
-
-    def __init__(self, window: float = 5.0, max_samples: int = 64) -> None:
-        if window <= 0:
-            raise ValueError("window must be a positive number of seconds")
-        self.window = window
-        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
-        self._last: tuple[int, int] | None = None
-
-    def reset(self) -> None:
-        """Forget every observation."""
-        self._samples.clear()
-        self._last = None
-
-    def observe(self, ev: Event) -> None:
-        """Take one event into account (only progress events with a ``current`` count)."""
-        if ev.kind != EventKind.PROGRESS or ev.current is None:
-            return
-        key = (ev.run, ev.seq)
-        if self._last is not None:
-            if key[0] != self._last[0]:
-                self._samples.clear()
-            elif key[1] <= self._last[1]:
-                return
-        self._last = key
-        current = float(ev.current)
-        if self._samples and current < self._samples[-1][1]:
-            self._samples.clear()
-        self._samples.append((ev.ts, current))
-        newest = ev.ts
-        while len(self._samples) > 2 and newest - self._samples[1][0] >= self.window:
-            self._samples.popleft()
-
-    @property
-    def rate(self) -> float | None:
-        """Items per second over the window, or ``None`` before two observations."""
-        if len(self._samples) < 2:
-            return None
-        (t0, c0), (t1, c1) = self._samples[0], self._samples[-1]
-        if t1 <= t0:
-            return None
-        return (c1 - c0) / (t1 - t0)
-
-    def eta(self, current: float | None, total: float | None) -> float | None:
-        """Seconds left to reach ``total`` at the current rate, or ``None`` if unknown."""
-        rate = self.rate
-        if current is None or total is None or rate is None or rate <= 0:
-            return None
-        return max(0.0, (total - current) / rate)
-
-
 # -- one task ---------------------------------------------------------------------------
 
 
@@ -307,9 +221,9 @@ def _progress_row(
         ]
         bar = _Bar(fraction, style=colour)
     if live and rate is not None:
-        numbers.append(_rate(rate))
+        numbers.append(format_rate(rate))
     if live and eta is not None:
-        numbers.append(f"ETA {format_duration(eta)}")
+        numbers.append(format_eta(eta))
     grid = Table.grid(padding=(0, 1), expand=True)
     grid.add_column(ratio=1)
     grid.add_column(no_wrap=True, justify="right")
@@ -354,41 +268,25 @@ def _tail(snapshot: TaskSnapshot, tail: int) -> list[Text]:
     return [_event_line(e, base) for e in events]
 
 
+_OUTCOME_LOOK = {
+    TaskState.SUCCEEDED: ("✔ ", "bold green"),
+    TaskState.FAILED: ("✘ ", "bold red"),
+    TaskState.CANCELLED: ("⊘ ", "bold magenta"),
+    TaskState.REVOKED: ("⊘ ", "bold red"),
+    TaskState.RETRY: ("↻ ", "yellow"),
+}
+
+
 def _outcome(snapshot: TaskSnapshot, show_traceback: bool) -> list[RenderableType]:
-    state = snapshot.state
-    error = snapshot.error or {}
-    out: list[RenderableType] = []
-    if state is TaskState.SUCCEEDED:
-        out.append(
-            Text.assemble(("Result: ", "bold green"), _safe_repr(snapshot.result, _RESULT_CHARS))
-        )
-    elif state is TaskState.FAILED:
-        kind = _clean(error.get("type") or "Error")
-        message = _clean(error.get("message") or "")
-        out.append(Text(f"✘ {kind}: {message}" if message else f"✘ {kind}", style="bold red"))
-        traceback = error.get("traceback")
-        if show_traceback and traceback:
-            out.append(Text(_clean(traceback).rstrip("\n"), style="dim"))
-    elif state in (TaskState.CANCELLED, TaskState.REVOKED):
-        what = "cancelled" if state is TaskState.CANCELLED else "revoked"
-        line = Text(f"⊘ Task {what}", style=_STATE_LOOK[state][2])
-        progress = snapshot.progress
-        if progress is not None and progress.current is not None:
-            stopped = _num(progress.current)
-            if progress.total:
-                stopped += f"/{_num(progress.total)}"
-            line.append(f" at {stopped}")
-        if error.get("message"):
-            line.append(f": {_clean(error['message'])}")
-        out.append(line)
-    elif state is TaskState.RETRY and error:
-        out.append(
-            Text(
-                f"↻ retrying after {_clean(error.get('type') or 'an error')}: "
-                f"{_clean(error.get('message') or '')}",
-                style="yellow",
-            )
-        )
+    # the words are the shared view model's, so every front end says the same
+    text = outcome_text(snapshot)
+    if not text:
+        return []
+    symbol, style = _OUTCOME_LOOK.get(snapshot.state, ("", ""))
+    out: list[RenderableType] = [Text(symbol + _clean(text), style=style)]
+    traceback = (snapshot.error or {}).get("traceback")
+    if snapshot.state is TaskState.FAILED and show_traceback and traceback:
+        out.append(Text(_clean(traceback).rstrip("\n"), style="dim"))
     return out
 
 
@@ -406,8 +304,8 @@ def render_task(
     A panel titled with the task name and short id holding: the state (``⏸ PAUSED`` on
     yellow when paused), worker, pid and age; the progress bar with ``current/total``,
     percent, ``rate`` and ``eta`` (both only while running, both computed by the caller,
-    e.g. with :class:`ProgressRate`); the progress message; the last ``tail`` log, message,
-    question/answer and pause/resume events; the pending question; and for a finished task
+    e.g. with :class:`~interactive_tasks.view.RateMeter`); the progress message; the last
+    ``tail`` log, message, question/answer and pause/resume events; the pending question; and for a finished task
     the result, the error with its traceback (unless ``show_traceback`` is false) or the
     cancellation.
     """

@@ -5,7 +5,7 @@ const LABEL = { pending: "○ pending", running: "▶ running", paused: "‖ pau
   retry: "↻ retry", succeeded: "✔ succeeded", failed: "✘ failed",
   cancelled: "⊘ cancelled", revoked: "⊘ revoked" };
 const TASK_TRAITS = ["task_id", "name", "state", "current", "total", "progress_message",
-  "rate", "eta", "lines", "question", "worker", "outcome", "notice", "error", "busy"];
+  "rate", "eta", "rate_text", "eta_text", "lines", "question", "worker", "outcome", "notice", "error", "busy"];
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -14,13 +14,6 @@ function el(tag, cls, text) {
   return e;
 }
 const num = (x) => (Number.isInteger(x) ? String(x) : x.toFixed(1));
-function dur(s) {
-  s = Math.max(0, Math.round(s));
-  if (s < 60) return `${s}s`;
-  if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
-  return `${Math.floor(s / 3600)}h${String(Math.floor(s / 60) % 60).padStart(2, "0")}m`;
-}
-const rateText = (r) => `${r >= 100 ? r.toFixed(0) : r >= 10 ? r.toFixed(1) : r.toFixed(2)}/s`;
 
 function button(cls, text, title, onClick) {
   const b = el("button", `it-btn ${cls}`, text);
@@ -111,10 +104,9 @@ function taskView(send, compact) {
     if (!compact) progress.hidden = cur == null && state !== "succeeded";
     const percent = total && !compact ? ` (${Math.floor((cur / total) * 100)}%)` : "";
     count.textContent = cur == null ? "" : total ? `${num(cur)}/${num(total)}${percent}` : num(cur);
-    const rate = get("rate");
-    const eta = get("eta");
-    const rated = rate != null ? rateText(rate) : "";
-    const left = eta != null ? `ETA ${dur(eta)}` : "";
+    // rate and ETA come formatted by the shared view model (interactive_tasks/view.py)
+    const rated = get("rate_text") || "";
+    const left = get("eta_text") || "";
     speed.textContent = compact ? left : [rated, left].filter(Boolean).join(" · ");
     speed.title = rated;
     step.textContent = get("progress_message") || "";

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import functools
 import html
-import json
 import logging
 import sys
 import threading
@@ -35,7 +34,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .protocol import EventKind, TaskSnapshot, TaskState
+from .protocol import EventKind, TaskSnapshot
+from .view import RateMeter, cut, format_eta, format_rate, outcome_text, show
 
 if TYPE_CHECKING:
     from .handle import TaskHandle
@@ -57,8 +57,6 @@ HINT = 'pip install "interactive_tasks[jupyter]" for a live widget'
 UPDATE_INTERVAL = 0.1
 #: Log and message lines a widget shows (the latest ones).
 MAX_LINES = 6
-#: Seconds of progress the rate is measured over.
-RATE_WINDOW = 10.0
 
 _ASSETS = Path(__file__).resolve().parent
 _LINE_CHARS = 500
@@ -94,85 +92,16 @@ def _in_kernel() -> bool:
 # -- the view of one task (pure) ----------------------------------------------------------
 
 
-class _RateMeter:
-    """Progress per second over the last :data:`RATE_WINDOW` seconds of running."""
-
-    def __init__(self) -> None:
-        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
-        self._key: tuple[int, int] | None = None
-
-    def observe(self, snap: TaskSnapshot) -> tuple[float | None, float | None]:
-        """Feed the latest snapshot; returns ``(rate, eta)`` (None when unknown)."""
-        progress = snap.progress
-        if snap.state is not TaskState.RUNNING or progress is None or progress.current is None:
-            # A pause (or the end) restarts the measurement: paused time is no speed.
-            self._samples.clear()
-            return None, None
-        key = (progress.run, progress.seq)
-        samples = self._samples
-        if key != self._key:
-            self._key = key
-            current = float(progress.current)
-            if samples and (current < samples[-1][1] or progress.ts < samples[-1][0]):
-                samples.clear()  # a new run started over
-            samples.append((progress.ts, current))
-        while len(samples) > 2 and samples[-1][0] - samples[0][0] > RATE_WINDOW:
-            samples.popleft()
-        if len(samples) < 2:
-            return None, None
-        dt = samples[-1][0] - samples[0][0]
-        done = samples[-1][1] - samples[0][1]
-        if dt <= 0 or done <= 0:
-            return None, None
-        rate = done / dt
-        total = progress.total
-        eta = max(0.0, (float(total) - samples[-1][1]) / rate) if total else None
-        return rate, eta
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _show(value: Any, limit: int) -> str:
-    """A short display string for any value a task sent (never raises)."""
-    if isinstance(value, str):
-        return _cut(value, limit)
-    try:
-        text = json.dumps(value, default=repr, ensure_ascii=False)
-    except Exception:
-        try:
-            text = repr(value)
-        except Exception as exc:
-            text = f"<unrepresentable {type(value).__name__}: {exc}>"
-    return _cut(text, limit)
-
-
 def _lines(snap: TaskSnapshot) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for event in snap.events:
         if event.kind == EventKind.LOG:
             out.append({"kind": "log", "level": str(event.level or "info"),
-                        "text": _show(event.text or "", _LINE_CHARS)})
+                        "text": show(event.text or "", _LINE_CHARS)})
         elif event.kind == EventKind.MESSAGE:
             out.append({"kind": "message", "level": "",
-                        "text": _show(event.data, _LINE_CHARS)})
+                        "text": show(event.data, _LINE_CHARS)})
     return out[-MAX_LINES:]
-
-
-def _outcome(snap: TaskSnapshot) -> str:
-    state = snap.state
-    if state is TaskState.SUCCEEDED:
-        return "result: " + _show(snap.result, _OUTCOME_CHARS)
-    error = snap.error or {}
-    if state is TaskState.FAILED:
-        kind = error.get("type") or "error"
-        return _cut(f"{kind}: {error.get('message', '')}", _OUTCOME_CHARS)
-    if state is TaskState.REVOKED:
-        return _cut(f"revoked: {error.get('message', 'revoked')}", _OUTCOME_CHARS)
-    if state is TaskState.CANCELLED:
-        return "cancelled"
-    return ""
 
 
 def task_view(snap: TaskSnapshot, rate: float | None = None, eta: float | None = None,
@@ -183,9 +112,9 @@ def task_view(snap: TaskSnapshot, rate: float | None = None, eta: float | None =
     if snap.question:
         choices = snap.question.get("choices")
         question = {
-            "prompt": _show(snap.question.get("prompt") or "", _LINE_CHARS),
+            "prompt": show(snap.question.get("prompt") or "", _LINE_CHARS),
             "qid": str(snap.question.get("qid") or ""),
-            "choices": [_show(c, 100) for c in choices] if isinstance(choices, list) else [],
+            "choices": [show(c, 100) for c in choices] if isinstance(choices, list) else [],
         }
     current = progress.current if progress is not None else None
     total = progress.total if progress is not None else None
@@ -195,13 +124,15 @@ def task_view(snap: TaskSnapshot, rate: float | None = None, eta: float | None =
         "state": snap.state.value,
         "current": float(current) if isinstance(current, (int, float)) else None,
         "total": float(total) if isinstance(total, (int, float)) and total > 0 else None,
-        "progress_message": _show(progress.message or "", 200) if progress is not None else "",
+        "progress_message": show(progress.message or "", 200) if progress is not None else "",
         "rate": rate,
         "eta": eta,
         "lines": _lines(snap),
         "question": question,
         "worker": snap.worker or "",
-        "outcome": _outcome(snap),
+        "rate_text": format_rate(rate) if rate is not None else "",
+        "eta_text": format_eta(eta) if eta is not None else "",
+        "outcome": outcome_text(snap, _OUTCOME_CHARS),
         "notice": "worker lost: waiting for the task to be delivered again"
         if worker_lost else "",
     }
@@ -427,7 +358,7 @@ def _control(handle: TaskHandle[Any], action: str, content: dict[str, Any]) -> N
 
 
 def _error_text(action: str, exc: BaseException) -> str:
-    return _cut(f"{action} failed: {type(exc).__name__}: {exc}", 400)
+    return cut(f"{action} failed: {type(exc).__name__}: {exc}", 400)
 
 
 @functools.cache
@@ -457,6 +388,8 @@ def _classes() -> tuple[type, type]:
         progress_message = t.Unicode("").tag(sync=True)
         rate = t.Float(None, allow_none=True).tag(sync=True)
         eta = t.Float(None, allow_none=True).tag(sync=True)
+        rate_text = t.Unicode("").tag(sync=True)
+        eta_text = t.Unicode("").tag(sync=True)
         lines = t.List(t.Dict()).tag(sync=True)
         question = t.Dict(None, allow_none=True).tag(sync=True)
         worker = t.Unicode("").tag(sync=True)
@@ -469,7 +402,7 @@ def _classes() -> tuple[type, type]:
             super().__init__(**kwargs)
             self.handle = handle
             self._sync_lock = threading.RLock()
-            self._meter = _RateMeter()
+            self._meter = RateMeter()
             self._throttle = _Throttle(self._update)
             self._controls = _Controls()
             self.on_msg(self._on_custom)
@@ -550,7 +483,7 @@ def _classes() -> tuple[type, type]:
         def __init__(self, handles: Iterable[TaskHandle[Any]], **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.handles: list[TaskHandle[Any]] = []
-            self._meters: dict[str, _RateMeter] = {}
+            self._meters: dict[str, RateMeter] = {}
             self._sync_lock = threading.RLock()
             self._throttle = _Throttle(self._update)
             self._controls: dict[str, _Controls] = {}
@@ -567,7 +500,7 @@ def _classes() -> tuple[type, type]:
             if any(h is handle or h.id == handle.id for h in self.handles):
                 return
             self.handles.append(handle)
-            self._meters[handle.id] = _RateMeter()
+            self._meters[handle.id] = RateMeter()
             self._controls[handle.id] = _Controls()
             # Listen, then draw (see TaskWidget.__init__).
             if not handle.state.is_final:

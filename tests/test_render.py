@@ -10,7 +10,6 @@ from rich.console import Console, RenderableType
 
 from interactive_tasks.cli.render import (
     KEY_HELP,
-    ProgressRate,
     format_duration,
     render_task,
     render_task_table,
@@ -172,7 +171,7 @@ def test_cancelled_says_so_and_where_it_stopped() -> None:
     body = inner(render_task(cancelled, now=T0 + 65))
     assert body[0].startswith("⊘ CANCELLED")
     assert body[0].endswith("took 50s")
-    assert body[-1] == "⊘ Task cancelled at 40/100"
+    assert body[-1] == "⊘ cancelled at 40/100"
 
 
 def test_succeeded_shows_the_result_truncated() -> None:
@@ -186,11 +185,11 @@ def test_succeeded_shows_the_result_truncated() -> None:
     body = inner(render_task(done, now=T0 + 65))
     assert body[0].startswith("✔ SUCCEEDED")
     assert body[1] == "━" * 62 + " 100/100  100%"
-    assert body[-1] == "Result: {'count': 100, 'files': ['a.txt', 'b.txt']}"
+    assert body[-1] == '✔ result: {"count": 100, "files": ["a.txt", "b.txt"]}'
 
     huge = dataclasses.replace(done, result="x" * 1000)
     result = "".join(inner(render_task(huge, now=T0 + 65), width=400)[-1:])
-    assert result == "Result: '" + "x" * 298 + "…"  # repr cut to 300 characters
+    assert result == "✔ result: " + "x" * 291 + "…"  # the outcome cut to 300 characters
 
 
 def test_indeterminate_progress_moves_with_now_only() -> None:
@@ -354,44 +353,7 @@ def test_top_combines_summary_workers_tasks_status_and_keys() -> None:
     assert KEY_HELP == "↑/↓ select  p pause  r resume  c cancel  a/Enter attach  q quit"
 
 
-# -- ProgressRate, formatting, to_ansi --------------------------------------------------
-
-
-def progress(seq: int, ts: float, current: float, total: float = 100, run: int = 1) -> Event:
-    return Event(TID, seq, "progress", ts, {"current": current, "total": total}, run)
-
-
-def test_progress_rate_over_a_window() -> None:
-    rate = ProgressRate(window=5.0)
-    assert rate.rate is None and rate.eta(0, 100) is None
-    rate.observe(progress(1, T0, 0))
-    assert rate.rate is None
-    for i in range(1, 11):  # 2 items/s for 10 s
-        rate.observe(progress(1 + i, T0 + i, 2 * i))
-    assert rate.rate == pytest.approx(2.0)
-    assert rate.eta(20, 100) == pytest.approx(40.0)
-    # faster for the last five seconds: the old samples drop out of the window
-    for i in range(11, 16):
-        rate.observe(progress(1 + i, T0 + i, 20 + 10 * (i - 10)))
-    assert rate.rate == pytest.approx(10.0)
-    assert rate.eta(70, 100) == pytest.approx(3.0)
-    assert rate.eta(70, None) is None
-
-
-def test_progress_rate_ignores_repeats_other_kinds_and_restarts() -> None:
-    rate = ProgressRate()
-    rate.observe(progress(1, T0, 0))
-    rate.observe(progress(2, T0 + 1, 10))
-    rate.observe(progress(2, T0 + 1, 10))  # the same event again (e.g. from a snapshot)
-    rate.observe(progress(1, T0 + 2, 999))  # older seq: ignored
-    rate.observe(Event(TID, 3, "log", T0 + 3, {"level": "info", "text": "x"}))
-    assert rate.rate == pytest.approx(10.0)
-    rate.observe(progress(1, T0 + 10, 0, run=2))  # redelivered: starts over
-    assert rate.rate is None
-    rate.observe(progress(2, T0 + 12, 4, run=2))
-    assert rate.rate == pytest.approx(2.0)
-    rate.observe(progress(3, T0 + 13, 1, run=2))  # went backwards: starts over
-    assert rate.rate is None
+# -- formatting, to_ansi --------------------------------------------------
 
 
 @pytest.mark.parametrize(

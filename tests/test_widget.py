@@ -131,10 +131,10 @@ def test_task_view_shows_progress_lines_question_and_outcome():
 
 
 def test_rate_and_eta_follow_running_progress_only():
-    from interactive_tasks.widgets import _RateMeter
+    from interactive_tasks.view import RateMeter
 
     h = _handle()
-    meter = _RateMeter()
+    meter = RateMeter()
     _feed(h, "started", 100.0)
     assert meter.observe(h.snapshot()) == (None, None)
     _feed(h, "progress", 100.0, current=10, total=100)
