@@ -62,6 +62,50 @@ def cmd_beat(args: argparse.Namespace) -> int:
         app.close()
 
 
+def start_embedded(app: Any) -> Any:
+    """``itask worker -B``: the app's beat in a process of its own beside the worker.
+
+    A forked process (not a thread): the worker forks its prefork pool processes later,
+    and a fork while a beat thread holds a lock (logging's, a socket's) could leave a
+    pool process stuck on it. The beat takes the schedule lock as ``itask beat`` does, so
+    several workers started with ``-B`` still send each run once. It dies with the worker
+    (SIGKILL included); :func:`stop_embedded` stops it cleanly. Returns the process.
+    """
+    import billiard
+
+    process = billiard.Process(target=_embedded_main, args=(app,), name="itask-beat",
+                               daemon=False)
+    process.start()
+    return process
+
+
+def _embedded_main(app: Any) -> None:
+    import os
+
+    from interactive_tasks.worker.beat import Beat
+    from interactive_tasks.worker.pools.prefork import _die_with_parent
+
+    _die_with_parent()
+    try:
+        code = Beat(app).run()  # SIGTERM (from the worker) and SIGINT stop it cleanly
+    except Exception:
+        logging.getLogger("interactive_tasks.beat").exception("the embedded beat failed")
+        code = 1
+    finally:
+        app.close()
+    os._exit(code)
+
+
+def stop_embedded(process: Any, timeout: float = 10.0) -> None:
+    """Stop the beat of :func:`start_embedded` (SIGTERM, then SIGKILL after ``timeout``)."""
+    if process.is_alive():
+        process.terminate()
+        process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join(2.0)
+
+
 def _print_entries(beat: Any) -> int:
     now = time.time()
     try:

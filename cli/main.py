@@ -85,11 +85,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     hostname = (args.hostname or f"worker{os.getpid()}@%h").replace("%h", socket.gethostname())
     hostname = hostname.replace("%n", hostname.split("@")[0])
     queues = [q for part in (args.queues or []) for q in part.split(",") if q] or None
-    worker = Worker(app, hostname=hostname, pool=args.pool, concurrency=args.concurrency,
-                    queues=queues, max_tasks_per_child=args.max_tasks_per_child,
-                    shutdown_timeout=args.shutdown_timeout, time_limit=args.time_limit,
-                    soft_time_limit=args.soft_time_limit)
-    return worker.run()
+    beat = None
+    if args.beat:
+        from interactive_tasks.cli.beat_cmd import start_embedded
+
+        beat = start_embedded(app)  # forked before the worker holds any connection
+    try:
+        worker = Worker(app, hostname=hostname, pool=args.pool,
+                        concurrency=args.concurrency, queues=queues,
+                        max_tasks_per_child=args.max_tasks_per_child,
+                        shutdown_timeout=args.shutdown_timeout, time_limit=args.time_limit,
+                        soft_time_limit=args.soft_time_limit)
+        return worker.run()
+    finally:
+        if beat is not None:
+            from interactive_tasks.cli.beat_cmd import stop_embedded
+
+            stop_embedded(beat)
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -349,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a warm shutdown waits for running tasks")
     p.add_argument("-E", "--task-events", action="store_true",
                    help="publish task events for monitoring (itask top, itask events)")
+    p.add_argument("-B", "--beat", action="store_true",
+                   help="also run the app's beat (periodic tasks) in a process beside the "
+                        "worker, for development; in production run itask beat")
     p.add_argument("--time-limit", type=_positive_seconds, default=None,
                    help="time_limit (seconds) of tasks that set none")
     p.add_argument("--soft-time-limit", type=_positive_seconds, default=None,

@@ -10,6 +10,8 @@ import pytest
 
 from interactive_tasks import TaskFailed
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.parametrize("broker", ["redis"], indirect=True)
 
 
@@ -27,3 +29,21 @@ def test_worker_time_limits_apply_to_tasks_without_their_own(tasks, start_worker
             for r in broker.records(path.stem) if r["what"] == "soft"]
     assert len(soft) == 1  # the soft limit came first, at 0.5 s
     assert own.result(timeout=20) == "finished"
+
+
+def test_beat_inside_the_worker(broker, start_worker, tmp_path):
+    """``-B``: the worker runs the app's beat beside it; it stops with the worker."""
+    label = "embedded"
+    broker.extra.update({"BEAT_TEST_EVERY": "0.5", "BEAT_TEST_LABEL": label})
+    w = start_worker(pool="threads", concurrency=2,
+                     extra_args=["-A", "tests.apps.beat_app", "-B"])
+    path = broker.record_dir / f"runs-{label}.txt"
+
+    def runs() -> int:
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    wait_for(lambda: runs() >= 3, 15, message="three runs sent by the embedded beat")
+    assert len(w.children()) == 1  # the threads pool forks nothing: that is the beat
+    assert "beat beat-tests starting" in w.log()
+    assert w.stop() == 0
+    assert "beat beat-tests stopped" in w.log()  # stopped cleanly (its lock released)
