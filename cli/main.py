@@ -95,7 +95,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         concurrency=args.concurrency, queues=queues,
                         max_tasks_per_child=args.max_tasks_per_child,
                         shutdown_timeout=args.shutdown_timeout, time_limit=args.time_limit,
-                        soft_time_limit=args.soft_time_limit)
+                        soft_time_limit=args.soft_time_limit,
+                        max_memory_per_child=args.max_memory_per_child)
         return worker.run()
     finally:
         if beat is not None:
@@ -356,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-Q", "--queues", action="append", help="queues to consume, comma separated")
     p.add_argument("-n", "--hostname", help="node name, e.g. w1@%%h")
     p.add_argument("-l", "--loglevel", default="info")
-    p.add_argument("--max-tasks-per-child", type=_positive_int, default=None)
+    p.add_argument("--max-tasks-per-child", type=_positive_int, default=None,
+                   help="replace a prefork pool process after it ran N tasks")
+    p.add_argument("--max-memory-per-child", type=_positive_int, default=None, metavar="KB",
+                   help="replace a prefork pool process whose resident memory exceeds KB "
+                        "kilobytes, after its task")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="seconds a warm shutdown waits for running tasks")
     p.add_argument("-E", "--task-events", action="store_true",

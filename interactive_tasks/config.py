@@ -68,7 +68,7 @@ UNSUPPORTED = {
     "worker_concurrency": "pass -c to `itask worker`",
     "worker_pool": "pass -P to `itask worker`",
     "worker_max_tasks_per_child": "pass --max-tasks-per-child to `itask worker`",
-    "worker_max_memory_per_child": "not supported; --max-tasks-per-child recycles processes",
+    "worker_max_memory_per_child": "pass --max-memory-per-child to `itask worker`",
     "task_compression": "messages are not compressed; pass references to large data",
     "result_compression": "results are not compressed",
     "task_default_priority": "pass priority= when sending",

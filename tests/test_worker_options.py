@@ -47,3 +47,21 @@ def test_beat_inside_the_worker(broker, start_worker, tmp_path):
     assert "beat beat-tests starting" in w.log()
     assert w.stop() == 0
     assert "beat beat-tests stopped" in w.log()  # stopped cleanly (its lock released)
+
+
+def test_max_memory_per_child_replaces_the_process_after_its_task(tasks, start_worker):
+    from interactive_tasks import TaskState
+
+    w = start_worker(pool="prefork", concurrency=1,
+                     extra_args=["--max-memory-per-child", "100000"])  # 100 MB
+    small = tasks.grow.delay(1).result(timeout=20)
+    assert tasks.grow.delay(1).result(timeout=20) == {"pid": small["pid"], "kept": 2}
+    # This task takes its process past the limit: it completes, then the process goes.
+    big = tasks.grow.delay(120)
+    assert big.result(timeout=30) == {"pid": small["pid"], "kept": 122}
+    assert big.state is TaskState.SUCCEEDED
+    after = tasks.grow.delay(1).result(timeout=20)
+    assert after["pid"] != small["pid"] and after["kept"] == 1  # a fresh process
+    assert f"pool process {small['pid']} uses" in w.log()
+    stats = wait_for(lambda: tasks.app.inspect("stats"), message="stats")
+    assert [c["pid"] for c in stats[0]["data"]["children"]] == [after["pid"]]

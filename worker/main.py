@@ -45,7 +45,7 @@ from .canvas import Workflows, after_finish
 from .control import ControlRouter
 from .ipc import ChannelClosed
 from .outcomes import Outcomes, error_fields
-from .pools.base import Pool, PoolSlot
+from .pools.base import Pool, PoolSlot, resident_kb
 from .records import Subscriber, TaskRecord
 from .relay import Relay
 from .state import WorkerState
@@ -121,8 +121,11 @@ class Worker:
         shutdown_timeout: float | None = None,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
+        max_memory_per_child: int | None = None,
     ) -> None:
         self.app = app
+        #: KB of resident memory after which a pool process is replaced once its task ends
+        self.max_memory_per_child = max_memory_per_child
         #: the limits of tasks that set none (``--time-limit``; else ``task_time_limit``)
         self.time_limit = app.conf.task_time_limit if time_limit is None else time_limit
         self.soft_time_limit = (app.conf.task_soft_time_limit if soft_time_limit is None
@@ -132,6 +135,9 @@ class Worker:
         self.incarnation = incarnation(self.hostname)
         self.concurrency = 1 if pool == "solo" else (concurrency or os.cpu_count() or 1)
         self.pool = make_pool(pool, app, self.concurrency, self.hostname, max_tasks_per_child)
+        if max_memory_per_child and not self.pool.separate_processes:
+            logger.warning("--max-memory-per-child applies to the prefork pool only (the "
+                           "%s pool's tasks share the worker's process); ignored", pool)
         self.queue_names = queues or [app.conf.task_default_queue]
         self.shutdown_timeout = (
             app.conf.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
@@ -670,14 +676,29 @@ class Worker:
             self._dispatch()
 
     def _maybe_recycle(self, slot: PoolSlot) -> None:
+        """Retire a pool process that ran ``--max-tasks-per-child`` tasks or grew past
+        ``--max-memory-per-child`` (checked after each task, as in Celery)."""
+        if not self.pool.separate_processes:
+            return
         limit = self.pool.max_tasks_per_child
-        if limit and self.pool.separate_processes and slot.tasks_run >= limit:
-            slot.retiring = True
-            try:
-                slot.writer.write(["stop"])
-            except ChannelClosed:
-                pass
-            self._watch_writer(slot)
+        if limit and slot.tasks_run >= limit:
+            self._retire(slot)
+            return
+        memory_limit = self.max_memory_per_child
+        rss = resident_kb(slot.pid) if memory_limit else None
+        if memory_limit and rss is not None and rss > memory_limit:
+            logger.info("pool process %d uses %d KB, more than --max-memory-per-child "
+                        "(%d KB): replacing it", slot.pid, rss, memory_limit)
+            self._retire(slot)
+
+    def _retire(self, slot: PoolSlot) -> None:
+        """Ask an idle slot to stop; its channel closing replaces it (see below)."""
+        slot.retiring = True
+        try:
+            slot.writer.write(["stop"])
+        except ChannelClosed:
+            pass
+        self._watch_writer(slot)
 
     def _on_slot_closed(self, slot: PoolSlot) -> None:
         if slot.closed:

@@ -132,3 +132,15 @@ def process_state(pid: int) -> str | None:
     except OSError:
         return None
     return data.rsplit(b")", 1)[1].split()[0].decode()
+
+
+def resident_kb(pid: int) -> int | None:
+    """The resident memory of ``pid`` in KB (``VmRSS`` from /proc), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
