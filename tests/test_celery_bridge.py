@@ -437,3 +437,54 @@ def test_itask_commands_and_top_on_a_celery_app(proj: Any, start_celery: Any,
     assert handle.wait(timeout=15) is TaskState.CANCELLED
     result = json.loads(itask(celery_env, "result", handle.id, "--json").stdout)
     assert result["state"] == "cancelled" and result["worker"] == worker.name
+
+
+@pytest.mark.parametrize("celery_env", ["redis"], indirect=True)
+def test_the_documented_example_project(celery_env: CeleryEnv, tmp_path: Path) -> None:
+    """docs/celery-bridge.md: its project is examples/celery_bridge/proj.py, and its two
+    commands print its output (a real Celery worker; Redis database 9 for the example's
+    default queue and namespace)."""
+    from tests.doc_blocks import doc_block
+
+    doc = "docs/celery-bridge.md"
+    project = doc_block(doc, "# examples/celery_bridge/proj.py")
+    assert project.text.strip() == \
+        (ROOT / "examples/celery_bridge/proj.py").read_text().strip()
+    commands = doc_block(doc, "celery -A examples.celery_bridge.proj worker -l info   "
+                              "# terminal 1").commands()
+    assert commands == [["celery", "-A", "examples.celery_bridge.proj", "worker", "-l", "info"],
+                        ["python", "-m", "examples.celery_bridge.train"]]
+    expected = doc_block(doc, "progress: 1 / 5").lines
+    import redis
+
+    url = REDIS_URL.rsplit("/", 1)[0] + "/9"
+    redis.Redis.from_url(url).flushdb()
+    env = {k: v for k, v in celery_env.env().items() if not k.startswith("CELERY_")}
+    env["CELERY_BROKER_URL"] = url
+    env.pop("ITASK_TEST_NS", None)
+    log_path = tmp_path / "example-worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", *commands[0]], env=env, cwd=ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_for(lambda: " ready." in log_path.read_text() or worker.poll() is not None, 30,
+                 message="the example's worker")
+        out = subprocess.run([sys.executable, *commands[1][1:]], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = out.stdout.splitlines()
+        # Progress lines a slow reader did not take are coalesced (latest wins): every
+        # other line is printed exactly as documented, in order.
+        assert [x for x in lines if not x.startswith("progress")] == \
+            [x for x in expected if not x.startswith("progress")]
+        progress = [x for x in lines if x.startswith("progress")]
+        assert progress[-1] == "progress: 5 / 5" and set(progress) <= set(expected)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(5)
+        redis.Redis.from_url(url).flushdb()

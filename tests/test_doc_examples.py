@@ -260,6 +260,17 @@ COVERAGE: dict[tuple[str, str], object] = {
     ("docs/troubleshooting.md", "TypeError: cannot serialize 'object' with msgpack; send plain "
                                 "data (dict, list, str, int, float, bytes, datetime, UUID)"):
         RunBy(HERE + "test_messages_without_a_task"),
+    ("docs/celery-bridge.md", "# examples/celery_bridge/proj.py"):
+        RunBy("tests/test_celery_bridge.py::test_the_documented_example_project"),
+    ("docs/celery-bridge.md",
+     "celery -A examples.celery_bridge.proj worker -l info   # terminal 1"):
+        RunBy("tests/test_celery_bridge.py::test_the_documented_example_project"),
+    ("docs/celery-bridge.md", "progress: 1 / 5"):
+        RunBy("tests/test_celery_bridge.py::test_the_documented_example_project"),
+    ("docs/celery-bridge.md", "itask top -A examples.celery_bridge.proj"):
+        NotRunnable("a full-screen dashboard and a placeholder id and token; "
+                    "tests/test_celery_bridge.py::test_itask_commands_and_top_on_a_celery_app "
+                    "runs the commands and the dashboard's source on a Celery app"),
 }
 
 #: whole files of diagrams, whose blocks are not examples
