@@ -164,7 +164,7 @@ def proc_state(pid: int) -> str:
     raise AssertionError(f"no state for {pid}")
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
 def test_progress_stream_messages_and_result(proj: Any, start_celery: Any,
                                              pool: str) -> None:
     worker = start_celery(pool=pool)
@@ -488,3 +488,15 @@ def test_the_documented_example_project(celery_env: CeleryEnv, tmp_path: Path) -
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(5)
         redis.Redis.from_url(url).flushdb()
+
+
+def test_celery_retry_starts_a_new_run(proj: Any, start_celery: Any) -> None:
+    start_celery(pool="prefork")
+    handle = proj.flaky.start()
+    assert handle.result(timeout=30) == 1
+    assert handle.async_result.get(timeout=10) == 1
+    events = handle.events_nowait()
+    assert EventKind.RETRY in [e.kind for e in events if e.run == 1]
+    final = events[-1]
+    assert final.kind == EventKind.SUCCEEDED and final.run == 2
+    assert [e.message for e in events if e.kind == EventKind.PROGRESS][-1] == "attempt 1"

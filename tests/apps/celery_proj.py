@@ -81,3 +81,12 @@ def double(self, x):
 @app.task
 def add(a, b):
     return a + b
+
+
+@app.task(base=InteractiveTask, bind=True, max_retries=1, default_retry_delay=0.1)
+def flaky(self):
+    """Retries once through Celery's ``self.retry()``, then returns the retry count."""
+    self.progress(1, 1, f"attempt {self.request.retries}")
+    if self.request.retries == 0:
+        raise self.retry()
+    return self.request.retries
