@@ -306,8 +306,8 @@ def render_task(
     percent, ``rate`` and ``eta`` (both only while running, both computed by the caller,
     e.g. with :class:`~interactive_tasks.view.RateMeter`); the progress message; the last
     ``tail`` log, message, question/answer and pause/resume events; the pending question;
-    and for a finished task the result, the error with its traceback (unless ``show_traceback`` is false) or the
-    cancellation.
+    and for a finished task the result, the error with its traceback (unless
+    ``show_traceback`` is false) or the cancellation.
     """
     state = snapshot.state
     colour = _STATE_LOOK[state][3]
