@@ -96,7 +96,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         max_tasks_per_child=args.max_tasks_per_child,
                         shutdown_timeout=args.shutdown_timeout, time_limit=args.time_limit,
                         soft_time_limit=args.soft_time_limit,
-                        max_memory_per_child=args.max_memory_per_child)
+                        max_memory_per_child=args.max_memory_per_child,
+                        autoscale=args.autoscale, autoscale_keepalive=args.autoscale_keepalive)
         return worker.run()
     finally:
         if beat is not None:
@@ -312,6 +313,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _autoscale(text: str) -> tuple[int, int]:
+    from interactive_tasks.worker.autoscale import parse_autoscale
+
+    try:
+        return parse_autoscale(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -357,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-Q", "--queues", action="append", help="queues to consume, comma separated")
     p.add_argument("-n", "--hostname", help="node name, e.g. w1@%%h")
     p.add_argument("-l", "--loglevel", default="info")
+    p.add_argument("--autoscale", type=_autoscale, default=None, metavar="MAX,MIN",
+                   help="grow the pool up to MAX slots under a backlog, shrink it to MIN "
+                        "when idle (-c is then MAX)")
+    p.add_argument("--autoscale-keepalive", type=_positive_seconds, default=30.0,
+                   metavar="SECONDS",
+                   help="--autoscale shrinks only this long after the pool last grew "
+                        "(default 30)")
     p.add_argument("--max-tasks-per-child", type=_positive_int, default=None,
                    help="replace a prefork pool process after it ran N tasks")
     p.add_argument("--max-memory-per-child", type=_positive_int, default=None, metavar="KB",

@@ -12,9 +12,11 @@ from interactive_tasks import TaskFailed
 
 from .conftest import wait_for
 
-pytestmark = pytest.mark.parametrize("broker", ["redis"], indirect=True)
+#: the worker options do not depend on the broker: Redis stands for all
+on_redis = pytest.mark.parametrize("broker", ["redis"], indirect=True)
 
 
+@on_redis
 def test_worker_time_limits_apply_to_tasks_without_their_own(tasks, start_worker, broker):
     start_worker(pool="prefork", concurrency=2,
                  extra_args=["--time-limit", "2", "--soft-time-limit", "0.5", "-O", "fair"])
@@ -31,6 +33,7 @@ def test_worker_time_limits_apply_to_tasks_without_their_own(tasks, start_worker
     assert own.result(timeout=20) == "finished"
 
 
+@on_redis
 def test_beat_inside_the_worker(broker, start_worker, tmp_path):
     """``-B``: the worker runs the app's beat beside it; it stops with the worker."""
     label = "embedded"
@@ -49,6 +52,7 @@ def test_beat_inside_the_worker(broker, start_worker, tmp_path):
     assert "beat beat-tests stopped" in w.log()  # stopped cleanly (its lock released)
 
 
+@on_redis
 def test_max_memory_per_child_replaces_the_process_after_its_task(tasks, start_worker):
     from interactive_tasks import TaskState
 
@@ -65,3 +69,66 @@ def test_max_memory_per_child_replaces_the_process_after_its_task(tasks, start_w
     assert f"pool process {small['pid']} uses" in w.log()
     stats = wait_for(lambda: tasks.app.inspect("stats"), message="stats")
     assert [c["pid"] for c in stats[0]["data"]["children"]] == [after["pid"]]
+
+
+def _children(tasks, name: str) -> list[dict]:
+    replies = [r for r in tasks.app.inspect("stats", timeout=1.0)
+               if r.get("worker") == name]
+    return replies[0]["data"]["children"] if replies else []
+
+
+@on_redis
+def test_autoscale_grows_under_a_backlog_and_shrinks_when_idle(tasks, start_worker, broker):
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    w = start_worker(pool="prefork", concurrency=1,
+                     extra_args=["--autoscale", "4,1", "--autoscale-keepalive", "2"])
+    first = wait_for(lambda: _children(tasks, w.name), message="stats")
+    assert len(first) == 1
+    handles = [tasks.sleep_then.delay(3, i) for i in range(4)]
+    # A backlog of 4: the pool grows to 4 and runs them all at once.
+    grown = wait_for(lambda: [c for c in _children(tasks, w.name) if c["state"] == "busy"]
+                     if len([c for c in _children(tasks, w.name) if c["state"] == "busy"]) == 4
+                     else None, timeout=15, message="four busy pool processes")
+    assert len({c["pid"] for c in grown}) == 4
+    # itask inspect stats shows the same pids
+    out = subprocess.run([sys.executable, "-m", "interactive_tasks.cli.main", "inspect",
+                          "stats", "-A", "tests.apps.tasks", "--json"],
+                         env=broker.env(), cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=30)
+    stats = json.loads(out.stdout)
+    shown = next(v for k, v in stats.items() if k == w.name)
+    assert {c["pid"] for c in shown["children"]} == {c["pid"] for c in grown}
+    assert shown["autoscaler"]["max"] == 4 and shown["autoscaler"]["min"] == 1
+    assert [h.result(timeout=20) for h in handles] == [0, 1, 2, 3]
+    # Idle: back to one process after the keepalive, a process that was there before.
+    wait_for(lambda: len(_children(tasks, w.name)) == 1, timeout=15, message="shrunk to 1")
+    [left] = _children(tasks, w.name)
+    assert left["pid"] in {c["pid"] for c in grown}
+    assert "growing the pool from 1 to" in w.log() and "pool shrunk to 1" in w.log()
+    assert tasks.add.delay(2, 3).result(timeout=20) == 5  # and it still serves
+
+
+def test_autoscaler_decisions() -> None:
+    from interactive_tasks.worker.autoscale import Autoscaler, parse_autoscale
+
+    now = [100.0]
+    scaler = Autoscaler(4, 1, keepalive=30, clock=lambda: now[0])
+    assert scaler.grow_by(size=1, demand=3) == 2
+    assert scaler.grow_by(size=3, demand=9) == 1  # never past MAX
+    assert scaler.grow_by(size=4, demand=2) == 0
+    now[0] += 29
+    assert scaler.shrink_by(size=4, demand=0) == 0  # not before the keepalive
+    now[0] += 2
+    assert scaler.shrink_by(size=4, demand=2) == 2  # down to what the work needs
+    assert scaler.shrink_by(size=4, demand=0) == 3  # never below MIN
+    assert parse_autoscale("10,3") == (10, 3)
+    assert parse_autoscale("3,10") == (10, 3)  # either order, as Celery
+    assert parse_autoscale("5") == (5, 0)
+    for bad in ("", "a,b", "0", "1,2,3", "-1,2"):
+        with pytest.raises(ValueError):
+            parse_autoscale(bad)

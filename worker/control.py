@@ -430,6 +430,7 @@ class ControlRouter:
             "reserved": len(w.ready), "uptime": time.time() - w.started_at,
             "broker": w.app.broker_url_display, "queues": w.queue_names,
             "online": True, "rss_kb": _rss_kb(),
+            **({"autoscaler": w.autoscaler.info(len(w.slots))} if w.autoscaler else {}),
         }
 
 

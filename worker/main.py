@@ -41,6 +41,7 @@ from interactive_tasks.transport.redis_liveness import incarnation
 from interactive_tasks.transport.upkeep import SCHEDULE_AHEAD, upkeep_for
 from interactive_tasks.transport.worker_side import intake_for
 
+from .autoscale import DEFAULT_KEEPALIVE, Autoscaler
 from .canvas import Workflows, after_finish
 from .control import ControlRouter
 from .ipc import ChannelClosed
@@ -122,6 +123,8 @@ class Worker:
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
         max_memory_per_child: int | None = None,
+        autoscale: tuple[int, int] | None = None,
+        autoscale_keepalive: float = DEFAULT_KEEPALIVE,
     ) -> None:
         self.app = app
         #: KB of resident memory after which a pool process is replaced once its task ends
@@ -134,6 +137,14 @@ class Worker:
         #: this start of the worker, as the broker's liveness record knows it
         self.incarnation = incarnation(self.hostname)
         self.concurrency = 1 if pool == "solo" else (concurrency or os.cpu_count() or 1)
+        #: ``--autoscale``: the pool's size follows the work between MIN and MAX slots
+        self.autoscaler: Autoscaler | None = None
+        if autoscale is not None and pool != "solo":
+            # Reserve for MAX from the start (as Celery), so a backlog is seen to grow for.
+            self.concurrency = autoscale[0]
+            self.autoscaler = Autoscaler(*autoscale, keepalive=autoscale_keepalive)
+        elif autoscale is not None:
+            logger.warning("--autoscale does not apply to the solo pool (one slot); ignored")
         self.pool = make_pool(pool, app, self.concurrency, self.hostname, max_tasks_per_child)
         if max_memory_per_child and not self.pool.separate_processes:
             logger.warning("--max-memory-per-child applies to the prefork pool only (the "
@@ -221,7 +232,8 @@ class Worker:
             self.revoked.update(app.results.revoked())
         except Exception as exc:
             logger.warning("could not load revoked task ids: %s", exc)
-        for index in range(self.concurrency):
+        first = self.autoscaler.min if self.autoscaler is not None else self.concurrency
+        for index in range(first):
             self.slots.append(self.pool.spawn(index))
         backoff = 0.5
         recoverable: tuple[type[BaseException], ...] = (
@@ -301,6 +313,8 @@ class Worker:
         hub.call_repeatedly(app.conf.worker_heartbeat, self.relay.heartbeat)
         hub.call_repeatedly(1.0, self.relay.expire)
         hub.call_repeatedly(0.1, self._check_limits)
+        if self.autoscaler is not None:
+            hub.call_repeatedly(1.0, self._autoscale_down)
         self.relay.publish_monitor({"t": "worker-online", "worker": self.hostname,
                                     "ts": time.time()})
         logger.info("worker %s ready", self.hostname)
@@ -560,9 +574,63 @@ class Worker:
                 continue
             self._start_on(record, slot)
         self.ready.extendleft(reversed(held_back))
+        if self.ready and self.autoscaler is not None:
+            self._autoscale_up()
         if wait is not None and self.hub is not None and not self._rate_timer:
             self._rate_timer = True
             self.hub.call_later(wait, self._rate_wakeup)
+
+    # -- pool size ----------
+    def _demand(self) -> int:
+        """Tasks that want a slot now: running, and ready for a free one."""
+        return sum(1 for slot in self.slots if slot.busy) + len(self.ready)
+
+    def _autoscale_up(self) -> None:
+        assert self.autoscaler is not None
+        if self._stopping:
+            return
+        more = self.autoscaler.grow_by(len(self.slots), self._demand())
+        if more:
+            logger.info("autoscale: %d task(s) want a slot; growing the pool from %d to %d",
+                        self._demand(), len(self.slots), len(self.slots) + more)
+            self.grow_pool(more)
+
+    def _autoscale_down(self) -> None:
+        assert self.autoscaler is not None
+        if self._stopping:
+            return
+        fewer = self.autoscaler.shrink_by(len(self.slots), self._demand())
+        if fewer and self.shrink_pool(fewer):
+            logger.info("autoscale: no growth for %.0fs; pool shrunk to %d",
+                        self.autoscaler.keepalive, len(self.slots))
+
+    def grow_pool(self, count: int) -> None:
+        """Start ``count`` more slots (Celery's ``pool_grow``)."""
+        used = {slot.index for slot in self.slots}
+        index = 0
+        for _ in range(count):
+            while index in used:
+                index += 1
+            used.add(index)
+            slot = self.pool.spawn(index)
+            self.slots.append(slot)
+            if self.hub is not None:
+                self.hub.add_reader(slot.sock, self._on_slot_readable, slot)
+
+    def shrink_pool(self, count: int) -> int:
+        """Stop up to ``count`` idle slots (Celery's ``pool_shrink``; a busy slot is never
+        stopped). Returns how many were stopped."""
+        idle = [slot for slot in self.slots
+                if not slot.busy and not slot.retiring and not slot.closed]
+        # Slots still starting first, then the newest: the oldest keep their warm caches.
+        idle.sort(key=lambda slot: (slot.ready, -slot.index))
+        stopping = idle[:count]
+        for slot in stopping:
+            # Out of the pool now: nothing is dispatched to it, and when its channel
+            # closes it is not replaced (see _on_slot_closed).
+            self.slots.remove(slot)
+            self._retire(slot)
+        return len(stopping)
 
     def _rate_wakeup(self) -> None:
         self._rate_timer = False
@@ -711,6 +779,8 @@ class Worker:
             slot.sock.close()
         except OSError:
             pass
+        if slot not in self.slots and slot.task_id is None:
+            return  # stopped to shrink the pool: not replaced
         task_id = slot.task_id
         slot.task_id = None
         record = self.records.get(task_id) if task_id else None

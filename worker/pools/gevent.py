@@ -40,7 +40,14 @@ class GeventPool(Pool):
 
         parent, child = self._socketpair()
         runner = Slot(self.app, BlockingChannel(child), self.hostname)
-        greenlet = gevent.spawn(runner.serve)
+
+        def serve() -> None:
+            try:
+                runner.serve()
+            finally:  # the worker sees the channel close (a slot stopped to shrink)
+                child.close()
+
+        greenlet = gevent.spawn(serve)
         return PoolSlot(index=index, pid=os.getpid(), sock=parent, handle=greenlet)
 
     def force_stop(self, slot: PoolSlot, stage: int) -> str:
