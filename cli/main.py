@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from interactive_tasks import App, load_app
-from interactive_tasks.cli import beat_cmd, multi
+from interactive_tasks.cli import beat_cmd, control_cmd, multi
+from interactive_tasks.cli.errors import CliError
 from interactive_tasks.errors import (
     ConfigurationError,
     InteractiveTasksError,
@@ -31,7 +32,8 @@ EXAMPLES = {
     "worker": "itask worker -A examples.hello -c 2\n"
               "  itask worker -A proj:app --pool threads -Q default,io -n io@%h",
     "ping": "itask ping -A proj --timeout 2 --json",
-    "inspect": "itask inspect active -A proj",
+    "inspect": "itask inspect active -A proj\n"
+               "  itask inspect query_task 6f1c... -d w1@host --json",
     "ls": "itask ls -A proj --json",
     "attach": "itask attach 6f1c... -A proj --token T",
     "top": "itask top -A proj",
@@ -40,12 +42,6 @@ EXAMPLES = {
     "events": "itask events -A proj --duration 10",
     "demo": "itask demo",
 }
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _color_enabled(stream: Any = None) -> bool:
@@ -125,11 +121,19 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.ids and args.what != "query_task":
+        raise CliError(f"inspect {args.what} takes no task ids (inspect query_task ID... does)")
+    if args.what == "query_task" and not args.ids:
+        raise CliError("inspect query_task needs task ids: itask inspect query_task ID...")
     app = _get_app(args)
     if args.what == "scheduled":
         return _inspect_scheduled(app, args)
-    replies = app.inspect(args.what, timeout=args.timeout)
-    data = {r.get("worker"): r.get("data") for r in replies}
+    inspector = app.control.inspect(destination=control_cmd.destination(args),
+                                    timeout=args.timeout)
+    if args.what == "query_task":
+        data = inspector.query_task(args.ids)
+    else:
+        data = getattr(inspector, args.what)()
     if args.json:
         _print_json(data)
     else:
@@ -144,12 +148,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                               f"pid={item.get('pid')}")
                     else:
                         print(f"   {item}")
+            elif isinstance(value, dict) and args.what == "query_task":
+                if not value:
+                    print("   (none of them here)")
+                for task_id, item in value.items():
+                    print(f"   {task_id} {item.get('name')} {item.get('state')} "
+                          f"pid={item.get('pid')}")
             elif isinstance(value, dict):
                 for key, v in value.items():
                     print(f"   {key}: {v}")
-        if not replies:
+        if not data:
             print(f"no worker replied within {args.timeout}s", file=sys.stderr)
-    return 0 if replies else 1
+    return 0 if data else 1
 
 
 def _inspect_scheduled(app: App, args: argparse.Namespace) -> int:
@@ -401,9 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--json", action="store_true")
 
-    p = add("inspect", cmd_inspect, "active / registered / stats / tasks of every worker; "
+    p = add("inspect", cmd_inspect, "active / reserved / revoked / registered / stats / "
+            "tasks of every worker; query_task ID...: those tasks where they are held; "
             "scheduled: tasks waiting in the broker for their eta")
-    p.add_argument("what", choices=["active", "registered", "stats", "tasks", "scheduled"])
+    p.add_argument("what", choices=["active", "reserved", "revoked", "registered", "stats",
+                                     "tasks", "query_task", "scheduled"])
+    p.add_argument("ids", nargs="*", metavar="ID", help="query_task: task ids")
+    control_cmd.add_destination(p)
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--limit", type=int, default=100,
                    help="scheduled: list at most this many, soonest first")
@@ -458,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("demo", cmd_demo, "run an interactive task on the embedded broker and attach to it",
         app=False)
+    control_cmd.register(sub, add)
     multi.register(sub, add)
     beat_cmd.register(sub, add)
     return parser

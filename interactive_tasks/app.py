@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from datetime import timedelta
 
     from .client import Client
+    from .control import Control
     from .schedules import PeriodicDecorator, Schedule
     from .transport.redis_delay import ScheduledTask
 
@@ -605,6 +606,14 @@ class App:
         return watch(handles)
 
     # -- remote control of workers ----------
+    @property
+    def control(self) -> Control:
+        """Celery's ``app.control``: ``rate_limit``, ``time_limit``, ``add_consumer``,
+        ``cancel_consumer``, ``shutdown``, ``ping``, ``revoke``, ``inspect()``."""
+        from .control import Control
+
+        return Control(self)
+
     def _broadcast(self, verb: str, data: Any, timeout: float,
                    expect: int | None) -> list[dict[str, Any]]:
         message = ControlMessage(verb=verb, data=data)
@@ -653,10 +662,12 @@ class App:
 
     def inspect(self, what: str, timeout: float = 1.0,
                 expect: int | None = None) -> list[dict[str, Any]]:
-        """``active`` | ``registered`` | ``stats`` | ``tasks`` from every worker."""
-        if what not in ("active", "registered", "stats", "tasks"):
-            raise ValueError(f"unknown inspect command {what!r}; "
-                             "use active, registered, stats or tasks")
+        """``active`` | ``reserved`` | ``revoked`` | ``registered`` | ``stats`` | ``tasks``
+        from every worker (``app.control.inspect()`` has Celery's methods, and
+        ``query_task``). Raises ValueError for another ``what``."""
+        if what not in ("active", "reserved", "revoked", "registered", "stats", "tasks"):
+            raise ValueError(f"unknown inspect command {what!r}; use active, reserved, "
+                             "revoked, registered, stats or tasks")
         return self._broadcast(Verb.INSPECT, {"what": what}, timeout, expect)
 
 

@@ -236,13 +236,22 @@ class Verb:
     INSPECT = "inspect"
     LOCATE = "locate"
     REVOKE = "revoke"
+    # worker-wide changes (need the operator secret)
+    RATE_LIMIT = "rate_limit"
+    TIME_LIMIT = "time_limit"
+    ADD_CONSUMER = "add_consumer"
+    CANCEL_CONSUMER = "cancel_consumer"
+    SHUTDOWN = "shutdown"
 
 
 TASK_VERBS = frozenset(
     {Verb.PAUSE, Verb.RESUME, Verb.CANCEL, Verb.MESSAGE, Verb.ANSWER}
 )
 READ_VERBS = frozenset({Verb.SUBSCRIBE, Verb.UNSUBSCRIBE, Verb.LOCATE})
-WORKER_VERBS = frozenset({Verb.PING, Verb.INSPECT, Verb.REVOKE})
+#: change the whole worker, as Celery's remote control commands of the same names
+WORKER_CONTROL_VERBS = frozenset({Verb.RATE_LIMIT, Verb.TIME_LIMIT, Verb.ADD_CONSUMER,
+                                  Verb.CANCEL_CONSUMER, Verb.SHUTDOWN})
+WORKER_VERBS = frozenset({Verb.PING, Verb.INSPECT, Verb.REVOKE}) | WORKER_CONTROL_VERBS
 ALL_VERBS = TASK_VERBS | READ_VERBS | WORKER_VERBS
 
 

@@ -122,7 +122,7 @@ def test_json_outputs_and_revoke(tasks, start_worker, broker):
 def test_every_command_has_help_with_an_example(broker):
     for command in ("worker", "ping", "inspect", "ls", "attach", "top", "send", "pause",
                     "resume", "cancel", "answer", "result", "revoke", "events", "demo",
-                    "multi", "beat"):
+                    "multi", "beat", "control", "status", "call", "purge"):
         out = itask(broker, command, "--help", app=False)
         assert out.returncode == 0, (command, out.stderr)
         assert "example" in out.stdout.lower(), command

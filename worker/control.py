@@ -3,8 +3,10 @@
 :class:`ControlRouter` takes every message from the worker's control queue and from the
 broadcast exchange: task verbs (pause, resume, cancel, message, answer) after checking the
 capability token or signature, reads (locate, subscribe, unsubscribe) that add watchers,
-and worker requests (ping, inspect, revoke). Task verbs for a task this worker does not
-hold yet are kept (``held``) and applied in the order each client sent them if it arrives.
+and worker requests (ping, inspect, revoke, and the worker-wide changes of
+:mod:`.remote`; only on the workers a ``destination`` names, when it names any). Task
+verbs for a task this worker does not hold yet are kept (``held``) and applied in the order
+each client sent them if it arrives.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from interactive_tasks.protocol import (
     HEADER_CHORD,
     READ_VERBS,
     TASK_VERBS,
+    WORKER_CONTROL_VERBS,
+    WORKER_VERBS,
     ControlMessage,
     Envelope,
     EventKind,
@@ -37,6 +41,7 @@ from interactive_tasks.transport.redis_fast import decode_frame, kombu_body
 from .canvas import after_finish
 from .outcomes import error_fields
 from .records import HeldControl, Subscriber, TaskRecord
+from .remote import ControlRefused
 
 if TYPE_CHECKING:
     from .main import Worker
@@ -119,6 +124,19 @@ class ControlRouter:
     def handle(self, ctl: ControlMessage, signed: bool) -> None:
         w = self.worker
         verb = ctl.verb
+        if verb in WORKER_VERBS and not addressed_to(ctl.data, w.hostname):
+            return  # a broadcast with a destination that does not name this worker
+        if verb in WORKER_CONTROL_VERBS:
+            try:
+                done = w.remote.apply(verb, ctl.data, signed)
+            except ControlRefused as exc:
+                logger.warning("refused %s from %s: %s", verb, ctl.sender, exc)
+                if ctl.sender:
+                    self.reply(ctl.sender, ctl.rid, False, error=(exc.kind, str(exc)))
+                return
+            if ctl.sender:
+                self.reply(ctl.sender, ctl.rid, True, data={"ok": done})
+            return
         if verb == Verb.PING:
             if ctl.sender:
                 self.reply(ctl.sender, ctl.rid, True, data={"pong": True})
@@ -129,6 +147,10 @@ class ControlRouter:
         if verb == Verb.INSPECT:
             if ctl.sender:
                 what = (ctl.data or {}).get("what") if isinstance(ctl.data, dict) else None
+                if what == "query_task":
+                    found = w.remote.query_task((ctl.data or {}).get("ids"))
+                    self.reply(ctl.sender, ctl.rid, True, data=found)
+                    return
                 self.reply(ctl.sender, ctl.rid, True, data=self.inspect(str(what)))
             return
         assert ctl.task_id is not None or verb == Verb.LOCATE
@@ -402,6 +424,10 @@ class ControlRouter:
         w = self.worker
         if what == "registered":
             return sorted(w.app.tasks)
+        if what == "reserved":
+            return w.remote.reserved()
+        if what == "revoked":
+            return w.remote.revoked()
         if what == "active":
             return [r.summary() for r in w.records.values() if r.slot is not None]
         if what == "tasks":
@@ -432,6 +458,13 @@ class ControlRouter:
             "online": True, "rss_kb": _rss_kb(),
             **({"autoscaler": w.autoscaler.info(len(w.slots))} if w.autoscaler else {}),
         }
+
+
+def addressed_to(data: Any, hostname: str) -> bool:
+    """False when a worker request names a ``destination`` list without ``hostname``
+    (Celery's ``destination=``: the others stay silent)."""
+    destination = data.get("destination") if isinstance(data, dict) else None
+    return not isinstance(destination, list) or hostname in destination
 
 
 def _rss_kb() -> int | None:

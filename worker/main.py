@@ -49,6 +49,7 @@ from .outcomes import Outcomes, error_fields
 from .pools.base import Pool, PoolSlot, resident_kb
 from .records import Subscriber, TaskRecord
 from .relay import Relay
+from .remote import WorkerControl
 from .state import WorkerState
 
 logger = logging.getLogger("interactive_tasks.worker")
@@ -170,6 +171,7 @@ class Worker:
         self.connection: Any = None
         self.upkeep = upkeep_for(app, self.incarnation, self._on_declared_dead, self.records,
                                  self._give_back)
+        self._buckets: dict[str, TokenBucket | None] = {}
         self.control = ControlRouter(self)
         self.relay = Relay(state, stats=self.control.stats)
         self.workflows = Workflows(app, self.relay, self.publish_task)
@@ -179,8 +181,9 @@ class Worker:
                                  on_garbage=self.outcomes.dead_letter,
                                  on_control=self.control.on_message,
                                  on_control_frames=self.control.on_frames)
+        self.remote = WorkerControl(state, self._buckets, self.intake, self.begin_shutdown,
+                                    self._rates_changed)
         self._exit_code = 0
-        self._buckets: dict[str, TokenBucket | None] = {}
         self._rate_timer = False
         self._spawn_failures = 0
         self._ready_sent = False
@@ -272,17 +275,24 @@ class Worker:
                 logger.warning("second signal: stopping now, running tasks will be "
                                "delivered again")
                 self._terminate = True
+                if self.hub is not None:
+                    self.hub.call_soon(self._check_stop)
             else:
-                logger.info("%s: warm shutdown, finishing running tasks (up to %.0fs); "
-                            "send again to stop now", signal.Signals(signum).name,
-                            self.shutdown_timeout)
-                self._stopping = True
-                self._stop_deadline = time.monotonic() + self.shutdown_timeout
-            if self.hub is not None:
-                self.hub.call_soon(self._check_stop)
+                self.begin_shutdown(signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+
+    def begin_shutdown(self, reason: str) -> None:
+        """Start a warm shutdown (SIGTERM, or the ``shutdown`` remote control)."""
+        if self._stopping:
+            return
+        logger.info("%s: warm shutdown, finishing running tasks (up to %.0fs); "
+                    "send SIGTERM again to stop now", reason, self.shutdown_timeout)
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + self.shutdown_timeout
+        if self.hub is not None:
+            self.hub.call_soon(self._check_stop)
 
     def _serve_connected(self) -> None:
         app = self.app
@@ -631,6 +641,12 @@ class Worker:
             self.slots.remove(slot)
             self._retire(slot)
         return len(stopping)
+
+    def _rates_changed(self) -> None:
+        """A rate limit changed: what the old one held back may start now, and the next
+        wait is the new limit's (a stale wake-up only dispatches early)."""
+        self._rate_timer = False
+        self._dispatch()
 
     def _rate_wakeup(self) -> None:
         self._rate_timer = False

@@ -133,8 +133,10 @@ class TaskFetcher:
         self.held: dict[str, Any] = {} if held is None else held
         self.redelivered_key = redelivered_key
         self.qos = channel.qos
-        self.keys = [channel._q_for_pri(q, p) for p in channel.priority_steps for q in queues]
-        self.bells = [bell_key(q) for q in queues]
+        self.queues: list[str] = []
+        self.keys: list[str] = []
+        self.bells: list[str] = []
+        self.set_queues(queues)
         self.on_message = on_message
         self.on_garbage = on_garbage
         options = channel.connection.client.transport_options  # a sentinel's master_name …
@@ -149,6 +151,15 @@ class TaskFetcher:
         self._want = True  # fetch at the next chance (a bell rang, or the last fetch was full)
         self._next_poll = 0.0
         self.stopped = False
+
+    def set_queues(self, queues: list[str]) -> None:
+        """Fetch from ``queues`` (kombu queue names) from the next fetch on; a wait for a
+        bell already sent ends by its timeout."""
+        channel = self.channel
+        self.queues = list(queues)
+        self.keys = [channel._q_for_pri(q, p) for p in channel.priority_steps for q in queues]
+        self.bells = [bell_key(q) for q in queues]
+        self._want = True
 
     # -- the loop ---------
     def register(self, hub: Any) -> None:

@@ -94,6 +94,23 @@ class WorkerIntake:
     def ring_for(self, queue: str) -> None:
         """After this worker published to ``queue``: wake a worker waiting on it."""
 
+    def add_queue(self, queue: str) -> None:
+        """Take tasks from task queue ``queue`` too (Celery's ``add_consumer``); raises the
+        broker's connection errors."""
+        consumer = self.task_consumer
+        if consumer is None:
+            return  # not connected: the next start() consumes the worker's queue names
+        consumer.add_queue(self.app.names.task_queue(queue))
+        if not self.stopped:
+            consumer.consume()  # starts only the queues not consumed yet
+
+    def cancel_queue(self, queue: str) -> None:
+        """Take no more tasks from ``queue`` (Celery's ``cancel_consumer``); tasks already
+        taken from it still run. Raises the broker's connection errors."""
+        consumer = self.task_consumer
+        if consumer is not None:
+            consumer.cancel_by_queue(self.app.names.task_queue(queue).name)
+
     def close(self) -> None:
         """Forget the connection's consumers (the connection is released by its owner)."""
         self.task_consumer = None
@@ -147,6 +164,19 @@ class RedisIntake(WorkerIntake):
     def ring_for(self, queue: str) -> None:
         if self.fetcher is not None:
             self.fetcher.ring_for(queue)
+
+    def add_queue(self, queue: str) -> None:
+        fetcher = self.fetcher
+        if fetcher is not None:
+            task_queue = self.app.names.task_queue(queue)
+            task_queue.bind(fetcher.channel).declare()
+            fetcher.set_queues([*fetcher.queues, task_queue.name])
+
+    def cancel_queue(self, queue: str) -> None:
+        fetcher = self.fetcher
+        if fetcher is not None:
+            name = self.app.names.task_queue(queue).name
+            fetcher.set_queues([q for q in fetcher.queues if q != name])
 
     def close(self) -> None:
         super().close()

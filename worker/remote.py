@@ -1,0 +1,176 @@
+"""Worker-wide remote control: Celery's ``rate_limit``, ``time_limit``, ``add_consumer``,
+``cancel_consumer`` and ``shutdown``, and the inspect replies ``reserved``, ``revoked``
+and ``query_task``.
+
+A change here alters the worker for every task it runs, so it is applied only from a
+message signed with the operator secret (a task's capability token does not reach that
+far); everything else is refused with a reply that says so. Changes last for the life of
+the worker process, as in Celery: a restarted worker starts from its app and flags again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from interactive_tasks.protocol import Verb
+from interactive_tasks.task import parse_rate
+
+if TYPE_CHECKING:
+    from interactive_tasks.transport.worker_side import WorkerIntake
+
+    from .state import WorkerState
+
+logger = logging.getLogger("interactive_tasks.worker")
+
+NEEDS_SECRET = ("{verb} changes the whole worker: it needs the operator secret "
+                "(ITASK_SECRET or the secret setting, the same on the worker and the sender)")
+
+
+class ControlRefused(Exception):
+    """A worker-wide request that cannot be applied; its message goes back to the sender."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class WorkerControl:
+    """Applies worker-wide requests; one per worker.
+
+    ``buckets`` is the worker's rate-limit buckets by task name (dropped here so the next
+    dispatch rebuilds one from the task's new ``rate_limit``), ``intake`` its task intake,
+    ``begin_shutdown`` starts a warm shutdown as SIGTERM does, ``rates_changed`` lets the
+    worker start what an old rate limit held back.
+    """
+
+    def __init__(self, state: WorkerState, buckets: dict[str, Any], intake: WorkerIntake,
+                 begin_shutdown: Callable[[str], None],
+                 rates_changed: Callable[[], None]) -> None:
+        self.state = state
+        self.buckets = buckets
+        self.intake = intake
+        self.begin_shutdown = begin_shutdown
+        self.rates_changed = rates_changed
+
+    def apply(self, verb: str, data: Any, signed: bool) -> str:
+        """Apply ``verb`` with its ``data`` map; returns what was done, in one line.
+
+        Raises :class:`ControlRefused` for an unsigned request, a bad argument or an
+        unknown task name.
+        """
+        if not signed:
+            raise ControlRefused("NotAuthorized", NEEDS_SECRET.format(verb=verb))
+        args = data if isinstance(data, dict) else {}
+        if verb == Verb.RATE_LIMIT:
+            return self.rate_limit(args.get("task_name"), args.get("rate_limit"))
+        if verb == Verb.TIME_LIMIT:
+            return self.time_limit(args.get("task_name"), args.get("soft"), args.get("hard"))
+        if verb == Verb.ADD_CONSUMER:
+            return self.add_consumer(args.get("queue"))
+        if verb == Verb.CANCEL_CONSUMER:
+            return self.cancel_consumer(args.get("queue"))
+        if verb == Verb.SHUTDOWN:
+            self.begin_shutdown("remote control shutdown")
+            return "warm shutdown started"
+        raise ControlRefused("ControlError", f"unknown worker control {verb!r}")
+
+    def _task(self, name: Any) -> Any:
+        if not isinstance(name, str) or not name:
+            raise ControlRefused("ControlError", "a task name is required")
+        task = self.state.app.tasks.get(name)
+        if task is None:
+            raise ControlRefused("UnknownTask", f"no task named {name!r} is registered on "
+                                                f"{self.state.hostname}")
+        return task
+
+    def rate_limit(self, name: Any, rate: Any) -> str:
+        task = self._task(name)
+        if rate in (None, "", 0, "0"):
+            rate = None
+        else:
+            try:
+                parse_rate(str(rate))
+            except ValueError as exc:
+                raise ControlRefused("ControlError", str(exc)) from None
+            rate = str(rate)
+        task.rate_limit = rate
+        self.buckets.pop(task.name, None)
+        logger.info("rate limit of %s set to %s by remote control", task.name,
+                    rate or "none")
+        self.rates_changed()
+        return f"rate limit of {task.name} set to {rate or 'none'}"
+
+    def time_limit(self, name: Any, soft: Any, hard: Any) -> str:
+        task = self._task(name)
+        limits = {}
+        for label, value in (("soft", soft), ("hard", hard)):
+            if value is not None and (isinstance(value, bool) or
+                                      not isinstance(value, (int, float)) or value <= 0):
+                raise ControlRefused("ControlError", f"{label} time limit must be a positive "
+                                                     f"number of seconds, not {value!r}")
+            limits[label] = None if value is None else float(value)
+        task.soft_time_limit, task.time_limit = limits["soft"], limits["hard"]
+        # Tasks accepted but not started yet take the new limits too.
+        for record in self.state.ready:
+            if record.name == task.name:
+                record.soft_time_limit = limits["soft"]  # type: ignore[attr-defined]
+                record.time_limit = limits["hard"]  # type: ignore[attr-defined]
+        logger.info("time limits of %s set to soft=%s hard=%s by remote control", task.name,
+                    limits["soft"], limits["hard"])
+        return (f"time limits of {task.name} set to soft={limits['soft']} "
+                f"hard={limits['hard']}")
+
+    def _queue(self, queue: Any) -> str:
+        if not isinstance(queue, str) or not queue or len(queue) > 200:
+            raise ControlRefused("ControlError", f"bad queue name {queue!r}")
+        return queue
+
+    def add_consumer(self, queue: Any) -> str:
+        name = self._queue(queue)
+        names = self.state.queue_names
+        if name in names:
+            return f"already consuming from {name}"
+        self.intake.add_queue(name)
+        names.append(name)  # in place: the next connection consumes it too
+        logger.info("consuming from queue %s (remote control)", name)
+        return f"now consuming from {name}"
+
+    def cancel_consumer(self, queue: Any) -> str:
+        name = self._queue(queue)
+        names = self.state.queue_names
+        if name not in names:
+            raise ControlRefused("ControlError", f"{self.state.hostname} does not consume "
+                                                 f"from {name}")
+        if len(names) == 1:
+            raise ControlRefused("ControlError", f"{name} is the last queue of "
+                                                 f"{self.state.hostname}; use shutdown")
+        self.intake.cancel_queue(name)
+        names.remove(name)
+        logger.info("no longer consuming from queue %s (remote control)", name)
+        return f"no longer consuming from {name}"
+
+    # -- inspect ----------
+    def reserved(self) -> list[dict[str, Any]]:
+        """Tasks taken from the broker that have not started (Celery's reserved)."""
+        s = self.state
+        return [r.summary() for r in s.records.values() if r.slot is None and not r.is_final]
+
+    def revoked(self) -> list[str]:
+        """The revoked ids this worker refuses (until each expires)."""
+        now = time.time()
+        return sorted(i for i, entry in self.state.revoked.items() if entry[0] >= now)
+
+    def query_task(self, ids: Any) -> dict[str, Any]:
+        """The tasks among ``ids`` held here or finished lately, by id."""
+        s = self.state
+        found: dict[str, Any] = {}
+        for task_id in ids if isinstance(ids, list) else ():
+            if not isinstance(task_id, str):
+                continue
+            record = s.records.get(task_id) or s.finished.get(task_id)
+            if record is not None:
+                found[task_id] = record.summary()
+        return found
