@@ -116,8 +116,8 @@ class WorkerControl:
         # Tasks accepted but not started yet take the new limits too.
         for record in self.state.ready:
             if record.name == task.name:
-                record.soft_time_limit = limits["soft"]  # type: ignore[attr-defined]
-                record.time_limit = limits["hard"]  # type: ignore[attr-defined]
+                record.soft_time_limit = limits["soft"]
+                record.time_limit = limits["hard"]
         logger.info("time limits of %s set to soft=%s hard=%s by remote control", task.name,
                     limits["soft"], limits["hard"])
         return (f"time limits of {task.name} set to soft={limits['soft']} "
