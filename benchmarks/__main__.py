@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .harness import ROOT, base_env, broker_reachable, kill_group, python
+from .harness import BROKERS, ROOT, base_env, broker_reachable, kill_group, python
 from .report import aggregate, fmt, markdown
 from .systems import SYSTEMS
 from .workloads import WORKLOADS
@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmark interactive_tasks against Celery and Dramatiq.")
-    parser.add_argument("--broker", choices=["redis", "amqp", "both"], default="redis")
+    parser.add_argument("--broker", default="redis",
+                        help="redis, amqp, embedded (itask only), both (redis,amqp), or a "
+                             "comma-separated list")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per workload")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOADS))
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.workloads = _pick(args.only, list(WORKLOADS), "workload", parser)
     args.system_list = _pick(args.systems, list(SYSTEMS), "system", parser)
+    args.brokers = (["redis", "amqp"] if args.broker == "both"
+                    else _pick(args.broker, list(BROKERS), "broker", parser))
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     return args
@@ -122,7 +126,7 @@ def run_one(workload: str, system: str, broker: str, quick: bool, log_dir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    brokers = ["redis", "amqp"] if args.broker == "both" else [args.broker]
+    brokers = args.brokers
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     log_dir = args.out / f"logs-{stamp}"
@@ -148,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                         if system not in spec.systems:
                             continue
                         reason = peer_missing(system) or (
-                            None if reachable else f"{broker} is not reachable")
+                            None if reachable else f"{broker} is not reachable") or (
+                            "the embedded broker is itask's own"
+                            if broker == "embedded" and system != "itask" else None)
                         if reason:
                             runs[system].append({"status": "error", "error": reason})
                             continue

@@ -15,6 +15,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -24,8 +25,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-BROKER_URLS = {"redis": REDIS_URL, "amqp": AMQP_URL}
+#: The embedded broker: one fresh directory under this one per repetition (itask only).
+EMBEDDED_DIR = os.environ.get("BENCH_EMBEDDED_DIR",
+                              os.path.join(tempfile.gettempdir(), "itask-bench-embedded"))
+BROKER_URLS = {"redis": REDIS_URL, "amqp": AMQP_URL, "embedded": f"embedded://{EMBEDDED_DIR}"}
 BROKER_PORTS = {"redis": 6379, "amqp": 5672}
+BROKERS = ("redis", "amqp", "embedded")
 
 
 def new_namespace(workload: str, system: str) -> str:
@@ -35,6 +40,9 @@ def new_namespace(workload: str, system: str) -> str:
 
 def broker_reachable(kind: str, timeout: float = 1.0) -> bool:
     import socket
+
+    if kind not in BROKER_PORTS:
+        return True  # the embedded broker is a directory
 
     try:
         with socket.create_connection(("127.0.0.1", BROKER_PORTS[kind]), timeout=timeout):

@@ -7,6 +7,7 @@ with the largest share of its samples (self = leaf frame, total = anywhere on th
 
     python -m benchmarks.profile throughput --n 10000
     python -m benchmarks.profile roundtrip --n 2000
+    python -m benchmarks.profile control --n 2000 --broker embedded
 
 Needs ``pip install py-spy`` and permission to ptrace (root, or
 ``kernel.yama.ptrace_scope=0``). Raw stacks are kept in ``--out`` for flame graphs
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .harness import ROOT, new_namespace
 from .systems import make_system
@@ -113,11 +115,24 @@ def analyze(path: Path, rate: int, seconds: float, top: int = 15) -> str:
     return "\n".join(out)
 
 
+def _control_round_trips(system: Any, n: int) -> None:
+    """``handle.send()`` → the echo task's ``self.send()`` → ``handle.events()``, n times."""
+    handle = system.bench.echo.start(n)
+    events = handle.events(timeout=10)
+    for i in range(n):
+        handle.send({"i": i})
+        for event in events:
+            if event.kind == "message" and event.data == {"i": i}:
+                break
+        time.sleep(0.002)
+    handle.result(30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile")
-    parser.add_argument("workload", choices=["throughput", "roundtrip"])
+    parser.add_argument("workload", choices=["throughput", "roundtrip", "control"])
     parser.add_argument("--n", type=int, default=None, help="tasks (default 10000 / 2000)")
-    parser.add_argument("--broker", choices=["redis", "amqp"], default="redis")
+    parser.add_argument("--broker", choices=["redis", "amqp", "embedded"], default="redis")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile")
     args = parser.parse_args(argv)
@@ -144,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.workload == "throughput":
                 handles = [system.submit_noop() for _ in range(n)]
                 system.gather(handles, 600)
+            elif args.workload == "control":
+                _control_round_trips(system, n)
             else:
                 for _ in range(n):
                     system.result(system.submit_noop(), 10)
@@ -158,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                 s.kill()
         system.close()
         system.cleanup()
-    if args.workload == "throughput":
+    if args.workload == "control":
+        print(f"{n} control round trips in {seconds:.2f}s = {1000 * seconds / n:.2f} ms "
+              "each, 2 ms apart (under py-spy)")
+    elif args.workload == "throughput":
         print(f"{n} tasks in {seconds:.2f}s = {n / seconds:.0f} tasks/s (under py-spy)")
     else:
         print(f"{n} round trips in {seconds:.2f}s = {1000 * seconds / n:.2f} ms each "

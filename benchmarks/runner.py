@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.runner")
     parser.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
     parser.add_argument("--system", required=True)
-    parser.add_argument("--broker", required=True, choices=["redis", "amqp"])
+    parser.add_argument("--broker", required=True, choices=["redis", "amqp", "embedded"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out-file", required=True, type=Path)
     parser.add_argument("--log-dir", required=True, type=Path)

@@ -15,6 +15,7 @@ Configuration (see README.md "How the peers are configured"):
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,8 @@ class System:
                  pgid_file: Path | None = None) -> None:
         self.broker = broker
         self.broker_url = BROKER_URLS[broker]
+        if broker == "embedded":  # a directory of its own, like a namespace elsewhere
+            self.broker_url = f"{self.broker_url}/{ns}"
         self.ns = ns
         self.hostname = f"{ns}@bench"
         self.log_dir = log_dir
@@ -163,6 +166,8 @@ class Itask(System):
     def cleanup(self) -> None:
         if self.broker == "redis":
             cleanup_redis(self.broker_url, [f"*{self.ns}*"])
+        elif self.broker == "embedded":
+            shutil.rmtree(self.broker_url.removeprefix("embedded://"), ignore_errors=True)
         else:
             cleanup_amqp(self.broker_url,
                          [f"{self.ns}.tasks.default", f"{self.ns}.dead",
