@@ -14,18 +14,25 @@ Not AMQP: ``exclusive``, ``auto_delete`` and ``if_unused`` are ignored (use ``ex
 publishing to a queue nobody declared creates it, as on Redis; deleting an exchange
 removes its bindings, not its queues.
 
-Event loop: ``register_with_event_loop`` polls the consumed queues from a hub timer every
-``polling_interval`` and delivers as much as QoS allows, for at most 50 ms per tick. An idle
-poll costs one ``stat`` per consumed queue.
+Wake-ups: a connection that waits for messages has a doorbell (``embedded_bells``), a
+FIFO that every publish to a queue it consumes writes a byte to. The worker's event loop
+watches it (``register_with_event_loop``) and a blocking ``drain_events`` waits on it, so
+a message is taken as soon as its file is renamed into place. Both also look at their queues
+every ``polling_interval`` whatever the bell says: a ring that is lost or never sent (a
+publisher without bells, a FIFO that could not be made) delays a message by at most that
+period. Each wake-up delivers as much as QoS allows, for at most 50 ms; an idle look costs
+one ``stat`` per consumed queue.
 
-Transport options: ``polling_interval`` (0.01 s, also the sleep of a blocking
-``drain_events``), ``sweep_interval`` (1 s), ``housekeeping_interval`` (5 s), ``fsync``
+Transport options: ``polling_interval`` (0.01 s: the safety-net poll, also the longest a
+blocking ``drain_events`` waits between looks), ``sweep_interval`` (1 s),
+``housekeeping_interval`` (5 s), ``fsync``
 (False: publishes and acks of task queues reach the disk before they return, so they
 survive a power cut; see ``embedded_store``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -41,6 +48,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps, loads
 
 from interactive_tasks.transport import embedded_directory
+from interactive_tasks.transport.embedded_bells import Bell
 from interactive_tasks.transport.embedded_files import (
     delivery_count,
     owner_alive,
@@ -414,6 +422,9 @@ class Transport(virtual.Transport):
         #: Unacked deliveries of every channel of this connection, by delivery tag.
         self.claims: dict[str, _Claim] = {}
         self._tref: Any = None
+        self._bell: Bell | None = None
+        self._bell_tried = False
+        self._loop: Any = None
 
     def driver_version(self) -> str:
         return __version__
@@ -426,10 +437,11 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
-        if self._tref is not None:
-            self._tref.cancel()
-            self._tref = None
+        self.unregister_from_event_loop(connection, self._loop)
         super().close_connection(connection)
+        bell, self._bell, self._bell_tried = self._bell, None, False
+        if bell is not None:
+            bell.close()
         # A delivery no channel's QoS knew about (e.g. a callback that raised before kombu
         # recorded it) would otherwise stay reserved until this process exits.
         for tag in list(self.claims):
@@ -437,16 +449,37 @@ class Transport(virtual.Transport):
             if claim is not None:
                 self.broker.unreserve(claim.queue, claim.reserved)
 
+    def _doorbell(self) -> Bell | None:
+        """This connection's bell, made on first use (None: poll only)."""
+        if not self._bell_tried:
+            self._bell_tried = True
+            self._bell = self.broker.bell()
+        return self._bell
+
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        """Poll consumed queues from a hub timer; there is no file descriptor to watch."""
-        if self._tref is not None:
-            self._tref.cancel()
+        """Deliver when the doorbell rings, and every ``polling_interval`` anyway."""
+        self.unregister_from_event_loop(connection, loop)
+        self._loop = loop
+        bell = self._doorbell()
+        if bell is not None:
+            loop.add_reader(bell.fileno(), self._on_bell)
         self._tref = loop.call_repeatedly(max(self.polling_interval or 0.0, 0.001), self._on_tick)
 
     def unregister_from_event_loop(self, connection: Any, loop: Any) -> None:
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
+        if self._bell is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove(self._bell.fileno())
+        self._loop = None
+
+    def _on_bell(self) -> None:
+        # Empty the FIFO before looking: a ring after this point wakes us again.
+        bell = self._bell
+        if bell is not None:
+            bell.clear()
+        self._on_tick()
 
     def _on_tick(self) -> None:
         # Deliver everything QoS allows, but hand the loop back after _TICK_BUDGET so a
@@ -462,3 +495,30 @@ class Transport(virtual.Transport):
                 return
             if time.monotonic() >= deadline:
                 return
+
+    # kombu's two transport bases type this differently; this is virtual's signature
+    def drain_events(self, connection: Any,  # type: ignore[override]
+                     timeout: float | None = None) -> None:
+        """Deliver one message, waiting up to ``timeout`` seconds (None: for ever) for the
+        doorbell, looking every ``polling_interval`` anyway; raises TimeoutError
+        (socket.timeout) when none came."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll = max(self.polling_interval or 0.0, 0.001)
+        bell = self._doorbell()
+        assert self.cycle is not None  # set by the first channel
+        while True:
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                pass
+            wait = poll
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError()
+                wait = min(wait, remaining)
+            if bell is None:
+                time.sleep(wait)
+            else:
+                bell.wait(wait)

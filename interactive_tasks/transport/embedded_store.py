@@ -22,6 +22,7 @@ On-disk layout (directories 0700, files 0600)::
         .meta                       {"exchange": name, "type": "direct" | "fanout"}
         <queue>~<digest>.bind       one file per binding: {"queue", "routing_key", "pattern"}
       trash/                        queues and exchanges being deleted (renamed here, then removed)
+      bells/<pid>~<start>~<n>       a FIFO that wakes one waiting connection (``embedded_bells``)
 
 Guarantees:
 
@@ -85,6 +86,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from interactive_tasks.transport.embedded_bells import Bell, Ringer, remove_dead_bells
 from interactive_tasks.transport.embedded_files import (
     MSG,
     current_owner,
@@ -144,6 +146,8 @@ class Store:
         self.queues = os.path.join(root, "queues")
         self.exchanges = os.path.join(root, "exchanges")
         self.trash = os.path.join(root, "trash")
+        self.bells = os.path.join(root, "bells")
+        self._ringer = Ringer(self.bells)
         self.lockfile = os.path.join(root, ".lock")
         #: Bumped whenever this process returns a message to a queue: listings cached by
         #: channels may then miss a message at an earlier position.
@@ -276,6 +280,17 @@ class Store:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        self._ringer.ring(qdir)
+
+    def bell(self) -> Bell | None:
+        """A new doorbell for a connection that waits for messages; None (log line) when
+        the file system cannot hold one: the connection then relies on polling alone."""
+        try:
+            return Bell(self.bells)
+        except OSError as exc:
+            logger.warning("embedded broker %s: no doorbell (%s); consumers poll only",
+                           self.root, exc)
+            return None
 
     def _publish(self, queue: str, tmp: str, name: str, data: bytes) -> None:
         durable = self.durable(queue)
@@ -377,6 +392,7 @@ class Store:
                 os.path.join(qdir, returned_name(parsed[0])),
             )
         self.generation += 1
+        self._ringer.ring(qdir)
 
     def set_aside(self, queue: str, reserved: str) -> None:
         """Move an undecodable message out of the way so it cannot block the queue."""
@@ -670,6 +686,7 @@ class Store:
             self._remove_dead_temps(os.path.join(qdir, ".tmp"), me)
         for exdir in self._exchange_dirs():
             self._remove_dead_temps(exdir, me)
+        remove_dead_bells(self.bells)
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(self.trash):  # left by a deleter that died
                 shutil.rmtree(os.path.join(self.trash, name), ignore_errors=True)
@@ -708,6 +725,7 @@ def _after_fork_in_child() -> None:
     _stores_lock = threading.Lock()
     for store in _stores.values():
         store._housekeeping = threading.Lock()
+        store._ringer.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
