@@ -29,6 +29,8 @@ from interactive_tasks.errors import (
 )
 
 EXAMPLES = {
+    "web": "itask web -A proj --port 5555\n"
+           "  ITASK_WEB_AUTH=ops:s3cret itask web -A proj --address 0.0.0.0 --read-only",
     "worker": "itask worker -A examples.hello -c 2\n"
               "  itask worker -A proj:app --pool threads -Q default,io -n io@%h",
     "ping": "itask ping -A proj --timeout 2 --json",
@@ -306,6 +308,25 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from interactive_tasks.web import HINT, WebUnavailable, serve
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise CliError(HINT) from None
+    app = _get_app(args)
+    try:
+        serve(app, address=args.address, port=args.port, auth=args.auth,
+              read_only=args.read_only)
+    except WebUnavailable as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -469,6 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_ids", nargs="+")
     p.add_argument("--terminate", action="store_true", help="also cancel running ones")
     p.add_argument("--token", help="the tasks' capability token (or ITASK_TOKEN)")
+
+    p = add("web", cmd_web, "live web dashboard: tasks, workers, and the attach view in "
+                            "the browser (needs the web extra)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--auth", default=None,
+                   help="user:password required to see anything (or ITASK_WEB_AUTH); "
+                        "needed when --address is beyond this machine")
+    p.add_argument("--read-only", action="store_true",
+                   help="show tasks but refuse every control (no buttons)")
 
     add("demo", cmd_demo, "run an interactive task on the embedded broker and attach to it",
         app=False)

@@ -7,7 +7,9 @@ a missing dependency), and in a directory outside the repository runs :func:`che
 every broker: the ``itask worker`` console script starts, an interactive task streams
 its progress and echoes a message, ``pause(wait=True)`` holds it still,
 ``resume(wait=True)`` lets it go on, ``cancel()`` ends it. A plain install also runs
-``itask demo``; the ``jupyter`` extra builds the widget classes; the ``gevent`` extra runs
+``itask demo`` and says in one line which extra ``itask web`` needs; the ``jupyter`` extra
+builds the widget classes; the ``web`` extra builds the dashboard's ASGI application from
+the installed package (its page, script and style included); the ``gevent`` extra runs
 its worker with ``-P gevent``, and the others say in one line what ``-P gevent`` needs.
 
 Exits non-zero when anything failed, after a line per install and broker. Needs Redis on
@@ -67,6 +69,7 @@ INSTALLS = [
     Install("3.13"),
     Install("3.13", "jupyter"),
     Install("3.10", "gevent"),
+    Install("3.12", "web"),
 ]
 
 SMOKE_APP = '''
@@ -180,6 +183,19 @@ def check_widget() -> None:
     assert task_widget.__name__ == "TaskWidget", task_widget
 
 
+def check_web(workdir: Path) -> None:
+    """The ``web`` extra: the dashboard's ASGI application builds; its assets are installed."""
+    from interactive_tasks import App
+    from interactive_tasks.web import server
+
+    for name in ("index.html", "app.js", "app.css"):
+        assert (server.STATIC / name).is_file(), f"{name} is not in the installed package"
+    app = App("smoke-web", broker=f"embedded://{workdir / 'broker'}")
+    asgi = server.create_app(app, read_only=True)
+    paths = {getattr(route, "path", "") for route in asgi.routes}
+    assert {"/", "/metrics", "/api/tasks"} <= paths, paths
+
+
 # -- the driver ------------------------------------------------------------------------------
 def _pythons() -> dict[str, Path]:
     override = os.environ.get("ITASK_SMOKE_PYTHONS")
@@ -237,6 +253,17 @@ def smoke(install: Install, python: Path, wheel: Path, work: Path) -> list[tuple
                    cwd=work, env=env)
         results.append(("widget classes",
                         "" if out.returncode == 0 else (out.stdout + out.stderr)[-3000:]))
+    if install.extra == "web":
+        out = _run([str(venv / "bin/python"), str(Path(__file__).resolve()), "--web",
+                    "--workdir", str(work / f"web-{install.python}")], cwd=work, env=env)
+        results.append(("dashboard application",
+                        "" if out.returncode == 0 else (out.stdout + out.stderr)[-3000:]))
+    if not install.extra:  # without the extra, itask web says which one to install
+        out = _run([str(venv / "bin/itask"), "web"], cwd=work, env=env)
+        ok = out.returncode == 2 and out.stderr.strip() == (
+            'itask: itask web needs the web extra: pip install "interactive_tasks[web]"')
+        results.append(("itask web without the extra",
+                        "" if ok else out.stdout + out.stderr))
     if install.extra != "gevent":  # without the extra, -P gevent says how to get it
         out = _run([str(venv / "bin/itask"), "worker", "-P", "gevent"], cwd=work, env=env)
         ok = out.returncode == 2 and out.stderr.strip() == (
@@ -257,6 +284,7 @@ def main() -> int:
     parser.add_argument("--pool", default="prefork")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--widget", action="store_true", help="(inside a virtualenv)")
+    parser.add_argument("--web", action="store_true", help="(inside a virtualenv)")
     parser.add_argument("--jobs", type=int, default=2, help="installs smoke-tested at once")
     args = parser.parse_args()
     if args.check:
@@ -264,6 +292,10 @@ def main() -> int:
         return 0
     if args.widget:
         check_widget()
+        return 0
+    if args.web:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        check_web(args.workdir)
         return 0
 
     pythons = _pythons()

@@ -64,3 +64,58 @@ def test_words() -> None:
     stopped = snap(TaskState.CANCELLED, 4, 3, 40)
     assert outcome_text(stopped) == "cancelled at 40/100"
     assert outcome_text(snap(TaskState.RUNNING, 4, 3, 40)) == ""
+
+
+def test_attach_top_widget_and_web_show_the_same_rate_and_eta() -> None:
+    """One event sequence into one handle; every front end's own path shows the same."""
+    pytest.importorskip("anywidget")
+    pytest.importorskip("starlette")
+    from interactive_tasks import App, widgets
+    from interactive_tasks.cli.attach import HandleSource
+    from interactive_tasks.cli.render import render_task, to_ansi
+    from interactive_tasks.handle import TaskHandle
+    from interactive_tasks.web.state import TaskFeed
+
+    app = App("view-unit", broker="embedded:///nonexistent-view-unit")
+    handle: TaskHandle[object] = TaskHandle(app, TID, name="job", watch=False)
+    terminal = HandleSource(handle)
+    web = TaskFeed(handle)
+    widget = widgets.TaskWidget(handle)
+    widget.comm.send = lambda *a, **kw: None  # no front end here
+
+    def feed(kind: str, dt: float, **fields: object) -> None:
+        handle._on_event(Event(TID, handle.seq + 1, kind, T0 + dt, fields))
+        widget._throttle.run()  # what the widget's timer does 0.1 s later
+
+    seen: list[tuple[str, str]] = []
+
+    def check() -> None:
+        rate, eta = terminal.rate()
+        view = web.since(0)[1]
+        assert (widget.rate, widget.eta) == (rate, eta) == (view["rate"], view["eta"])
+        assert (widget.rate_text, widget.eta_text) == (view["rate_text"], view["eta_text"])
+        screen = to_ansi(render_task(handle.snapshot(), now=T0 + 100, rate=rate, eta=eta),
+                         100, color=False)
+        for text in (view["rate_text"], view["eta_text"]):
+            assert text in screen  # the terminal writes the very same words
+        seen.append((view["rate_text"], view["eta_text"]))
+
+    try:
+        feed("started", 0.0, worker="w1", pid=1)
+        for i in range(1, 13):  # 4 items/s, then a pause, then 8 items/s
+            feed("progress", i * 0.5, current=2 * i, total=200)
+            check()
+        feed("paused", 7.0)
+        check()
+        feed("resumed", 60.0)
+        for i in range(1, 6):
+            feed("progress", 60.0 + i * 0.5, current=24 + 4 * i, total=200)
+            check()
+        feed("cancelled", 63.0)
+        assert web.since(0)[1]["outcome"] == widget.outcome == "cancelled at 44/200"
+        assert "⊘ cancelled at 44/200" in to_ansi(
+            render_task(handle.snapshot(), now=T0 + 100), 100, color=False)
+    finally:
+        widget.close()
+        app.close()
+    assert ("4.00/s", "ETA 47s") in seen and ("", "") in seen and ("8.00/s", "ETA 19s") in seen

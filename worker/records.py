@@ -160,7 +160,7 @@ class TaskRecord:
         """One line of ``itask ls`` / ``inspect active``."""
         return {
             "id": self.id, "name": self.name, "state": self.state.value,
-            "worker": self.worker, "pid": self.pid,
+            "worker": self.worker, "pid": self.pid, "queue": self.message.queue,
             "progress": self.progress.to_wire() if self.progress else None,
             "received": self.received, "started": self.started, "finished": self.finished,
             "args": self.message.args, "kwargs": self.message.kwargs,

@@ -177,6 +177,16 @@ def chatty(self: Any, n: int) -> int:
 
 
 @app.task(base=InteractiveTask)
+def narrate(self: Any, n: int, delay: float = 0.05) -> int:
+    """Logs a line and reports progress n times, ``delay`` apart: a stream to follow."""
+    for i in range(n):
+        self.log(f"step {i + 1}")
+        self.progress(i + 1, n)
+        time.sleep(delay)
+    return n
+
+
+@app.task(base=InteractiveTask)
 def logs(self: Any) -> str:
     import logging
 
