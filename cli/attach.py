@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -117,15 +116,13 @@ class ClusterSource:
     """
 
     def __init__(self, app: App, interval: float = 1.0) -> None:
-        from interactive_tasks.monitor import EventReceiver
+        from interactive_tasks.monitor import EventReceiver, WorkerBook
 
         self.app = app
         self.interval = interval
-        self._workers: dict[str, dict[str, Any]] = {}
-        self._last_seen: dict[str, float] = {}
+        self._book = WorkerBook(float(app.conf.worker_heartbeat))
         self._tasks: list[TaskSnapshot] = []
         self._by_worker: dict[str, list[TaskSnapshot]] = {}
-        self._freq: dict[str, float] = {}
         self._callbacks: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._poke = threading.Event()
@@ -136,18 +133,9 @@ class ClusterSource:
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        worker = event.get("worker")
-        if not isinstance(worker, str):
+        if not isinstance(event.get("worker"), str):
             return
-        if kind == "worker-heartbeat" and isinstance(event.get("stats"), dict):
-            self._workers[worker] = dict(event["stats"])
-            self._last_seen[worker] = time.monotonic()
-            if isinstance(event.get("freq"), (int, float)):
-                self._freq[worker] = float(event["freq"])
-        elif kind == "worker-offline":
-            self._last_seen[worker] = 0.0
-        elif kind == "worker-online":
-            self._last_seen[worker] = time.monotonic()
+        self._book.on_event(event)
         if isinstance(kind, str) and kind.startswith("task-"):
             self._poke.set()
         self._changed()
@@ -171,9 +159,8 @@ class ClusterSource:
         if with_stats:  # before the first heartbeat arrives
             for reply in self.app.inspect("stats", timeout=0.5):
                 data = reply.get("data")
-                if isinstance(data, dict) and data.get("worker"):
-                    self._workers[data["worker"]] = data
-                    self._last_seen[data["worker"]] = time.monotonic()
+                if isinstance(data, dict) and isinstance(data.get("worker"), str):
+                    self._book.seen(data["worker"], data)
         # Keep the last answer of a worker that was too busy to reply this time, so rows
         # do not flicker away (a key press would then find no selected task).
         for reply in self.app.inspect("tasks", timeout=0.5):
@@ -188,14 +175,7 @@ class ClusterSource:
         self._changed()
 
     def workers(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        out = []
-        for name, data in sorted(self._workers.items()):
-            item = dict(data)
-            freq = self._freq.get(name, float(self.app.conf.worker_heartbeat))
-            item["online"] = now - self._last_seen.get(name, 0.0) < 3 * freq + 1
-            out.append(item)
-        return out
+        return self._book.workers()
 
     def tasks(self) -> list[TaskSnapshot]:
         return self._tasks

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,52 @@ if TYPE_CHECKING:
     from .app import App
 
 logger = logging.getLogger("interactive_tasks.monitor")
+
+
+class WorkerBook:
+    """Which workers exist and which are online, from the monitoring stream.
+
+    Heartbeats (with the worker's stats) keep a worker online; a worker that missed three
+    heartbeats, or said ``worker-offline``, is offline. ``itask top`` and ``itask web``
+    keep one each. Not thread-safe on its own: callers hold their lock around it.
+    """
+
+    def __init__(self, heartbeat: float) -> None:
+        self.heartbeat = heartbeat
+        self._stats: dict[str, dict[str, Any]] = {}
+        self._last_seen: dict[str, float] = {}
+        self._freq: dict[str, float] = {}
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Take one monitoring event into account (other kinds are ignored)."""
+        kind = event.get("type")
+        worker = event.get("worker")
+        if not isinstance(worker, str):
+            return
+        if kind == "worker-heartbeat" and isinstance(event.get("stats"), dict):
+            self.seen(worker, event["stats"])
+            if isinstance(event.get("freq"), (int, float)):
+                self._freq[worker] = float(event["freq"])
+        elif kind == "worker-offline":
+            self._last_seen[worker] = 0.0
+        elif kind == "worker-online":
+            self._last_seen[worker] = time.monotonic()
+
+    def seen(self, worker: str, stats: dict[str, Any]) -> None:
+        """A worker's stats (from a heartbeat or ``inspect stats``): it is online now."""
+        self._stats[worker] = dict(stats)
+        self._last_seen[worker] = time.monotonic()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every worker's last stats plus ``online``, sorted by name."""
+        now = time.monotonic()
+        out = []
+        for name, data in sorted(self._stats.items()):
+            item = dict(data)
+            freq = self._freq.get(name, self.heartbeat)
+            item["online"] = now - self._last_seen.get(name, 0.0) < 3 * freq + 1
+            out.append(item)
+        return out
 
 
 class EventReceiver:

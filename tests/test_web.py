@@ -415,7 +415,8 @@ def test_metrics_parse_with_the_prometheus_parser(broker, start_worker, tasks, w
     def running() -> bool:
         found = families()
         workers = {s.labels["status"]: s.value for s in found["itask_workers"].samples}
-        return workers.get("online") == 1 and any(
+        busy = [s for s in found["itask_pool_processes"].samples if s.labels["state"] == "busy"]
+        return workers.get("online") == 1 and busy and any(
             s.labels == {"state": "running", "name": "tests.apps.tasks.steerable"}
             and s.value == 1 for s in found["itask_tasks"].samples)
 

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InteractiveTasksError
+from ..monitor import WorkerBook
 from ..protocol import Event, EventKind, TaskSnapshot, TaskState
 from ..view import RateMeter, format_eta, format_rate, outcome_text, show
 
@@ -264,9 +265,7 @@ class Cluster:
         self.changes = Changes()
         self.started_at = time.time()
         self._lock = threading.Lock()
-        self._workers: dict[str, dict[str, Any]] = {}
-        self._last_seen: dict[str, float] = {}
-        self._freq: dict[str, float] = {}
+        self._book = WorkerBook(float(app.conf.worker_heartbeat))
         self._tasks: dict[str, dict[str, Any]] = {}
         self.queue_depths: dict[str, int] = {}
         self.dead_letters: int | None = None
@@ -309,16 +308,7 @@ class Cluster:
             return
         with self._lock:
             self.event_counts[kind] += 1
-            if isinstance(worker, str):
-                if kind == "worker-heartbeat" and isinstance(event.get("stats"), dict):
-                    self._workers[worker] = dict(event["stats"])
-                    self._last_seen[worker] = time.monotonic()
-                    if isinstance(event.get("freq"), (int, float)):
-                        self._freq[worker] = float(event["freq"])
-                elif kind == "worker-offline":
-                    self._last_seen[worker] = 0.0
-                elif kind == "worker-online":
-                    self._last_seen[worker] = time.monotonic()
+            self._book.on_event(event)
             state = _EVENT_STATE.get(kind)
             task_id = event.get("id")
             if state is not None and isinstance(task_id, str):
@@ -371,8 +361,7 @@ class Cluster:
                 data = reply.get("data")
                 if isinstance(data, dict) and isinstance(data.get("worker"), str):
                     with self._lock:
-                        self._workers[data["worker"]] = data
-                        self._last_seen[data["worker"]] = time.monotonic()
+                        self._book.seen(data["worker"], data)
         for reply in self.app.inspect("tasks", timeout=0.5):
             self.merge(reply.get("data") or ())
 
@@ -434,15 +423,8 @@ class Cluster:
 
     # -- reading
     def workers(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        out = []
         with self._lock:
-            for name, data in sorted(self._workers.items()):
-                item = dict(data)
-                freq = self._freq.get(name, float(self.app.conf.worker_heartbeat))
-                item["online"] = now - self._last_seen.get(name, 0.0) < 3 * freq + 1
-                out.append(item)
-        return out
+            return self._book.workers()
 
     def tasks(self, *, state: str = "", name: str = "", worker: str = "", queue: str = "",
               search: str = "", page: int = 1, per_page: int = 50
