@@ -235,6 +235,37 @@ class CelerySystem(System):
                           f"{self.ns}.ev", *self.extra_queues])
 
 
+class CeleryBridgeSystem(CelerySystem):
+    """Celery's own worker with the Celery bridge (``interactive_tasks.celery``): the
+    control tasks are ``InteractiveTask``s driven through ``task.start()`` handles, the
+    same client code as itask's. Run by ``python -m benchmarks.celery_bridge``."""
+
+    name = "celery-bridge"
+
+    def worker_command(self) -> list[str]:
+        return [python(), "-m", "celery", "-A", "benchmarks.apps.celery_bridge_worker",
+                "worker", "-P", "prefork", "-c", "2", "-n", self.hostname, "-l", "warning",
+                "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+    def make_client(self) -> Any:
+        from .apps.celery_bridge_tasks import make_app
+
+        return make_app(self.ns, self.broker_url, self.results_url)
+
+    def close(self) -> None:
+        if self._bench is not None:
+            from interactive_tasks.celery import bridge_app
+
+            bridge_app(self._bench.app).close()
+        super().close()
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        if self.broker == "amqp":
+            cleanup_amqp(self.broker_url, [f"{self.ns}.ctl.{self.hostname}"],
+                         [f"{self.ns}.bcast", f"{self.ns}.events"])
+
+
 class DramatiqSystem(System):
     name = "dramatiq"
 
@@ -275,6 +306,7 @@ ADAPTERS: dict[str, type[System]] = {
     "itask": Itask,
     "celery": CelerySystem,
     "dramatiq": DramatiqSystem,
+    "celery-bridge": CeleryBridgeSystem,
 }
 
 

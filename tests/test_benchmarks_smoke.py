@@ -78,3 +78,34 @@ def test_floor_reports_every_chain() -> None:
     for name, values in p50.items():
         assert len(values) == 1 and math.isfinite(values[0]) and 0 < values[0] < 1000, \
             (name, values)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_celery_bridge_benchmark_reports_every_system(tmp_path: Path) -> None:
+    """``python -m benchmarks.celery_bridge``: the bridge, Celery's workaround and the
+    itask worker each give a latency for every control workload."""
+    _require_redis()
+    pytest.importorskip("celery")
+    from benchmarks.celery_bridge import SYSTEMS, WORKLOAD_NAMES
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "bridge"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.celery_bridge", "--quick", "--repeat", "1",
+         "--broker", "redis", "--out", str(out)],
+        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=230,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    workloads = data["brokers"]["redis"]
+    assert tuple(workloads) == WORKLOAD_NAMES
+    for name, entry in workloads.items():
+        for system in SYSTEMS:
+            result = entry["systems"][system]
+            assert result["status"] == "ok", (name, system, result.get("errors"))
+            value = result["value"]
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, \
+                (name, system, value)
+    assert "| `control_roundtrip` | p50 (ms) |" in out.with_suffix(".md").read_text()

@@ -5,7 +5,8 @@ by default ``send`` waits for the worker's acknowledgement, the ``_nowait`` work
 ``send(data, wait=False)``. ``pause_ack`` times pause and resume of a CPU-bound task until
 the watcher sees them happen (itask only: Celery cannot pause a task).
 Celery has no way to talk to a running task; its closest workaround is a kombu queue per
-task that the task consumes itself (and a second one for replies).
+task that the task consumes itself (and a second one for replies). ``celery-bridge`` is
+Celery's worker with the Celery bridge: the same handle calls as itask's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def control_oneway(system: System, quick: bool, wait: bool = True) -> dict[str, 
     n = size(quick, 300, 30)
     warm = size(quick, 20, 5)
     total = n + warm
-    if system.name == "itask":
+    if system.name in ("itask", "celery-bridge"):  # the same handle API
         samples = _itask_oneway(system, total, wait)
     elif isinstance(system, CelerySystem):
         samples = _celery_oneway(system, total)
@@ -74,7 +75,7 @@ def control_roundtrip(system: System, quick: bool, wait: bool = True) -> dict[st
     """Client sends ``{"i": i}``; the task sends it back; time until the client sees it."""
     n = size(quick, 300, 30)
     warm = size(quick, 20, 5)
-    if system.name == "itask":
+    if system.name in ("itask", "celery-bridge"):  # the same handle API
         samples = _itask_roundtrip(system, n + warm, wait)
     elif isinstance(system, CelerySystem):
         samples = _celery_roundtrip(system, n + warm)
