@@ -500,3 +500,19 @@ def test_celery_retry_starts_a_new_run(proj: Any, start_celery: Any) -> None:
     final = events[-1]
     assert final.kind == EventKind.SUCCEEDED and final.run == 2
     assert [e.message for e in events if e.kind == EventKind.PROGRESS][-1] == "attempt 1"
+
+
+def test_celery_revoke_of_a_queued_interactive_task(proj: Any, start_celery: Any) -> None:
+    from interactive_tasks.errors import TaskRevoked
+
+    start_celery(pool="prefork", concurrency=1)
+    blocker = proj.looper.start(100000, 0.02)
+    wait_for(lambda: blocker.progress is not None, 20, message="the only child busy")
+    queued = proj.looper.start(10, 0.01)
+    queued.async_result.revoke()  # Celery's revoke, through Celery's remote control
+    blocker.cancel(grace=10)
+    assert blocker.wait(timeout=15) is TaskState.CANCELLED
+    with pytest.raises(TaskRevoked):
+        queued.result(timeout=20)
+    assert queued.async_result.state == "REVOKED"
+    assert [e.kind for e in queued.events_nowait()] == [EventKind.REVOKED]

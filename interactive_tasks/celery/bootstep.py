@@ -9,6 +9,7 @@ import tempfile
 from typing import Any
 
 from celery import bootsteps
+from celery.signals import task_revoked
 
 from .process import RELAY_SOCKET_ENV, process_channel
 
@@ -45,11 +46,24 @@ class RelayStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         self.relay.start()
+        task_revoked.connect(self._on_revoked, weak=False)
         logger.info("interactive_tasks relay for %s on %s", worker.hostname,
                     self.relay.socket_path)
 
     def stop(self, worker: Any) -> None:
+        task_revoked.disconnect(self._on_revoked)
         self.relay.stop()
+
+    def _on_revoked(self, request: Any = None, terminated: bool = False,
+                    expired: bool = False, **kwargs: Any) -> None:
+        """Celery's ``task_revoked`` (in this, the main process): tell the watchers."""
+        from .task import bridge_header
+
+        if request is None or request.id is None:
+            return
+        reason = "expired" if expired else ("terminated" if terminated else "revoked")
+        self.relay.revoked(str(request.id), str(getattr(request, "task", "") or ""),
+                           bridge_header(request), reason)
 
     def shutdown(self, worker: Any) -> None:
         self.relay.stop()

@@ -172,6 +172,9 @@ class Relay:
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """Stop the threads and close the socket and connections; idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         for thread in self._threads:
             thread.join(3)
@@ -290,6 +293,25 @@ class Relay:
             self.app.results.put(task.id, wire)
         except Exception as exc:
             logger.warning("could not store the final state of %s: %s", task.id, exc)
+
+    def revoked(self, task_id: str, name: str, info: dict[str, Any], reason: str) -> None:
+        """Celery revoked the task (``revoke()``, or it expired) before or while it ran:
+        its watchers get the final ``revoked`` event."""
+        with self.lock:
+            task = self.tasks.get(task_id)
+            if task is None:
+                if task_id in self.finished:
+                    return
+                task = _Task(id=task_id, name=name, conn=None, pid=None,
+                             token_digest=info.get("token"))
+                reply_to = info.get("reply_to")
+                if isinstance(reply_to, str):
+                    task.subscribers[reply_to] = float("inf")
+                task.subscribers.update(self.held_subscribers.pop(task_id, {}))
+                self.tasks[task_id] = task
+            if not task.is_final:
+                self.emit(task, EventKind.REVOKED, {"error": {
+                    "type": "TaskRevokedError", "message": reason, "traceback": ""}})
 
     # -- the channels thread ----------
     def _channels_loop(self) -> None:

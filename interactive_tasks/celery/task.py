@@ -97,7 +97,7 @@ class InteractiveTask(Task):
 
         request = self.request
         task_id = str(request.id)
-        info = _bridge_header(request)
+        info = bridge_header(request)
         runtime = SlotRuntime(
             channel.channel,
             Request(id=task_id, task=self.name, args=tuple(args), kwargs=dict(kwargs),
@@ -167,7 +167,7 @@ class InteractiveTask(Task):
         return handle
 
 
-def _bridge_header(request: Any) -> dict[str, Any]:
+def bridge_header(request: Any) -> dict[str, Any]:
     """The bridge's header of a Celery request (custom headers become attributes of the
     request in Celery 5; ``request.headers`` in some paths)."""
     value = getattr(request, HEADER, None)
