@@ -49,6 +49,7 @@ from .errors import (  # noqa: E402
 )
 from .handle import TaskHandle  # noqa: E402
 from .protocol import Event, EventKind, TaskSnapshot, TaskState  # noqa: E402
+from .shared import shared_task  # noqa: E402
 from .task import InteractiveTask, Signature, Task  # noqa: E402
 
 __version__ = "0.1.0"
@@ -92,5 +93,6 @@ __all__ = [
     "chord",
     "group",
     "load_app",
+    "shared_task",
     "signals",
 ]

@@ -233,6 +233,9 @@ class App:
         self._builtins: dict[str, Task[Any, Any]] = {}
         #: task_annotations: task name (or "*") -> task options
         self._annotations: list[tuple[str, dict[str, Any]]] = []
+        from .shared import app_created
+
+        app_created(self)  # the current app now, with every @shared_task
 
     def __repr__(self) -> str:
         return f"<App {self.main} broker={self.broker_url_display}>"

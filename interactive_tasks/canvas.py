@@ -17,6 +17,7 @@ the result store (so a chord needs one: Redis or the embedded/file store).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -395,6 +396,15 @@ class ChainHandle(ResultHandle[Any]):
         self.steps = steps
         self.id = steps[-1].id
         self._cursor = 0
+        # Celery's res.parent: each step's handle leads back to the one before it
+        for previous, step in itertools.pairwise(steps):
+            step.parent = previous
+
+    @property
+    def parent(self) -> TaskHandle[Any] | None:
+        """The handle of the step before the last (Celery's ``res.parent`` of a chain's
+        result), or None for a chain of one step."""
+        return self.steps[-1].parent
 
     @property
     def current(self) -> TaskHandle[Any]:

@@ -172,6 +172,8 @@ class TaskHandle(ResultHandle[R]):
         self._store_poll_every = 0.5
         #: handles of the callbacks given as ``apply_async(link=, link_error=)``
         self.children: list[TaskHandle[Any]] = []
+        #: Celery's ``res.parent``: in a chain started here, the previous step's handle
+        self.parent: TaskHandle[Any] | None = None
         if "ipykernel" in sys.modules:  # a list of handles displays as live rows
             from .widgets import install_display_hooks
 
@@ -674,6 +676,18 @@ class TaskHandle(ResultHandle[R]):
             raise NotAuthorized(f"no token to revoke task {self.id}")
         tokens = {self.id: self._token} if self._token else None
         self.app.revoke([self.id], terminate=terminate, tokens=tokens)
+
+    def forget(self) -> None:
+        """Drop the task's record from the result store (Celery's ``res.forget()``); this
+        handle keeps what it knows. Meant for a task that ended: one still running is
+        stored again when it ends, and the worker that ran it still answers
+        ``app.attach`` for it while it is among its 50 most recent tasks. Raises
+        :class:`NotAuthorized` without a token or operator secret, and
+        :class:`TransportError` when the store is unreachable.
+        """
+        if self._token is None and self.app.secret is None:
+            raise NotAuthorized(f"no token to forget task {self.id}")
+        self.app.results.forget(self.id)
 
     def _control(self, verb: str, data: Any, *, timeout: float, wait: bool = True) -> None:
         """Deliver one task verb and (with ``wait``) wait for the worker's acknowledgement.

@@ -50,6 +50,10 @@ class ResultStore(abc.ABC):
     def get(self, task_id: str) -> dict[str, Any] | None:
         """The record for ``task_id`` or ``None``; raises :class:`TransportError`."""
 
+    def forget(self, task_id: str) -> None:  # noqa: B027 - nothing kept: nothing to drop
+        """Drop ``task_id``'s record (Celery's ``res.forget()``); raises
+        :class:`TransportError` when the store is unreachable."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -114,6 +118,10 @@ class MemoryResultStore(ResultStore):
         # does not reach the stored record
         with self._lock:
             self._space["records"][task_id] = codec.dumps(record)
+
+    def forget(self, task_id: str) -> None:
+        with self._lock:
+            self._space["records"].pop(task_id, None)
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -199,6 +207,17 @@ class RedisResultStore(ResultStore):
                 record = codec.loads(raw)
                 return record if isinstance(record, dict) else None
         return None
+
+    def forget(self, task_id: str) -> None:
+        import redis
+
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for bucket in self._buckets(time.time()):
+                pipe.hdel(self._key(bucket), task_id)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise TransportError(f"result store {self.url} unreachable: {exc}") from exc
 
     def close(self) -> None:
         self._client.close()
@@ -320,6 +339,15 @@ class FileResultStore(ResultStore):
             record = codec.loads(raw)
             return record if isinstance(record, dict) else None
         return None
+
+    def forget(self, task_id: str) -> None:
+        for bucket in self._buckets(time.time()):
+            try:
+                self._path(bucket, task_id).unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise TransportError(f"result store {self.directory} unreachable: {exc}") from exc
 
     def add_revoked(self, entries: dict[str, list[Any]]) -> None:
         path = self.directory / "revoked"

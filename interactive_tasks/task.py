@@ -38,6 +38,7 @@ _class_tasks: list[type[Task[Any, Any]]] = []
 TASK_OPTIONS = frozenset({
     "acks_late", "soft_time_limit", "time_limit", "max_retries", "default_retry_delay",
     "autoretry_for", "retry_backoff", "retry_backoff_max", "retry_jitter", "rate_limit",
+    "ignore_result",
 })
 
 
@@ -82,6 +83,9 @@ class Task(Generic[P, R]):
     retry_jitter: bool = True
     #: at most this many starts per worker: "10/s", "100/m", "1000/h"
     rate_limit: str | None = None
+    #: accepted for Celery code and without effect: the final state is always kept for
+    #: ``result_expires`` (attach, ``itask result``, workflows and redelivery read it)
+    ignore_result: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -210,8 +214,10 @@ class Task(Generic[P, R]):
         watch: str | None = None,
         link: Signature[Any] | list[Signature[Any]] | None = None,
         link_error: Signature[Any] | list[Signature[Any]] | None = None,
+        ignore_result: bool | None = None,
     ) -> TaskHandle[R]:
-        """Queue the task with Celery's options.
+        """Queue the task with Celery's options (``ignore_result`` is accepted without
+        effect, as the task option).
 
         ``countdown`` (seconds) or ``eta`` (datetime or epoch seconds) delays the start;
         ``expires`` (seconds from now, datetime or epoch) makes a task that has not started

@@ -86,7 +86,8 @@ def test_public_api_is_sorted_and_complete():
     public = {n for n in vars(interactive_tasks) if not n.startswith("_")}
     modules = {"app", "client", "codec", "context", "errors", "handle", "protocol",
                "results", "task", "transport", "worker", "cli", "widgets", "canvas",
-               "monitor", "schedules", "celery", "config", "control", "view", "web"}
+               "monitor", "schedules", "celery", "config", "control", "view", "web",
+               "shared"}
     assert public - set(exported) - modules == set()
 
 
