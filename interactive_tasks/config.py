@@ -256,9 +256,19 @@ def discover(packages: Iterable[str] | Callable[[], Iterable[str]] | None,
 
 
 def _django_apps() -> list[str]:
+    """The names of Django's installed apps; Django is set up first when it is not yet
+    (a worker started with ``-A proj``, as Celery's Django fix-up does)."""
     try:
+        import django  # type: ignore[import-not-found,unused-ignore]
         from django.apps import apps  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         raise ConfigurationError("autodiscover_tasks() without packages needs Django "
                                  "(its INSTALLED_APPS); pass the packages") from None
+    if not apps.ready:
+        try:
+            django.setup()
+        except Exception as exc:  # ImproperlyConfigured: no DJANGO_SETTINGS_MODULE …
+            raise ConfigurationError(f"autodiscover_tasks(): Django cannot start: {exc}; "
+                                     "set DJANGO_SETTINGS_MODULE (proj/celery.py does it "
+                                     "in Celery's layout) or pass the packages") from exc
     return [config.name for config in apps.get_app_configs()]

@@ -107,6 +107,10 @@ COVERAGE: dict[tuple[str, str], object] = {
         prelude=APP + "from interactive_tasks.schedules import crontab\n",
         check=("from interactive_tasks.schedules import entries_for\n"
                "assert len(entries_for(app)) == 3")),
+    # docs/celery.md
+    ("docs/celery.md", "itask worker -A proj -c 2                      # terminal 1"): RunBy(
+        "tests/test_django_example.py::test_a_worker_runs_the_discovered_task_and_the_view_"
+        "shows_its_progress"),
     # docs/deploy.md: a deployment's hosts; the Python settings are built (checked) here
     ("docs/deploy.md", "export ITASK_BROKER_URL=redis://redis.internal:6379/0"):
         NotRunnable("names the hosts of a deployment"),
