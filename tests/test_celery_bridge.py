@@ -164,7 +164,7 @@ def proc_state(pid: int) -> str:
     raise AssertionError(f"no state for {pid}")
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo", "gevent"])
 def test_progress_stream_messages_and_result(proj: Any, start_celery: Any,
                                              pool: str) -> None:
     worker = start_celery(pool=pool)
@@ -203,7 +203,7 @@ def test_progress_stream_messages_and_result(proj: Any, start_celery: Any,
     assert proj.add.delay(2, 3).get(timeout=10) == 5
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
 def test_soft_pause_resume_then_cancel(proj: Any, start_celery: Any, pool: str) -> None:
     start_celery(pool=pool)
     handle = proj.looper.start(100000, 0.02)
@@ -516,3 +516,23 @@ def test_celery_revoke_of_a_queued_interactive_task(proj: Any, start_celery: Any
         queued.result(timeout=20)
     assert queued.async_result.state == "REVOKED"
     assert [e.kind for e in queued.events_nowait()] == [EventKind.REVOKED]
+
+
+@pytest.mark.parametrize("celery_env", ["amqp"], indirect=True)
+def test_acks_late_task_of_a_killed_worker_runs_again_and_the_handle_follows(
+        proj: Any, start_celery: Any) -> None:
+    """RabbitMQ gives a dead consumer's unacknowledged message to another at once (on
+    Redis Celery waits for its visibility_timeout, an hour by default)."""
+    first = start_celery(pool="prefork", concurrency=1)
+    handle = proj.late_looper.start(100, 0.05)
+    wait_for(lambda: handle.progress is not None and handle.progress.current >= 3, 20,
+             message="progress on the first worker")
+    assert handle.worker == first.name
+    second = start_celery(pool="prefork", concurrency=1)
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    assert handle.result(timeout=60) == 100
+    assert handle.worker == second.name
+    events = handle.events_nowait()
+    assert events[-1].run == 2 and events[-1].kind == EventKind.SUCCEEDED
+    assert handle.async_result.get(timeout=10) == 100

@@ -380,7 +380,11 @@ class Relay:
 
     def _on_begin(self, conn: _Conn, task_id: str, info: dict[str, Any]) -> None:
         previous = self.tasks.get(task_id) or self.finished.pop(task_id, None)
-        run = previous.run + 1 if previous is not None else 1
+        if previous is not None:
+            run = previous.run + 1
+        else:
+            # Redelivered after its worker was lost: the watchers saw run 1 from that one.
+            run = 2 if info.get("redelivered") else 1
         task = _Task(id=task_id, name=str(info.get("name") or ""), conn=conn, pid=conn.pid,
                      token_digest=info.get("token"), run=run)
         if previous is not None:

@@ -107,7 +107,9 @@ class InteractiveTask(Task):
         channel.channel.send(["begin", task_id, {
             "name": self.name, "reply_to": info.get("reply_to"), "token": info.get("token"),
             "args": _plain(list(args)), "kwargs": _plain(dict(kwargs)),
-            "retries": int(request.retries or 0)}])
+            "retries": int(request.retries or 0),
+            # a message given back by a lost worker (acks_late): a new run for watchers
+            "redelivered": bool((request.delivery_info or {}).get("redelivered"))}])
         reset = set_runtime(runtime)
         bind_output(runtime)
         kind: str = EventKind.SUCCEEDED

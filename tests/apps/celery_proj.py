@@ -90,3 +90,12 @@ def flaky(self):
     if self.request.retries == 0:
         raise self.retry()
     return self.request.retries
+
+
+@app.task(base=InteractiveTask, bind=True, acks_late=True)
+def late_looper(self, steps, delay=0.05):
+    """``looper`` acknowledged after it ran: a lost worker's run is delivered again."""
+    for i in range(steps):
+        self.progress(i + 1, steps)
+        time.sleep(delay)
+    return steps
