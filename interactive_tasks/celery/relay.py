@@ -380,11 +380,9 @@ class Relay:
 
     def _on_begin(self, conn: _Conn, task_id: str, info: dict[str, Any]) -> None:
         previous = self.tasks.get(task_id) or self.finished.pop(task_id, None)
-        if previous is not None:
-            run = previous.run + 1
-        else:
-            # Redelivered after its worker was lost: the watchers saw run 1 from that one.
-            run = 2 if info.get("redelivered") else 1
+        # Redelivered after its worker was lost: the watchers saw run 1 from that one.
+        first_run = 2 if info.get("redelivered") else 1
+        run = previous.run + 1 if previous is not None else first_run
         task = _Task(id=task_id, name=str(info.get("name") or ""), conn=conn, pid=conn.pid,
                      token_digest=info.get("token"), run=run)
         if previous is not None:
