@@ -162,6 +162,12 @@ COVERAGE: dict[tuple[str, str], object] = {
                         "handle.wait_async()"): RunBy(HERE + "test_jupyter_cells"),
     ("docs/jupyter.md", "runs = [train.start(epochs=2) for _ in range(3)]"):
         RunBy(HERE + "test_jupyter_cells"),
+    # docs/web.md
+    ("docs/web.md", 'pip install "interactive_tasks[web]"          # Starlette and uvicorn'):
+        NotRunnable("for a project 'proj'; tests/test_web.py runs itask web (also --auth, "
+                    "--address, --read-only) on tests.apps.tasks"),
+    ("docs/web.md", "scrape_configs:"): NotRunnable(
+        "a Prometheus configuration; tests/test_web.py parses /metrics"),
     # docs/monitoring.md
     ("docs/monitoring.md", "itask events -A proj                     # JSON lines until "
                            "Ctrl-C"): NotRunnable(

@@ -70,12 +70,12 @@ async function control(taskId, body) {
 }
 
 // -- charts (SVG polylines) ----------------------------------------------------------------
-function lineChart(series, { height = 120, width = 800 } = {}) {
+function lineChart(series, { height = 120, width = 800, ymax = 0 } = {}) {
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("class", "chart");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("preserveAspectRatio", "none");
-  let x0 = Infinity, x1 = -Infinity, y1 = 0;
+  let x0 = Infinity, x1 = -Infinity, y1 = ymax || 0;
   for (const s of series) for (const [x, y] of s.points) {
     x0 = Math.min(x0, x); x1 = Math.max(x1, x); y1 = Math.max(y1, y);
   }
@@ -83,7 +83,7 @@ function lineChart(series, { height = 120, width = 800 } = {}) {
   if (!(y1 > 0)) y1 = 1;
   series.forEach((s, i) => {
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-    line.setAttribute("class", `s${i + 1}`);
+    line.setAttribute("class", s.cls || `s${i + 1}`);
     line.setAttribute("points", s.points.map(([x, y]) =>
       `${(((x - x0) / (x1 - x0)) * width).toFixed(1)},${(height - 4 - (y / y1) * (height - 8)).toFixed(1)}`).join(" "));
     svg.append(line);
@@ -280,7 +280,7 @@ function taskPage(taskId) {
   }
   function drawChart() {
     clear(chartBox);
-    if (chart.length > 1) chartBox.append(lineChart([{ points: chart }]));
+    if (chart.length > 1) chartBox.append(lineChart([{ points: chart }], { ymax: view.total || 0 }));
   }
   function addEntries(entries) {
     const base = view && view.started;
@@ -376,9 +376,10 @@ function overviewPage() {
       if (dt > 0) rates.push([h[i].ts, Math.max(0, (h[i].finished - h[i - 1].finished) / dt)]);
     }
     clear(rateBox).append(lineChart([{ points: rates }]));
-    clear(statesBox).append(lineChart(shown.map((s) => ({ points: h.map((p) => [p.ts, p.states[s] || 0]) }))));
+    clear(statesBox).append(lineChart(shown.map((s) => ({
+      cls: `c-${s}`, points: h.map((p) => [p.ts, p.states[s] || 0]) }))));
     clear(legend);
-    shown.forEach((s, i) => legend.append(el("span", `s${i + 1}`, `— ${s}`)));
+    shown.forEach((s) => legend.append(el("span", `c-${s}`, `— ${s}`)));
     clear(queues);
     const tr = el("tr"); tr.append(el("th", null, "Queue"), el("th", "num", "Waiting")); queues.append(tr);
     for (const [q, n] of Object.entries(o.queues)) {
