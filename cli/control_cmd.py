@@ -18,7 +18,7 @@ from interactive_tasks.cli.errors import CliError
 CONTROL_VERBS: dict[str, tuple[str, str]] = {
     "rate_limit": ("TASK RATE", "set a task's rate limit ('10/m'; '0' for none)"),
     "time_limit": ("TASK SOFT [HARD]", "set a task's soft and hard time limits (seconds; "
-                                       "'none' for none)"),
+                                       "'none': the worker's default)"),
     "add_consumer": ("QUEUE", "take tasks from QUEUE too"),
     "cancel_consumer": ("QUEUE", "stop taking tasks from QUEUE"),
     "shutdown": ("", "warm shutdown, as SIGTERM"),

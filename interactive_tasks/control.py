@@ -93,8 +93,9 @@ class Control:
     def time_limit(self, task_name: str, soft: float | None = None, hard: float | None = None,
                    *, destination: str | list[str] | None = None, timeout: float = 1.0,
                    reply: bool = True) -> list[dict[str, Any]]:
-        """Set ``task_name``'s soft and hard time limits (seconds; ``None``: none) for the
-        runs the workers start from now on, until they restart.
+        """Set ``task_name``'s soft and hard time limits (seconds; ``None``: the worker's
+        ``--soft-time-limit`` / ``--time-limit``, if any) for the tasks the workers have
+        not started yet, until they restart.
 
         Raises ValueError for a limit that is not a positive number, NotAuthorized
         without the operator secret.

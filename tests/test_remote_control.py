@@ -78,6 +78,21 @@ def test_time_limit_from_the_cli_applies_to_the_next_runs(operator, tasks, start
     assert "hard time limit of 0.5s exceeded" in w.log()
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_time_limit_reaches_a_task_already_reserved(operator, tasks, start_worker, broker):
+    w = start_worker(concurrency=1)
+    busy = tasks.sleep_then.delay(1.5, "first")
+    inspect = tasks.app.control.inspect(destination=[w.name], timeout=5)
+    wait_for(lambda: inspect.active().get(w.name), 10, message="the first to start")
+    reserved = tasks.sleep_then.delay(30)
+    wait_for(lambda: inspect.reserved().get(w.name), 10, message="the second reserved")
+    tasks.app.control.time_limit(tasks.sleep_then.name, hard=0.5, destination=[w.name],
+                                 timeout=5)
+    assert reserved.wait(timeout=15) is TaskState.FAILED
+    assert reserved.snapshot().error["type"] == "TimeLimitExceeded"
+    assert busy.result(timeout=5) == "first"  # a run already started keeps its limits
+
+
 @pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)
 def test_add_and_cancel_consumer(operator, tasks, start_worker, broker):
     w = start_worker(concurrency=1, extra_args=["-Q", "default"])

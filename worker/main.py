@@ -182,7 +182,8 @@ class Worker:
                                  on_control=self.control.on_message,
                                  on_control_frames=self.control.on_frames)
         self.remote = WorkerControl(state, self._buckets, self.intake, self.begin_shutdown,
-                                    self._rates_changed)
+                                    self._rates_changed,
+                                    lambda: (self.soft_time_limit, self.time_limit))
         self._exit_code = 0
         self._rate_timer = False
         self._spawn_failures = 0

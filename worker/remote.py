@@ -43,17 +43,20 @@ class WorkerControl:
     ``buckets`` is the worker's rate-limit buckets by task name (dropped here so the next
     dispatch rebuilds one from the task's new ``rate_limit``), ``intake`` its task intake,
     ``begin_shutdown`` starts a warm shutdown as SIGTERM does, ``rates_changed`` lets the
-    worker start what an old rate limit held back.
+    worker start what an old rate limit held back, ``default_limits`` gives the worker's
+    (soft, hard) limits for tasks that set none (``--soft-time-limit``, ``--time-limit``).
     """
 
     def __init__(self, state: WorkerState, buckets: dict[str, Any], intake: WorkerIntake,
                  begin_shutdown: Callable[[str], None],
-                 rates_changed: Callable[[], None]) -> None:
+                 rates_changed: Callable[[], None],
+                 default_limits: Callable[[], tuple[float | None, float | None]]) -> None:
         self.state = state
         self.buckets = buckets
         self.intake = intake
         self.begin_shutdown = begin_shutdown
         self.rates_changed = rates_changed
+        self.default_limits = default_limits
 
     def apply(self, verb: str, data: Any, signed: bool) -> str:
         """Apply ``verb`` with its ``data`` map; returns what was done, in one line.
@@ -113,11 +116,14 @@ class WorkerControl:
                                                      f"number of seconds, not {value!r}")
             limits[label] = None if value is None else float(value)
         task.soft_time_limit, task.time_limit = limits["soft"], limits["hard"]
-        # Tasks accepted but not started yet take the new limits too.
+        # Tasks accepted but not started yet take the new limits too (None: the worker's
+        # own default, as for a task accepted from now on).
+        default_soft, default_hard = self.default_limits()
         for record in self.state.ready:
             if record.name == task.name:
-                record.soft_time_limit = limits["soft"]
-                record.time_limit = limits["hard"]
+                record.soft_time_limit = default_soft if limits["soft"] is None \
+                    else limits["soft"]
+                record.time_limit = default_hard if limits["hard"] is None else limits["hard"]
         logger.info("time limits of %s set to soft=%s hard=%s by remote control", task.name,
                     limits["soft"], limits["hard"])
         return (f"time limits of {task.name} set to soft={limits['soft']} "
