@@ -536,3 +536,66 @@ def test_acks_late_task_of_a_killed_worker_runs_again_and_the_handle_follows(
     events = handle.events_nowait()
     assert events[-1].run == 2 and events[-1].kind == EventKind.SUCCEEDED
     assert handle.async_result.get(timeout=10) == 100
+
+
+@pytest.mark.parametrize("celery_env", ["redis"], indirect=True)
+def test_itask_web_on_a_celery_app(proj: Any, start_celery: Any, celery_env: CeleryEnv,
+                                   tmp_path: Path) -> None:
+    """``itask web -A proj`` with a Celery project: the task table, the metrics and a
+    pause from the dashboard reach the Celery worker's task."""
+    import json
+    import socket
+    import urllib.request
+
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    worker = start_celery(pool="prefork")
+    handle = proj.looper.start(100000, 0.02)
+    wait_for(lambda: handle.progress is not None, 20, message="first progress")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path / "web.log"
+    with open(log_path, "wb") as log:
+        web = subprocess.Popen([sys.executable, "-m", "interactive_tasks.cli.main", "web",
+                                "-A", "tests.apps.celery_proj", "--port", str(port)],
+                               env=celery_env.env(), cwd=str(ROOT), stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(url + path, timeout=10) as resp:
+            body = resp.read().decode()
+            return json.loads(body) if path.startswith("/api") else body
+
+    def listening() -> bool:
+        assert web.poll() is None, log_path.read_text()[-3000:]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(listening, 20, message="itask web to listen")
+        rows = wait_for(lambda: [r for r in get("/api/tasks")["tasks"]
+                                 if r.get("id") == handle.id], 15,
+                        message="the Celery worker's task in the dashboard")
+        assert rows[0]["worker"] == worker.name
+        wait_for(lambda: 'itask_workers{status="online"} 1' in get("/metrics"), 15,
+                 message="the Celery worker online in /metrics")
+        token = get("/api/config")["csrf"]
+        request = urllib.request.Request(
+            f"{url}/api/task/{handle.id}/control", method="POST",
+            data=json.dumps({"action": "pause"}).encode(),
+            headers={"Content-Type": "application/json", "X-CSRF-Token": token,
+                     "Cookie": f"itask_csrf={token}", "X-Itask-Key": handle.token})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert json.loads(resp.read()) == {"ok": True}
+        wait_for(lambda: handle.state is TaskState.PAUSED, 10, message="paused from the web")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(web.pid, signal.SIGTERM)
+        web.wait(10)
+    handle.cancel(grace=10)
+    assert handle.wait(timeout=15) is TaskState.CANCELLED
