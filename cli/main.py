@@ -391,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("worker", cmd_worker, "run a worker")
     p.add_argument("-P", "--pool", default="prefork",
-                   choices=["prefork", "threads", "solo", "gevent"],
-                   help="execution pool (gevent: I/O-bound tasks, needs the gevent extra)")
+                   choices=["prefork", "threads", "solo", "gevent", "eventlet"],
+                   help="execution pool (gevent, eventlet: I/O-bound tasks, need the extra "
+                        "of that name)")
     p.add_argument("-c", "--concurrency", type=_positive_int, default=None,
                    help="pool size (default: number of CPUs)")
     p.add_argument("-Q", "--queues", action="append", help="queues to consume, comma separated")

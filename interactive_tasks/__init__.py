@@ -17,9 +17,11 @@
         print(event)
 """
 
+from ._eventlet import maybe_patch as _maybe_patch_eventlet
 from ._gevent import maybe_patch as _maybe_patch_gevent
 
 _maybe_patch_gevent()  # must run before kombu and redis import socket/select
+_maybe_patch_eventlet()  # the same for --pool eventlet
 
 from . import signals  # noqa: E402
 from .app import App, Settings, load_app  # noqa: E402

@@ -10,7 +10,8 @@ its progress and echoes a message, ``pause(wait=True)`` holds it still,
 ``itask demo`` and says in one line which extra ``itask web`` needs; the ``jupyter`` extra
 builds the widget classes; the ``web`` extra builds the dashboard's ASGI application from
 the installed package (its page, script and style included); the ``gevent`` extra runs
-its worker with ``-P gevent``, and the others say in one line what ``-P gevent`` needs.
+its worker with ``-P gevent``, the ``eventlet`` extra with ``-P eventlet``, and the others
+say in one line what ``-P gevent`` / ``-P eventlet`` needs.
 
 Exits non-zero when anything failed, after a line per install and broker. Needs Redis on
 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (``.ci/run`` starts them). Only the
@@ -70,6 +71,7 @@ INSTALLS = [
     Install("3.13", "jupyter"),
     Install("3.10", "gevent"),
     Install("3.12", "web"),
+    Install("3.13", "eventlet"),
 ]
 
 SMOKE_APP = '''
@@ -240,7 +242,7 @@ def smoke(install: Install, python: Path, wheel: Path, work: Path) -> list[tuple
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ITASK_", "PYTHON", "VIRTUAL_ENV"))}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    pool = "gevent" if install.extra == "gevent" else "prefork"
+    pool = install.extra if install.extra in ("gevent", "eventlet") else "prefork"
     for broker in BROKERS:
         checkdir = work / f"check-{venv.name}-{broker}"
         checkdir.mkdir()
@@ -264,11 +266,14 @@ def smoke(install: Install, python: Path, wheel: Path, work: Path) -> list[tuple
             'itask: itask web needs the web extra: pip install "interactive_tasks[web]"')
         results.append(("itask web without the extra",
                         "" if ok else out.stdout + out.stderr))
-    if install.extra != "gevent":  # without the extra, -P gevent says how to get it
-        out = _run([str(venv / "bin/itask"), "worker", "-P", "gevent"], cwd=work, env=env)
+    for green in ("gevent", "eventlet"):
+        if install.extra == green:
+            continue
+        # without the extra, -P gevent / -P eventlet says how to get it
+        out = _run([str(venv / "bin/itask"), "worker", "-P", green], cwd=work, env=env)
         ok = out.returncode == 2 and out.stderr.strip() == (
-            'itask: --pool gevent needs gevent: pip install "interactive_tasks[gevent]"')
-        results.append(("-P gevent without the extra", "" if ok else out.stdout + out.stderr))
+            f'itask: --pool {green} needs {green}: pip install "interactive_tasks[{green}]"')
+        results.append((f"-P {green} without the extra", "" if ok else out.stdout + out.stderr))
     if not install.extra:
         demo_env = dict(env, ITASK_HOME=str(work / f"demo-home-{install.python}"))
         out = _run([str(venv / "bin/itask"), "demo"], cwd=work, env=demo_env, timeout=180)
@@ -286,6 +291,8 @@ def main() -> int:
     parser.add_argument("--widget", action="store_true", help="(inside a virtualenv)")
     parser.add_argument("--web", action="store_true", help="(inside a virtualenv)")
     parser.add_argument("--jobs", type=int, default=2, help="installs smoke-tested at once")
+    parser.add_argument("--only", metavar="TEXT",
+                        help="only the installs whose label has TEXT (\"3.13, [eventlet]\")")
     args = parser.parse_args()
     if args.check:
         check(args.check, args.pool, args.workdir)
@@ -298,8 +305,9 @@ def main() -> int:
         check_web(args.workdir)
         return 0
 
+    installs = [i for i in INSTALLS if not args.only or args.only in i.label]
     pythons = _pythons()
-    missing = sorted({i.python for i in INSTALLS if not pythons.get(i.python, Path()).is_file()})
+    missing = sorted({i.python for i in installs if not pythons.get(i.python, Path()).is_file()})
     if missing:
         print(f"smoke: no interpreter for Python {', '.join(missing)} "
               f"(set ITASK_SMOKE_PYTHONS)", file=sys.stderr)
@@ -308,11 +316,11 @@ def main() -> int:
     failed = 0
     with tempfile.TemporaryDirectory(prefix="itask-smoke-") as tmp:
         work = Path(tmp)
-        wheel = build_wheel(pythons[INSTALLS[-1].python], work)
+        wheel = build_wheel(pythons[installs[-1].python], work)
         print(f"smoke: built {wheel.name} in {time.monotonic() - started:.0f}s", flush=True)
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futures = {pool.submit(smoke, i, pythons[i.python], wheel, work): i
-                       for i in INSTALLS}
+                       for i in installs}
             for future in concurrent.futures.as_completed(futures):
                 install = futures[future]
                 for what, error in future.result():
@@ -321,7 +329,7 @@ def main() -> int:
                           flush=True)
                     if error:
                         print("    " + error.replace("\n", "\n    "), flush=True)
-    print(f"smoke: {len(INSTALLS)} installs in {time.monotonic() - started:.0f}s, "
+    print(f"smoke: {len(installs)} installs in {time.monotonic() - started:.0f}s, "
           f"{failed} check(s) failed", flush=True)
     return 1 if failed else 0
 

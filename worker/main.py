@@ -84,7 +84,17 @@ def make_pool(name: str, app: App, concurrency: int, hostname: str,
         from .pools.gevent import GeventPool
 
         return GeventPool(app, concurrency, hostname, max_tasks_per_child)
-    raise ConfigurationError(f"unknown pool {name!r}; choose prefork, threads, solo or gevent")
+    if name == "eventlet":
+        try:
+            import eventlet  # noqa: F401
+        except ImportError:
+            raise ConfigurationError("--pool eventlet needs eventlet: pip install "
+                                     '"interactive_tasks[eventlet]"') from None
+        from .pools.eventlet import EventletPool
+
+        return EventletPool(app, concurrency, hostname, max_tasks_per_child)
+    raise ConfigurationError(f"unknown pool {name!r}; choose prefork, threads, solo, gevent "
+                             "or eventlet")
 
 
 class TokenBucket:

@@ -485,3 +485,25 @@ def grow(megabytes: int) -> dict[str, int]:
     """Keep ``megabytes`` MB in this pool process; returns its pid."""
     _kept.append(b"x" * (megabytes * 1024 * 1024))
     return {"pid": os.getpid(), "kept": sum(len(b) for b in _kept) // (1024 * 1024)}
+
+
+@app.task(base=InteractiveTask)
+def gather_and_wait(self: Any, key: str, n: int, timeout: float = 90) -> dict[str, Any]:
+    """Reports how many copies of itself run at once (a Redis counter) until a message
+    comes, then returns it: many of these run at once and each is steered separately."""
+    import redis
+
+    r = redis.Redis.from_url(os.environ.get("ITASK_TEST_REDIS", "redis://127.0.0.1:6379/0"))
+    r.incr(key)
+    r.expire(key, 300)
+    end = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < end:
+        seen = int(r.get(key) or 0)
+        if seen != last:  # progress only when it changes: a thousand of these run at once
+            self.progress(seen, n)
+            last = seen
+        message = self.receive(timeout=0.25)  # a checkpoint: pause and cancel apply here
+        if message is not None:
+            return {"seen": seen, "message": message}
+    raise TimeoutError(f"no message within {timeout}s")

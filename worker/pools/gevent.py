@@ -8,9 +8,8 @@ never yields blocks the whole worker, so this pool is for I/O-bound work only. T
 hard pause.
 
 The worker must be monkey-patched before anything else is imported: ``itask worker
---pool gevent`` does that (see ``interactive_tasks._gevent``). Eventlet is not supported:
-its monkey patching does not cover the ``select.poll`` the worker loop relies on and the
-project has no test for it.
+--pool gevent`` does that (see ``interactive_tasks._gevent``). The eventlet pool
+(:mod:`.eventlet`) is the same design.
 """
 
 from __future__ import annotations
