@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -33,18 +31,23 @@ from interactive_tasks.protocol import (
     Envelope,
     EventKind,
     TaskMessage,
-    TaskState,
     Verb,
 )
 from interactive_tasks.transport.redis_fast import decode_frame, kombu_body
 
 from .canvas import after_finish
+from .inbound import decode_body, signed_by
 from .outcomes import error_fields
 from .records import HeldControl, Subscriber, TaskRecord
-from .remote import ControlRefused
+from .remote import ControlRefused, WorkerControl
 
 if TYPE_CHECKING:
-    from .main import Worker
+    from interactive_tasks.transport.upkeep import BrokerUpkeep
+
+    from .canvas import Workflows
+    from .outcomes import Outcomes
+    from .relay import Relay
+    from .state import WorkerState
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -53,20 +56,38 @@ HELD_CONTROL_TTL = 300.0
 
 
 class ControlRouter:
-    """Applies control messages to the worker's tasks; one per worker."""
+    """Applies control messages to the worker's tasks; one per worker.
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    ``send_ctl(record, verb, data)`` writes a control frame to the pool slot running
+    ``record`` (``Worker.send_ctl``).
+    """
+
+    def __init__(self, state: WorkerState, *, relay: Relay, outcomes: Outcomes,
+                 workflows: Workflows, upkeep: BrokerUpkeep,
+                 send_ctl: Callable[[TaskRecord, str, Any], None]) -> None:
+        self.state = state
+        self.relay = relay
+        self.outcomes = outcomes
+        self.workflows = workflows
+        self.upkeep = upkeep
+        self.send_ctl = send_ctl
+        #: the worker-wide requests (:mod:`.remote`), set by the worker once its intake
+        #: exists (the intake delivers to this router, and they change the intake)
+        self.remote: WorkerControl | None = None
+
+    def _remote(self) -> WorkerControl:
+        assert self.remote is not None, "the worker sets ControlRouter.remote"
+        return self.remote
 
     def on_message(self, message: Any) -> None:
         """A control message from kombu (broadcasts; the control queue off Redis)."""
-        w = self.worker
-        signed = w.app.secret is not None and w._verify(message)
-        self._on_control(message.body, signed, lambda: w._decode(message))
+        app = self.state.app
+        signed = app.secret is not None and signed_by(app, message)
+        self._on_control(message.body, signed, lambda: decode_body(app, message))
 
     def on_frames(self, frames: list[bytes]) -> None:
         """Raw frames from the control list on Redis (``redis_fast.encode_frame``)."""
-        w = self.worker
+        w = self.state
         secret = w.app.secret
         limit = w.app.conf.max_message_size
         for raw in frames:
@@ -83,7 +104,7 @@ class ControlRouter:
             self._on_control(body, signed, functools.partial(codec.loads, body, limit))
 
     def _on_control(self, body: bytes, signed: bool, decode: Callable[[], Any]) -> None:
-        w = self.worker
+        w = self.state
         try:
             if w.app.secret is not None and not signed:
                 raise ProtocolError("control message is unsigned or its signature is wrong")
@@ -110,7 +131,7 @@ class ControlRouter:
 
     def reply(self, inbox: str, rid: str | None, ok: bool, *, data: Any = None,
                error: tuple[str, str] | None = None, pending: bool = False) -> None:
-        w = self.worker
+        w = self.state
         payload: dict[str, Any] = {"t": Envelope.REPLY, "rid": rid, "ok": ok,
                                    "worker": w.hostname}
         if data is not None:
@@ -119,16 +140,16 @@ class ControlRouter:
             payload["pending"] = True
         if error is not None:
             payload["error"] = {"type": error[0], "message": error[1]}
-        w.relay.publish_inbox(inbox, payload)
+        self.relay.publish_inbox(inbox, payload)
 
     def handle(self, ctl: ControlMessage, signed: bool) -> None:
-        w = self.worker
+        w = self.state
         verb = ctl.verb
         if verb in WORKER_VERBS and not addressed_to(ctl.data, w.hostname):
             return  # a broadcast with a destination that does not name this worker
         if verb in WORKER_CONTROL_VERBS:
             try:
-                done = w.remote.apply(verb, ctl.data, signed)
+                done = self._remote().apply(verb, ctl.data, signed)
             except ControlRefused as exc:
                 logger.warning("refused %s from %s: %s", verb, ctl.sender, exc)
                 if ctl.sender:
@@ -148,7 +169,7 @@ class ControlRouter:
             if ctl.sender:
                 what = (ctl.data or {}).get("what") if isinstance(ctl.data, dict) else None
                 if what == "query_task":
-                    found = w.remote.query_task((ctl.data or {}).get("ids"))
+                    found = self._remote().query_task((ctl.data or {}).get("ids"))
                     self.reply(ctl.sender, ctl.rid, True, data=found)
                     return
                 self.reply(ctl.sender, ctl.rid, True, data=self.inspect(str(what)))
@@ -183,7 +204,7 @@ class ControlRouter:
         return False
 
     def apply_task_control(self, record: TaskRecord, held: HeldControl) -> None:
-        w = self.worker
+        w = self.state
         sender = held.sender
 
         def reply(ok: bool, error: tuple[str, str] | None = None) -> None:
@@ -222,25 +243,25 @@ class ControlRouter:
             elif hard:
                 if not record.slot.hard_paused:
                     w.pool.hard_pause(record.slot)
-                    w.relay.emit(record, EventKind.PAUSED, {"hard": True})
+                    self.relay.emit(record, EventKind.PAUSED, {"hard": True})
             else:
-                w._send_ctl(record, Verb.PAUSE, None)
+                self.send_ctl(record, Verb.PAUSE, None)
         elif verb == Verb.RESUME:
             if not started:
                 record.start_paused = False
             elif record.slot.hard_paused:
                 frozen = time.monotonic() - record.slot.hard_paused_at
                 w.pool.hard_resume(record.slot)
-                w.relay.emit(record, EventKind.RESUMED, {"hard": True})
+                self.relay.emit(record, EventKind.RESUMED, {"hard": True})
                 # the child could not see the freeze: tell it, for its soft time limit
-                w._send_ctl(record, Verb.RESUME, {"frozen": frozen})
+                self.send_ctl(record, Verb.RESUME, {"frozen": frozen})
             else:
-                w._send_ctl(record, Verb.RESUME, None)
+                self.send_ctl(record, Verb.RESUME, None)
         elif verb == Verb.CANCEL:
             self.cancel(record, data)
         elif verb == Verb.MESSAGE:
             if started:
-                w._send_ctl(record, Verb.MESSAGE, data)
+                self.send_ctl(record, Verb.MESSAGE, data)
             else:
                 record.early_messages.append((Verb.MESSAGE, data))
         elif verb == Verb.ANSWER:
@@ -253,11 +274,11 @@ class ControlRouter:
                 reply(False, ("ControlError", "that question was already answered"))
                 return
             value = data.get("value") if isinstance(data, dict) else data
-            w._send_ctl(record, Verb.ANSWER, {"qid": question.get("qid"), "value": value})
+            self.send_ctl(record, Verb.ANSWER, {"qid": question.get("qid"), "value": value})
         reply(True)
 
     def cancel(self, record: TaskRecord, data: Any) -> None:
-        w = self.worker
+        w = self.state
         grace = 5.0
         if isinstance(data, dict) and isinstance(data.get("grace"), (int, float)):
             grace = max(0.0, float(data["grace"]))
@@ -267,11 +288,11 @@ class ControlRouter:
                 w.ready.remove(record)
             except ValueError:
                 pass
-            w.outcomes.finish(record, EventKind.CANCELLED, {"before_start": True})
+            self.outcomes.finish(record, EventKind.CANCELLED, {"before_start": True})
             return
         if record.slot.hard_paused:
             w.pool.hard_resume(record.slot)
-        w._send_ctl(record, Verb.CANCEL, None)
+        self.send_ctl(record, Verb.CANCEL, None)
         assert w.hub is not None
         if grace <= 0:
             self.force(record, 1)
@@ -279,7 +300,7 @@ class ControlRouter:
             record.timers.append(w.hub.call_later(grace, self.force, record, 1))
 
     def force(self, record: TaskRecord, stage: int) -> None:
-        w = self.worker
+        w = self.state
         slot = record.slot
         # Check the task↔slot map first so a signal never hits the next task.
         if record.is_final or slot is None or slot.task_id != record.id:
@@ -291,7 +312,7 @@ class ControlRouter:
 
     def handle_read(self, ctl: ControlMessage, record: TaskRecord | None,
                      signed: bool) -> None:
-        w = self.worker
+        w = self.state
         sender = ctl.sender
         if not sender:
             return
@@ -317,8 +338,8 @@ class ControlRouter:
                     # Dropped while the client was away: take it back, with a snapshot so
                     # the client learns what it missed (its handle skips what it has).
                     held.subscribers[sender] = Subscriber(sender, expires, True)
-                    w.relay.flush()
-                    w.relay.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": None,
+                    self.relay.flush()
+                    self.relay.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": None,
                                                    "worker": w.hostname,
                                                    "snapshot": held.snapshot().to_wire()})
                 elif sub is not None and sub.expires != float("inf"):
@@ -340,14 +361,14 @@ class ControlRouter:
         record.subscribers[sender] = Subscriber(sender, time.monotonic() + ttl, True)
         # Snapshot and live tail are ordered on one queue: pending batched events are
         # flushed first so the snapshot never precedes an event it does not include.
-        w.relay.flush()
-        w.relay.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": ctl.rid,
+        self.relay.flush()
+        self.relay.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": ctl.rid,
                                   "worker": w.hostname,
                                   "snapshot": record.snapshot().to_wire()})
 
     def revoke(self, ctl: ControlMessage, signed: bool) -> None:
         """Refuse the ids from now on (until they expire); stop the queued ones here."""
-        w = self.worker
+        w = self.state
         data = ctl.data if isinstance(ctl.data, dict) else {}
         ids = [i for i in data.get("ids") or () if isinstance(i, str)]
         raw_tokens = data.get("tokens")
@@ -378,7 +399,7 @@ class ControlRouter:
                     w.ready.remove(record)
                 except ValueError:
                     pass
-                w.outcomes.finish(record, EventKind.REVOKED,
+                self.outcomes.finish(record, EventKind.REVOKED,
                                   {"error": error_fields("TaskRevoked", "revoked")})
             elif terminate:
                 self.cancel(record, {"grace": 0})
@@ -392,8 +413,8 @@ class ControlRouter:
         """A task waiting in the broker for its eta: take it out and end it now, instead
         of refusing it when it comes due. True: ended here; False: the revoke lacks
         authority; None: it does not wait in the broker (or another worker took it out)."""
-        w = self.worker
-        envelope = w.upkeep.find(task_id)
+        w = self.state
+        envelope = self.upkeep.find(task_id)
         if envelope is None:
             return None
         try:
@@ -404,13 +425,13 @@ class ControlRouter:
         if entry[0] < time.time() or not (
                 entry[2] or codec.token_matches(entry[1], msg.token_digest)):
             return False
-        if w.upkeep.unschedule(task_id) is None:
+        if self.upkeep.unschedule(task_id) is None:
             return None  # due meanwhile: the revoked ids refuse it when it arrives
         fields = {"error": error_fields("TaskRevoked", "revoked")}  # as for one held here
-        w.relay.send_final_direct(msg.id, msg.task, msg.reply_to, EventKind.REVOKED, fields,
+        self.relay.send_final_direct(msg.id, msg.task, msg.reply_to, EventKind.REVOKED, fields,
                                   store=True)
         if HEADER_CHAIN in msg.headers or HEADER_CHORD in msg.headers:
-            after_finish(w.workflows, msg, EventKind.REVOKED, fields)
+            after_finish(self.workflows, msg, EventKind.REVOKED, fields)
         return True
 
     def revoke_applies(self, entry: list[Any], record: TaskRecord) -> bool:
@@ -421,43 +442,20 @@ class ControlRouter:
 
     # -- introspection ----------
     def inspect(self, what: str) -> Any:
-        w = self.worker
+        w = self.state
         if what == "registered":
             return sorted(w.app.tasks)
         if what == "reserved":
-            return w.remote.reserved()
+            return self._remote().reserved()
         if what == "revoked":
-            return w.remote.revoked()
+            return self._remote().revoked()
         if what == "active":
             return [r.summary() for r in w.records.values() if r.slot is not None]
         if what == "tasks":
             running = [r.summary() for r in w.records.values()]
             recent = [r.summary() for r in list(w.finished.values())[-50:]]
             return running + recent
-        return self.stats()
-
-    def stats(self) -> dict[str, Any]:
-        w = self.worker
-        children = []
-        for slot in w.slots:
-            record = w.records.get(slot.task_id) if slot.task_id else None
-            state = "idle"
-            if slot.hard_paused:
-                state = "stopped"
-            elif record is not None:
-                state = "paused" if record.state is TaskState.PAUSED else "busy"
-            children.append({"pid": slot.pid, "state": state, "task_id": slot.task_id,
-                             "task": record.name if record else None})
-        return {
-            "worker": w.hostname, "hostname": socket.gethostname(), "pid": os.getpid(),
-            "pool": w.pool.name, "concurrency": w.concurrency, "children": children,
-            "processed": w.processed,
-            "active": sum(1 for r in w.records.values() if r.slot is not None),
-            "reserved": len(w.ready), "uptime": time.time() - w.started_at,
-            "broker": w.app.broker_url_display, "queues": w.queue_names,
-            "online": True, "rss_kb": _rss_kb(),
-            **({"autoscaler": w.autoscaler.info(len(w.slots))} if w.autoscaler else {}),
-        }
+        return w.stats()
 
 
 def addressed_to(data: Any, hostname: str) -> bool:
@@ -465,14 +463,3 @@ def addressed_to(data: Any, hostname: str) -> bool:
     (Celery's ``destination=``: the others stay silent)."""
     destination = data.get("destination") if isinstance(data, dict) else None
     return not isinstance(destination, list) or hostname in destination
-
-
-def _rss_kb() -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None

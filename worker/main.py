@@ -44,6 +44,7 @@ from interactive_tasks.transport.worker_side import intake_for
 from .autoscale import DEFAULT_KEEPALIVE, Autoscaler
 from .canvas import Workflows, after_finish
 from .control import ControlRouter
+from .inbound import decode_body, signed_by
 from .ipc import ChannelClosed
 from .outcomes import Outcomes, error_fields
 from .pools.base import Pool, PoolSlot, resident_kb
@@ -166,7 +167,7 @@ class Worker:
         )
         #: what the worker's parts share (they get it, not the worker)
         self.state = state = WorkerState(app, self.hostname, self.pool, self.concurrency,
-                                         self.queue_names)
+                                         self.queue_names, self.autoscaler)
         # The loop's own names for the shared containers (never rebound).
         self.slots = state.slots
         self.records = state.records
@@ -182,11 +183,13 @@ class Worker:
         self.upkeep = upkeep_for(app, self.incarnation, self._on_declared_dead, self.records,
                                  self._give_back)
         self._buckets: dict[str, TokenBucket | None] = {}
-        self.control = ControlRouter(self)
-        self.relay = Relay(state, stats=self.control.stats)
+        self.relay = Relay(state)
         self.workflows = Workflows(app, self.relay, self.publish_task)
         self.outcomes = Outcomes(state, relay=self.relay, upkeep=self.upkeep,
                                  workflows=self.workflows, publish_task=self.publish_task)
+        self.control = ControlRouter(state, relay=self.relay, outcomes=self.outcomes,
+                                     workflows=self.workflows, upkeep=self.upkeep,
+                                     send_ctl=self.send_ctl)
         self.intake = intake_for(app, self.hostname, on_task=self._on_task_message,
                                  on_garbage=self.outcomes.dead_letter,
                                  on_control=self.control.on_message,
@@ -194,6 +197,7 @@ class Worker:
         self.remote = WorkerControl(state, self._buckets, self.intake, self.begin_shutdown,
                                     self._rates_changed,
                                     lambda: (self.soft_time_limit, self.time_limit))
+        self.control.remote = self.remote
         self._exit_code = 0
         self._rate_timer = False
         self._spawn_failures = 0
@@ -422,31 +426,12 @@ class Worker:
             self.pool.stop(live, 5.0)
 
     # -- broker input: tasks -------------------------------------------------------------------
-    def _verify(self, message: Any) -> bool:
-        secret = self.app.secret
-        if secret is None:
-            return True
-        return codec.verify(secret, message.body,
-                            (message.headers or {}).get(codec.SIGNATURE_HEADER))
-
-    def _decode(self, message: Any) -> Any:
-        content_type = message.content_type
-        body = message.body
-        if content_type == codec.PICKLE_CONTENT_TYPE:
-            if not self.app.conf.allow_pickle:
-                raise ProtocolError("pickle is refused (set allow_pickle=True to accept it)",
-                                    body)
-            return codec.pickle_loads(body)
-        if content_type not in (codec.CONTENT_TYPE, None, ""):
-            raise ProtocolError(f"unsupported content type {content_type!r}", body)
-        return codec.loads(body, self.app.conf.max_message_size)
-
     def _on_task_message(self, message: Any) -> None:
         try:
-            if not self._verify(message):
+            if not signed_by(self.app, message):
                 raise ProtocolError("message is unsigned or its signature is wrong "
                                     "(the sender lacks the app's secret)", message.body)
-            payload = self._decode(message)
+            payload = decode_body(self.app, message)
             task_message = TaskMessage.from_wire(payload)
         except ProtocolError as exc:
             reply_to = None
@@ -458,7 +443,7 @@ class Worker:
                 pass
             self.outcomes.dead_letter(message, exc.reason)
             if reply_to is not None and isinstance(reply_to.get("id"), str) and \
-                    self._verify(message):
+                    signed_by(self.app, message):
                 self.relay.send_final_direct(reply_to["id"], str(reply_to.get("task", "?")),
                                              reply_to["reply_to"], EventKind.FAILED,
                                              {"error": error_fields("ProtocolError", exc.reason)})
@@ -701,7 +686,7 @@ class Worker:
             self.relay.pending_acks.append(record.kombu_message)
             record.kombu_message = None
         if record.cancel_requested:
-            self._send_ctl(record, Verb.CANCEL, None)
+            self.send_ctl(record, Verb.CANCEL, None)
 
     def _watch_writer(self, slot: PoolSlot) -> None:
         if slot.writer.pending and self.hub is not None:
@@ -715,7 +700,9 @@ class Worker:
         if done and self.hub is not None:
             self.hub.remove_writer(slot.sock)
 
-    def _send_ctl(self, record: TaskRecord, verb: str, data: Any) -> None:
+    def send_ctl(self, record: TaskRecord, verb: str, data: Any) -> None:
+        """Write ``["ctl", task id, verb, data]`` to the slot running ``record`` (nothing
+        when it runs nowhere or its channel closed)."""
         slot = record.slot
         if slot is None:
             return

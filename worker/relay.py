@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from interactive_tasks.protocol import Envelope, Event, EventKind, TaskSnapshot, TaskState
@@ -40,12 +39,10 @@ MONITORED = {
 
 
 class Relay:
-    """Everything the worker sends to clients; one per worker. ``stats`` gives the
-    worker's figures for its heartbeat (``ControlRouter.stats``)."""
+    """Everything the worker sends to clients; one per worker."""
 
-    def __init__(self, state: WorkerState, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, state: WorkerState) -> None:
         self.state = state
-        self._stats = stats
         self.outbox: dict[str, list[list[Any]]] = {}
         self.pending_results: list[tuple[str, dict[str, Any]]] = []
         self.pending_acks: list[Any] = []
@@ -174,7 +171,7 @@ class Relay:
                                         "tasks": task_ids[:100], "ts": time.time()})
         self.publish_monitor({"t": "worker-heartbeat", "worker": w.hostname,
                               "ts": time.time(), "freq": w.app.conf.worker_heartbeat,
-                              "stats": self._stats()})
+                              "stats": w.stats()})
 
     def expire(self) -> None:
         """Drop expired subscriptions, held controls and revoked ids (every second)."""

@@ -9,9 +9,13 @@ holds the :class:`~.main.Worker`.
 from __future__ import annotations
 
 import collections
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from interactive_tasks.protocol import TaskState
 
 from .records import HeldControl, Subscriber, TaskRecord
 
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
 
     from interactive_tasks.app import App
 
+    from .autoscale import Autoscaler
     from .pools.base import Pool, PoolSlot
 
 
@@ -33,6 +38,8 @@ class WorkerState:
     pool: Pool
     concurrency: int
     queue_names: list[str]
+    #: ``--autoscale``: the pool's size follows the work between its MIN and MAX
+    autoscaler: Autoscaler | None = None
     #: the pool's slots, by index (a dead slot is replaced in place)
     slots: list[PoolSlot] = field(default_factory=list)
     #: tasks held here, not final yet, by id
@@ -55,3 +62,38 @@ class WorkerState:
     #: tasks finished here since the start
     processed: int = 0
     started_at: float = field(default_factory=time.time)
+
+    def stats(self) -> dict[str, Any]:
+        """The worker's figures: for ``itask inspect stats`` and its heartbeats."""
+        w = self
+        children = []
+        for slot in w.slots:
+            record = w.records.get(slot.task_id) if slot.task_id else None
+            kind = "idle"
+            if slot.hard_paused:
+                kind = "stopped"
+            elif record is not None:
+                kind = "paused" if record.state is TaskState.PAUSED else "busy"
+            children.append({"pid": slot.pid, "state": kind, "task_id": slot.task_id,
+                             "task": record.name if record else None})
+        return {
+            "worker": w.hostname, "hostname": socket.gethostname(), "pid": os.getpid(),
+            "pool": w.pool.name, "concurrency": w.concurrency, "children": children,
+            "processed": w.processed,
+            "active": sum(1 for r in w.records.values() if r.slot is not None),
+            "reserved": len(w.ready), "uptime": time.time() - w.started_at,
+            "broker": w.app.broker_url_display, "queues": w.queue_names,
+            "online": True, "rss_kb": _rss_kb(),
+            **({"autoscaler": w.autoscaler.info(len(w.slots))} if w.autoscaler else {}),
+        }
+
+
+def _rss_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
