@@ -168,6 +168,7 @@ function tasksPage(params) {
   const refilter = () => { page = 1; load(); };
   state.onchange = refilter;
   for (const i of Object.values(inputs)) i.oninput = refilter;
+  load();  // at once; then again whenever the cluster changes
   return onCluster(() => load());
 }
 
