@@ -39,6 +39,7 @@ __all__ = [
     "render_workers",
     "short_id",
     "to_ansi",
+    "worker_rows",
 ]
 
 #: (symbol, word, badge style, colour) for each state; bars and borders use the colour.
@@ -79,7 +80,7 @@ TAIL_KINDS = frozenset(
 )
 
 #: The key help line of ``itask top``.
-KEY_HELP = "↑/↓ select  p pause  r resume  c cancel  a/Enter attach  q quit"
+KEY_HELP = "↑/↓ select  Tab pane  s slots  p pause  r resume  c cancel  a attach  q quit"
 
 _DATA_CHARS = 200
 
@@ -443,11 +444,98 @@ def render_task_table(
     return table
 
 
-def render_workers(workers: Iterable[Mapping[str, Any]], *, now: float) -> RenderableType:
-    """Workers and their pool processes: one row per worker, one indented row per child.
+#: What a slot is called when it is not a process of its own, by pool.
+_SLOT_NOUN = {"gevent": "greenlets", "eventlet": "greenlets", "threads": "threads"}
 
-    A worker row's DETAILS are its pool, busy children, active and processed counts and
-    uptime; a child row's DETAILS are the task it runs.
+
+def _slots_are_processes(worker: Mapping[str, Any], children: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the slots of ``worker`` are processes of their own (prefork), rather than
+    greenlets or threads of the worker's process (each reporting the worker's pid)."""
+    if not children:
+        return True
+    pid = worker.get("pid")
+    return any(c.get("pid") not in (None, pid) for c in children)
+
+
+def worker_rows(workers: Iterable[Mapping[str, Any]], *,
+                expand_slots: bool = False) -> list[tuple[Any, ...]]:
+    """The rows of :func:`render_workers`: ``(name, pid, state, details, row style)``.
+
+    Slots that are processes get a row each. Slots that are not (greenlets, threads) are
+    summarised in one row (busy, idle and paused counts) unless ``expand_slots``.
+    """
+    rows: list[tuple[Any, ...]] = []
+    for w in workers:
+        online = bool(w.get("online", True))
+        name = _clean(w.get("worker") or w.get("hostname") or "?")
+        children = list(w.get("children") or ())
+        busy = sum(1 for c in children if c.get("state") == "busy")
+        processes = _slots_are_processes(w, children)
+        noun = "procs" if processes else _SLOT_NOUN.get(str(w.get("pool")), "slots")
+        details = (
+            f"{_clean(w.get('pool', '?'))}, {w.get('concurrency', len(children))} {noun}"
+            f"  busy {busy}  active {w.get('active', 0)}  done {w.get('processed', 0)}"
+            f"  up {format_duration(float(w.get('uptime') or 0))}"
+        )
+        row_style = None if online else "dim"
+        rows.append((
+            Text(name, style="bold" if online else ""),
+            Text(str(w.get("pid", ""))),
+            Text("online", style="green") if online else Text("offline", style="bold red"),
+            Text(details),
+            row_style,
+        ))
+        if not processes and not expand_slots:
+            counts: dict[str, int] = {}
+            for c in children:
+                state = _clean(c.get("state") or "?")
+                counts[state] = counts.get(state, 0) + 1
+            summary = Text()
+            for state, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+                summary.append(f"{n} {state}", style=_CHILD_STYLE.get(state, "") if online else "")
+                summary.append("  ")
+            summary.append("(s: one row each)", style="dim")
+            rows.append((
+                Text(f"└ {len(children)} {noun}", style="dim"),
+                Text(""),
+                Text(""),
+                summary,
+                row_style,
+            ))
+            continue
+        for n, child in enumerate(children):
+            cstate = _clean(child.get("state") or "?")
+            task = Text()
+            if child.get("task"):
+                task.append(_clean(child["task"]))
+            if child.get("task_id"):
+                task.append(f" {short_id(_clean(child['task_id']))}", style="dim")
+            kind = "process" if processes else noun.rstrip("s")
+            rows.append((
+                Text(("└ " if n == len(children) - 1 else "├ ") + kind, style="dim"),
+                Text(str(child.get("pid", ""))),
+                Text(cstate, style=_CHILD_STYLE.get(cstate, "") if online else ""),
+                task,
+                row_style,
+            ))
+    return rows
+
+
+def render_workers(
+    workers: Iterable[Mapping[str, Any]],
+    *,
+    now: float,
+    expand_slots: bool = False,
+    max_rows: int | None = None,
+    offset: int = 0,
+) -> RenderableType:
+    """Workers and their pool slots: one row per worker, then one indented row per child
+    process; greenlets and threads (slots that share the worker's pid) are summarised in
+    one row of busy/idle counts unless ``expand_slots``.
+
+    A worker row's DETAILS are its pool, busy slots, active and processed counts and
+    uptime; a child row's DETAILS are the task it runs. ``max_rows`` shows at most that
+    many rows from ``offset`` on (clamped), with a caption saying which.
 
     Offline workers (``online`` false) are dimmed with a red ``offline`` status. ``now`` is
     accepted for symmetry with the other views; uptimes come from the reports themselves.
@@ -460,42 +548,17 @@ def render_workers(workers: Iterable[Mapping[str, Any]], *, now: float) -> Rende
     table.add_column("PID", justify="right", no_wrap=True)
     table.add_column("STATE", no_wrap=True)
     table.add_column("DETAILS", ratio=1, no_wrap=True, overflow="ellipsis")
-    count = 0
-    for w in workers:
-        count += 1
-        online = bool(w.get("online", True))
-        name = _clean(w.get("worker") or w.get("hostname") or "?")
-        children = list(w.get("children") or ())
-        busy = sum(1 for c in children if c.get("state") == "busy")
-        details = (
-            f"{_clean(w.get('pool', '?'))}, {w.get('concurrency', len(children))} procs"
-            f"  busy {busy}  active {w.get('active', 0)}  done {w.get('processed', 0)}"
-            f"  up {format_duration(float(w.get('uptime') or 0))}"
-        )
-        row_style = None if online else "dim"
-        table.add_row(
-            Text(name, style="bold" if online else ""),
-            Text(str(w.get("pid", ""))),
-            Text("online", style="green") if online else Text("offline", style="bold red"),
-            Text(details),
-            style=row_style,
-        )
-        for n, child in enumerate(children):
-            cstate = _clean(child.get("state") or "?")
-            task = Text()
-            if child.get("task"):
-                task.append(_clean(child["task"]))
-            if child.get("task_id"):
-                task.append(f" {short_id(_clean(child['task_id']))}", style="dim")
-            table.add_row(
-                Text(("└ " if n == len(children) - 1 else "├ ") + "process", style="dim"),
-                Text(str(child.get("pid", ""))),
-                Text(cstate, style=_CHILD_STYLE.get(cstate, "") if online else ""),
-                task,
-                style=row_style,
-            )
-    if not count:
+    rows = worker_rows(workers, expand_slots=expand_slots)
+    start, stop = 0, len(rows)
+    if max_rows is not None and max_rows < len(rows):
+        start = min(max(0, offset), len(rows) - max(1, max_rows))
+        stop = start + max(1, max_rows)
+    for *cells, style in rows[start:stop]:
+        table.add_row(*cells, style=style)
+    if not rows:
         table.caption = "no workers"
+    elif stop - start < len(rows):
+        table.caption = f"worker rows {start + 1}-{stop} of {len(rows)}"
     return table
 
 
@@ -524,12 +587,20 @@ def render_top(
     selected: str | None = None,
     status_line: str = "",
     max_task_rows: int | None = None,
+    max_worker_rows: int | None = None,
+    worker_offset: int = 0,
+    expand_slots: bool = False,
 ) -> RenderableType:
-    """The ``itask top`` dashboard: a summary, the workers, the tasks, status and key help."""
+    """The ``itask top`` dashboard: a summary, the workers, the tasks, status and key help.
+
+    The workers pane and the task table scroll on their own: ``max_worker_rows`` and
+    ``worker_offset`` window the first, ``max_task_rows`` the second (around ``selected``).
+    """
     parts: list[RenderableType] = [
         _summary(workers, snapshots),
         Text(""),
-        render_workers(workers, now=now),
+        render_workers(workers, now=now, expand_slots=expand_slots,
+                       max_rows=max_worker_rows, offset=worker_offset),
         Text(""),
         render_task_table(snapshots, now=now, selected=selected, max_rows=max_task_rows),
         Text(""),

@@ -32,7 +32,14 @@ from prompt_toolkit.layout.controls import FormattedTextControl
 from prompt_toolkit.output import ColorDepth, Output
 from prompt_toolkit.widgets import TextArea
 
-from interactive_tasks.cli.render import TAIL_KINDS, render_task, render_top, short_id, to_ansi
+from interactive_tasks.cli.render import (
+    TAIL_KINDS,
+    render_task,
+    render_top,
+    short_id,
+    to_ansi,
+    worker_rows,
+)
 from interactive_tasks.protocol import TaskSnapshot, TaskState
 
 __all__ = ["AttachSource", "TopSource", "run_attach", "run_top"]
@@ -308,13 +315,17 @@ def run_top(
 ) -> int:
     """The full-screen ``itask top`` dashboard. Returns 0.
 
-    ↑/↓ (or k/j) select a task; p, r, c pause, resume or cancel it and show the returned
-    status; a or Enter leave the dashboard and then call ``on_attach(task_id)``; q or
-    Ctrl-C quit.
+    ↑/↓ (or k/j) select a task, PgUp/PgDn a page further; Tab moves these keys to the
+    workers pane and back, which then scroll it (it takes at most a third of the screen,
+    the task table the rest); s shows greenlets and threads one row each or summarised; p,
+    r, c pause, resume or cancel the selected task and show the returned status; a or
+    Enter leave the dashboard and then call ``on_attach(task_id)``; q or Ctrl-C quit.
     """
     selected: list[str] = []  # the selected task id, if any
     shown: list[TaskSnapshot] = []  # the tasks as last drawn, which the keys refer to
     status: list[str] = [""]
+    # the workers pane: whether the arrows scroll it, its first row, greenlets expanded
+    view = {"workers_focused": False, "offset": 0, "expand": False}
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itask-top")
 
     def tasks() -> list[TaskSnapshot]:
@@ -333,11 +344,18 @@ def run_top(
     def select(i: int | None) -> None:
         selected[:] = [] if i is None else [tasks()[i].task_id]
 
+    def worker_pane_rows() -> int:
+        return max(3, app.output.get_size().rows // 3)
+
+    def clamp_offset(total: int) -> None:
+        view["offset"] = max(0, min(int(view["offset"]), total - worker_pane_rows()))
+
     def screen() -> ANSI:
         shown[:] = source.tasks()
         select(index())
         workers = source.workers()
         size = app.output.get_size()
+        clamp_offset(len(worker_rows(workers, expand_slots=bool(view["expand"]))))
 
         def draw(rows: int | None) -> str:
             return to_ansi(
@@ -348,6 +366,9 @@ def run_top(
                     selected=selected[0] if selected else None,
                     status_line=status[0],
                     max_task_rows=rows,
+                    max_worker_rows=worker_pane_rows(),
+                    worker_offset=int(view["offset"]),
+                    expand_slots=bool(view["expand"]),
                 ),
                 size.columns,
                 color=color,
@@ -359,9 +380,17 @@ def run_top(
     kb = KeyBindings()
 
     def move(step: int) -> None:
+        if view["workers_focused"]:
+            # clamped against the rows when the screen is next drawn
+            view["offset"] = max(0, int(view["offset"]) + step)
+            return
         i = index()
         if i is not None:
             select(min(max(0, i + step), len(tasks()) - 1))
+
+    def page() -> int:
+        return worker_pane_rows() if view["workers_focused"] else max(
+            1, app.output.get_size().rows - worker_pane_rows() - 12)
 
     @kb.add("up")
     @kb.add("k")
@@ -372,6 +401,24 @@ def run_top(
     @kb.add("j")
     def _down(event: KeyPressEvent) -> None:
         move(1)
+
+    @kb.add("pageup")
+    def _page_up(event: KeyPressEvent) -> None:
+        move(-page())
+
+    @kb.add("pagedown")
+    def _page_down(event: KeyPressEvent) -> None:
+        move(page())
+
+    @kb.add("tab")
+    def _focus(event: KeyPressEvent) -> None:
+        view["workers_focused"] = not view["workers_focused"]
+        status[0] = ("↑/↓ scroll the workers" if view["workers_focused"]
+                     else "↑/↓ select a task")
+
+    @kb.add("s")
+    def _slots(event: KeyPressEvent) -> None:
+        view["expand"] = not view["expand"]
 
     def verb_handler(verb: str) -> Callable[[KeyPressEvent], None]:
         def handler(event: KeyPressEvent) -> None:

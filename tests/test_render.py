@@ -327,6 +327,51 @@ def test_workers_panel_with_an_offline_worker() -> None:
     )
 
 
+GEVENT = [
+    {
+        "worker": "g@host",
+        "hostname": "host",
+        "pid": 300,
+        "pool": "gevent",
+        "concurrency": 1000,
+        "children": [
+            {"pid": 300, "state": "busy" if n < 980 else "idle",
+             "task_id": f"{n:08x}aaaa" if n < 980 else None,
+             "task": "demo.count" if n < 980 else None}
+            for n in range(1000)
+        ],
+        "processed": 5,
+        "active": 980,
+        "uptime": 10.0,
+        "online": True,
+    }
+]
+
+
+def test_greenlets_are_summarised_in_one_row() -> None:
+    assert text(render_workers(GEVENT, now=T0)) == "\n".join(
+        [
+            "WORKER            PID  STATE   DETAILS",
+            "─" * 80,
+            "g@host            300  online  gevent, 1000 greenlets  busy 980  active 980  "
+            "do…",
+            "└ 1000 greenlets               980 busy  20 idle  (s: one row each)",
+        ]
+    )
+
+
+def test_expanded_slots_scroll_in_their_own_window() -> None:
+    rows = text(render_workers(GEVENT, now=T0, expand_slots=True, max_rows=4, offset=10))
+    lines = rows.splitlines()
+    assert [line.split()[0] for line in lines[2:6]] == ["├"] * 4
+    assert "00000009" in lines[2]  # rows 11-14: the worker row, then greenlets 0, 1 …
+    assert lines[-1].strip() == "worker rows 11-14 of 1001"
+    # an offset past the end shows the last rows
+    last = text(render_workers(GEVENT, now=T0, expand_slots=True, max_rows=4, offset=5000))
+    assert last.splitlines()[-1].strip() == "worker rows 998-1001 of 1001"
+    assert "└ greenlet" in last
+
+
 def test_offline_worker_is_dimmed_in_colour() -> None:
     ansi = to_ansi(render_workers(WORKERS, now=T0), 80)
     offline_line = next(line for line in ansi.splitlines() if "w2@gone" in line)
@@ -350,7 +395,9 @@ def test_top_combines_summary_workers_tasks_status_and_keys() -> None:
     assert any(line.startswith("w2@gone    200  offline") for line in rendered)
     assert any(line.startswith("▶  bbbbbbbb  demo.other") for line in rendered)
     assert rendered[-2:] == ["paused bbbbbbbb", KEY_HELP]
-    assert KEY_HELP == "↑/↓ select  p pause  r resume  c cancel  a/Enter attach  q quit"
+    assert KEY_HELP == (
+        "↑/↓ select  Tab pane  s slots  p pause  r resume  c cancel  a attach  q quit"
+    )
 
 
 # -- formatting, to_ansi --------------------------------------------------

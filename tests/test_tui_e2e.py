@@ -182,3 +182,74 @@ def test_render_screenshots_for_docs(tasks, start_worker, tmux, tmp_path: Path):
     (out / "attach.txt").write_text(screen)
     handle.cancel(grace=0)
     assert handle.wait(15) is TaskState.CANCELLED
+
+
+def _selected_id(screen: str) -> str:
+    found = re.search(r"▶\s+([0-9a-f]{8})\s", screen)
+    assert found, f"no selected row:\n{screen}"
+    return found.group(1)
+
+
+def test_top_with_1000_greenlets_fits_one_screen_and_keeps_up(tasks, start_worker, broker):
+    """``itask top`` against a gevent worker running 1,000 interactive tasks (each with 4
+    progress events a second): the greenlets are one summary row, so the worker and the
+    task table fit on one 45-line screen; the panes scroll on their own; a key steers the
+    selected task and attaches to it."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    broker.extra["ITASK_SECRET"] = "operator-secret"  # top steers any task as an operator
+    os.environ["ITASK_SECRET"] = "operator-secret"
+    tmux = Tmux(broker.env(), width=120, height=45)
+    try:
+        tasks.app.configure(secret="operator-secret")
+        w = start_worker(pool="gevent", concurrency=1000, extra_args=["-E"])
+        handles = [tasks.steerable.start(600, 0.25) for _ in range(1000)]
+        by_prefix = {h.id[:8]: h for h in handles}
+        tmux.start(itask("top"))
+        tmux.wait_screen(re.escape(w.name) + r".*gevent, 1000 greenlets", timeout=60)
+        tmux.wait_screen(r"└ 1000 greenlets\s+1000 busy", timeout=90)
+        screen = tmux.wait_screen(r"tasks 1-\d+ of 1000", timeout=30).string
+        lines = screen.rstrip("\n").splitlines()
+        assert len(lines) <= 45
+        assert any(re.match(r"\s*ID\s+TASK", line) for line in lines), screen
+        shown = re.findall(r"([0-9a-f]{8})\s+tests\.apps\.tasks\.steerable", screen)
+        assert len(shown) >= 15, screen  # the task table has most of the screen
+        assert "Tab pane" in lines[-1]
+
+        # keeps up: the selected task's progress moves on screen (1 % per 1.5 s)
+        first = _selected_id(screen)
+
+        def percent() -> int:
+            found = re.search(r"▶\s+" + first + r".*?(\d+)%", tmux.screen())
+            return int(found.group(1)) if found else -1
+
+        wait_for(lambda: percent() >= 0, 20, message="the selected row")
+        before = percent()
+        wait_for(lambda: percent() >= before + 2, 30,
+                 message="the selected row's progress to move on screen")
+
+        # the task pane: the selection moves, and c cancels the selected task
+        tmux.keys("Down", "Down")
+        tmux.wait_screen(r"▶\s+(?!" + first + r")[0-9a-f]{8}")
+        target = by_prefix[_selected_id(tmux.screen())]
+        tmux.keys("c")
+        assert target.wait(30) is TaskState.CANCELLED
+        assert broker.records(target.id)[-1]["what"] == "cancelled"
+
+        # the worker pane: expanded, it scrolls on its own, the task selection stays
+        selected = _selected_id(tmux.screen())
+        tmux.keys("s")
+        tmux.wait_screen(r"worker rows 1-\d+ of 1001")
+        tmux.keys("Tab", "Down", "Down", "Down")
+        tmux.wait_screen(r"worker rows 4-\d+ of 1001")
+        assert _selected_id(tmux.screen()) == selected
+        tmux.keys("Tab", "s")
+        tmux.wait_screen(r"└ 1000 greenlets")
+
+        # a attaches to the selected task
+        tmux.keys("a")
+        tmux.wait_screen(r"\d+/600")
+        tmux.wait_screen(re.escape(by_prefix[selected].id[:8]))
+    finally:
+        tmux.kill()
+        os.environ.pop("ITASK_SECRET", None)
