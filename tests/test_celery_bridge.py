@@ -62,14 +62,16 @@ class CeleryWorker:
     """A real ``celery worker`` subprocess, its log in a file."""
 
     def __init__(self, env: CeleryEnv, log_dir: Path, pool: str, concurrency: int,
-                 module: str = "tests.apps.celery_proj") -> None:
+                 module: str = "tests.apps.celery_proj",
+                 extra_env: dict[str, str] | None = None) -> None:
         self.name = f"w{uuid.uuid4().hex[:6]}@test"
         self.log_path = log_dir / f"{self.name}.log"
         self._log = open(self.log_path, "ab")
         args = [sys.executable, "-m", "celery", "-A", module, "worker",
                 "-P", pool, "-c", str(concurrency), "-n", self.name, "-l", "info",
                 "--without-mingle", "--without-gossip", "--without-heartbeat"]
-        self.proc = subprocess.Popen(args, env=env.env(), cwd=str(ROOT), stdout=self._log,
+        self.proc = subprocess.Popen(args, env={**env.env(), **(extra_env or {})},
+                                     cwd=str(ROOT), stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:
@@ -141,8 +143,9 @@ def start_celery(celery_env: CeleryEnv, tmp_path: Path,
     workers: list[CeleryWorker] = []
 
     def start(pool: str = "prefork", concurrency: int = 2,
-              module: str = "tests.apps.celery_proj") -> CeleryWorker:
-        worker = CeleryWorker(celery_env, tmp_path, pool, concurrency, module)
+              module: str = "tests.apps.celery_proj",
+              extra_env: dict[str, str] | None = None) -> CeleryWorker:
+        worker = CeleryWorker(celery_env, tmp_path, pool, concurrency, module, extra_env)
         workers.append(worker)
         return worker.wait_ready()
 
@@ -598,4 +601,57 @@ def test_itask_web_on_a_celery_app(proj: Any, start_celery: Any, celery_env: Cel
             os.killpg(web.pid, signal.SIGTERM)
         web.wait(10)
     handle.cancel(grace=10)
+    assert handle.wait(timeout=15) is TaskState.CANCELLED
+
+
+@pytest.mark.parametrize("celery_env", ["redis"], indirect=True)
+def test_the_operator_secret_signs_everything_and_controls_any_task(
+        celery_env: CeleryEnv, start_celery: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ITASK_SECRET on both sides every message is signed and the secret's holder
+    controls any task without its token; a client with another secret is not heard."""
+    import tests.apps.celery_proj as module
+    from interactive_tasks.celery import bridge_app
+    from interactive_tasks.errors import ControlError
+
+    monkeypatch.setenv("ITASK_SECRET", "operator-secret")
+    proj = importlib.reload(module)
+    start_celery(pool="prefork", extra_env={"ITASK_SECRET": "operator-secret"})
+    handle = proj.looper.start(100000, 0.02)
+    wait_for(lambda: handle.progress is not None, 20, message="first progress")
+    operator = bridge_app(proj.app).attach(handle.id)  # no token: the secret
+    assert operator.token is None and operator.state is TaskState.RUNNING
+    operator.pause(wait=True, timeout=10)
+    wait_for(lambda: handle.state is TaskState.PAUSED, 10, message="the starter sees it")
+    operator.resume(wait=True, timeout=10)
+    worker_name, token = handle.worker, handle.token
+    monkeypatch.setenv("ITASK_SECRET", "someone-else")
+    from interactive_tasks.app import App
+    from interactive_tasks.handle import TaskHandle
+
+    stranger_app = App("stranger", broker=REDIS_URL, namespace=celery_env.namespace)
+    try:
+        stranger = TaskHandle(stranger_app, handle.id, token=token)
+        stranger._worker = worker_name  # as a located handle would know it
+        with pytest.raises(ControlError):
+            stranger.pause(timeout=2)  # its signature is wrong: the relay drops it
+    finally:
+        stranger_app.close()
+    assert handle.state is TaskState.RUNNING
+    assert operator.cancel(grace=10)
+    assert handle.wait(timeout=15) is TaskState.CANCELLED
+    bridge_app(proj.app).close()
+
+
+def test_a_wrong_token_is_refused(proj: Any, start_celery: Any) -> None:
+    from interactive_tasks.celery import bridge_app
+    from interactive_tasks.errors import NotAuthorized
+
+    start_celery(pool="prefork")
+    handle = proj.looper.start(100000, 0.02)
+    wait_for(lambda: handle.progress is not None, 20, message="first progress")
+    wrong = bridge_app(proj.app).attach(handle.id, token="0" * 36)
+    with pytest.raises(NotAuthorized):
+        wrong.pause(timeout=5)
+    holds_for(lambda: handle.state is TaskState.RUNNING, 0.5, message="still running")
+    assert handle.cancel(grace=10)
     assert handle.wait(timeout=15) is TaskState.CANCELLED
