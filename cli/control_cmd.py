@@ -22,12 +22,16 @@ CONTROL_VERBS: dict[str, tuple[str, str]] = {
     "add_consumer": ("QUEUE", "take tasks from QUEUE too"),
     "cancel_consumer": ("QUEUE", "stop taking tasks from QUEUE"),
     "shutdown": ("", "warm shutdown, as SIGTERM"),
+    "pool_grow": ("[N]", "start N more pool slots (default 1)"),
+    "pool_shrink": ("[N]", "stop up to N idle pool slots (default 1)"),
+    "autoscale": ("MAX [MIN]", "change the --autoscale range"),
 }
 
 CONTROL_EXAMPLE = ("itask control rate_limit proj.add 10/m -A proj\n"
                    "  itask control time_limit proj.crawl 60 120 -d w1@host\n"
                    "  itask control add_consumer io --json\n"
-                   "  itask control shutdown -d w1@host")
+                   "  itask control shutdown -d w1@host\n"
+                   "  itask control pool_grow 2 -d w1@host")
 
 
 def register(subparsers: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -108,6 +112,13 @@ def _seconds(text: str, label: str) -> float | None:
     return value
 
 
+def _whole(text: str, verb: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _cli_error(f"control {verb}: {text!r} is not a whole number") from None
+
+
 # -- control ----------
 def cmd_control(args: argparse.Namespace) -> int:
     verb, rest = args.verb, list(args.arguments)
@@ -137,6 +148,14 @@ def cmd_control(args: argparse.Namespace) -> int:
             replies = control.add_consumer(rest[0], **options)
         elif verb == "cancel_consumer":
             replies = control.cancel_consumer(rest[0], **options)
+        elif verb in ("pool_grow", "pool_shrink"):
+            n = _whole(rest[0], verb) if rest else 1
+            resize = control.pool_grow if verb == "pool_grow" else control.pool_shrink
+            replies = resize(n, **options)
+        elif verb == "autoscale":
+            replies = control.autoscale(_whole(rest[0], verb),
+                                        _whole(rest[1], verb) if len(rest) > 1 else None,
+                                        **options)
         else:
             replies = control.shutdown(**options)
     except ValueError as exc:

@@ -6,6 +6,7 @@
     app.control.time_limit("proj.crawl", soft=60, hard=120, destination=["w1@host"])
     app.control.add_consumer("io"); app.control.cancel_consumer("io")
     app.control.shutdown(destination=["w1@host"])
+    app.control.pool_grow(2); app.control.pool_shrink(1); app.control.autoscale(10, 2)
     app.control.inspect().reserved()      # {"w1@host": [...], ...}
 
 Each command goes to every worker, or only to those ``destination`` names, and returns
@@ -37,6 +38,12 @@ def _destination(destination: str | list[str] | None) -> list[str] | None:
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"destination must name workers, not {destination!r}")
     return names
+
+
+def _slots(value: Any, label: str, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{label} must be a whole number of at least {least}, not {value!r}")
+    return value
 
 
 class Control:
@@ -136,6 +143,39 @@ class Control:
         Raises NotAuthorized without the operator secret.
         """
         return self._worker_wide(Verb.SHUTDOWN, {}, destination, timeout, reply)
+
+    def pool_grow(self, n: int = 1, *, destination: str | list[str] | None = None,
+                  timeout: float = 1.0, reply: bool = True) -> list[dict[str, Any]]:
+        """Start ``n`` more pool slots on the workers (not with ``--autoscale``: change its
+        range with :meth:`autoscale`); they reserve for the new size from then on.
+
+        Raises ValueError for ``n`` below 1, NotAuthorized without the operator secret.
+        """
+        return self._worker_wide(Verb.POOL_GROW, {"n": _slots(n, "n")}, destination,
+                                 timeout, reply)
+
+    def pool_shrink(self, n: int = 1, *, destination: str | list[str] | None = None,
+                    timeout: float = 1.0, reply: bool = True) -> list[dict[str, Any]]:
+        """Stop up to ``n`` idle pool slots on the workers (a busy one is never stopped,
+        the last one stays; not with ``--autoscale``).
+
+        Raises ValueError for ``n`` below 1, NotAuthorized without the operator secret.
+        """
+        return self._worker_wide(Verb.POOL_SHRINK, {"n": _slots(n, "n")}, destination,
+                                 timeout, reply)
+
+    def autoscale(self, max: int, min: int | None = None, *,  # Celery's argument names
+                  destination: str | list[str] | None = None, timeout: float = 1.0,
+                  reply: bool = True) -> list[dict[str, Any]]:
+        """Change the ``--autoscale`` range of the workers started with it (``min``
+        unchanged when None).
+
+        Raises ValueError for a bad size, NotAuthorized without the operator secret.
+        """
+        data: dict[str, Any] = {"max": _slots(max, "max")}
+        if min is not None:
+            data["min"] = _slots(min, "min", least=0)
+        return self._worker_wide(Verb.AUTOSCALE, data, destination, timeout, reply)
 
     def ping(self, *, destination: str | list[str] | None = None,
              timeout: float = 1.0) -> list[dict[str, Any]]:

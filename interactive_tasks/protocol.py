@@ -242,6 +242,9 @@ class Verb:
     ADD_CONSUMER = "add_consumer"
     CANCEL_CONSUMER = "cancel_consumer"
     SHUTDOWN = "shutdown"
+    POOL_GROW = "pool_grow"
+    POOL_SHRINK = "pool_shrink"
+    AUTOSCALE = "autoscale"
 
 
 TASK_VERBS = frozenset(
@@ -250,7 +253,8 @@ TASK_VERBS = frozenset(
 READ_VERBS = frozenset({Verb.SUBSCRIBE, Verb.UNSUBSCRIBE, Verb.LOCATE})
 #: change the whole worker, as Celery's remote control commands of the same names
 WORKER_CONTROL_VERBS = frozenset({Verb.RATE_LIMIT, Verb.TIME_LIMIT, Verb.ADD_CONSUMER,
-                                  Verb.CANCEL_CONSUMER, Verb.SHUTDOWN})
+                                  Verb.CANCEL_CONSUMER, Verb.SHUTDOWN, Verb.POOL_GROW,
+                                  Verb.POOL_SHRINK, Verb.AUTOSCALE})
 WORKER_VERBS = frozenset({Verb.PING, Verb.INSPECT, Verb.REVOKE}) | WORKER_CONTROL_VERBS
 ALL_VERBS = TASK_VERBS | READ_VERBS | WORKER_VERBS
 

@@ -11,6 +11,7 @@ import pytest
 from interactive_tasks import TaskFailed
 
 from .conftest import wait_for
+from .test_remote_control import operator  # noqa: F401 (a fixture)
 
 #: the worker options do not depend on the broker: Redis stands for all
 on_redis = pytest.mark.parametrize("broker", ["redis"], indirect=True)
@@ -132,3 +133,46 @@ def test_autoscaler_decisions() -> None:
     for bad in ("", "a,b", "0", "1,2,3", "-1,2"):
         with pytest.raises(ValueError):
             parse_autoscale(bad)
+
+
+# the reservation follows the pool's size: kombu's QoS on RabbitMQ, the fetch's on Redis
+@pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)
+@pytest.mark.usefixtures("operator")
+def test_pool_grow_and_shrink_by_remote_control(tasks, start_worker, broker):
+    from .test_remote_control import itask
+
+    w = start_worker(pool="prefork", concurrency=1)
+    [first] = wait_for(lambda: _children(tasks, w.name), message="stats")
+    out = itask(broker, "control", "pool_grow", "5", "-d", w.name, "--timeout", "5")
+    assert out.returncode == 0 and f"{w.name}: OK pool grew by 5 to 6" in out.stdout, out
+    # Six at once: the worker reserves for six slots now (it reserved 4 with one).
+    handles = [tasks.sleep_then.delay(3, i) for i in range(6)]
+    busy = wait_for(lambda: (lambda cs: cs if len(cs) == 6 else None)(
+        [c for c in _children(tasks, w.name) if c["state"] == "busy"]),
+        timeout=20, message="six busy pool processes")
+    assert len({c["pid"] for c in busy}) == 6 and first["pid"] in {c["pid"] for c in busy}
+    with_all_busy = tasks.app.control.pool_shrink(2, destination=w.name, timeout=5)
+    assert "no idle slot" in with_all_busy[0][w.name]["error"]
+    assert [h.result(timeout=20) for h in handles] == list(range(6))
+    replies = tasks.app.control.pool_shrink(4, destination=w.name, timeout=5)
+    assert replies == [{w.name: {"ok": "pool shrank by 4 to 2"}}]
+    left = wait_for(lambda: (lambda cs: cs if len(cs) == 2 else None)(
+        _children(tasks, w.name)), message="two pool processes left")
+    assert {c["pid"] for c in left} <= {c["pid"] for c in busy}
+    wait_for(lambda: len(w.children()) == 2, message="the stopped processes gone")
+    assert tasks.add.delay(1, 2).result(timeout=20) == 3
+    refused = tasks.app.control.autoscale(4, 1, destination=w.name, timeout=5)
+    assert "not started with --autoscale" in refused[0][w.name]["error"]
+
+
+@on_redis
+@pytest.mark.usefixtures("operator")
+def test_autoscale_range_by_remote_control(tasks, start_worker):
+    w = start_worker(pool="threads", concurrency=1, extra_args=["--autoscale", "3,1"])
+    refused = tasks.app.control.pool_grow(1, destination=w.name, timeout=5)
+    assert "not supported with --autoscale" in refused[0][w.name]["error"]
+    replies = tasks.app.control.autoscale(5, 2, destination=w.name, timeout=5)
+    assert replies == [{w.name: {"ok": "autoscale now max=5 min=2"}}]
+    wait_for(lambda: len(_children(tasks, w.name)) == 2, message="grown to the new minimum")
+    stats = tasks.app.control.inspect(destination=w.name, timeout=5).stats()[w.name]
+    assert stats["autoscaler"]["max"] == 5 and stats["concurrency"] == 5

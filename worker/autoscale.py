@@ -59,11 +59,12 @@ class Autoscaler:
         return 0
 
     def shrink_by(self, size: int, demand: int) -> int:
-        """How many slots to stop now: those beyond ``max(MIN, demand)``, once the pool
-        has not grown for ``keepalive`` seconds."""
+        """How many slots to stop now: those beyond ``max(MIN, demand)`` (and beyond MAX,
+        which remote control may have lowered), once the pool has not grown for
+        ``keepalive`` seconds."""
         if self.clock() - self.last_grown < self.keepalive:
             return 0
-        return max(0, size - max(self.min, demand))
+        return max(0, size - min(self.max, max(self.min, demand)))
 
     def info(self, size: int) -> dict[str, int | float]:
         """For ``inspect stats`` (Celery's ``autoscaler`` entry)."""

@@ -196,7 +196,8 @@ class Worker:
                                  on_control_frames=self.control.on_frames)
         self.remote = WorkerControl(state, self._buckets, self.intake, self.begin_shutdown,
                                     self._rates_changed,
-                                    lambda: (self.soft_time_limit, self.time_limit))
+                                    lambda: (self.soft_time_limit, self.time_limit),
+                                    self.resize_pool)
         self.control.remote = self.remote
         self._exit_code = 0
         self._rate_timer = False
@@ -609,6 +610,49 @@ class Worker:
         if fewer and self.shrink_pool(fewer):
             logger.info("autoscale: no growth for %.0fs; pool shrunk to %d",
                         self.autoscaler.keepalive, len(self.slots))
+
+    def resize_pool(self, verb: str, count: int, minimum: int | None) -> str:
+        """Remote control: ``pool_grow`` / ``pool_shrink`` by ``count`` slots, or
+        ``autoscale`` to ``count`` (max) and ``minimum``. Returns what was done; raises
+        ControlRefused where it cannot apply (as Celery, ``pool_grow`` / ``pool_shrink``
+        are refused under ``--autoscale``: change its range instead)."""
+        from .remote import ControlRefused
+
+        if self.pool.name == "solo":
+            raise ControlRefused("ControlError", f"{verb}: the solo pool has one slot")
+        scaler = self.autoscaler
+        if verb == Verb.AUTOSCALE:
+            if scaler is None:
+                raise ControlRefused("ControlError", "autoscale: this worker was not "
+                                                     "started with --autoscale")
+            scaler.max = count
+            scaler.min = scaler.min if minimum is None else minimum
+            scaler.min = min(scaler.min, scaler.max)
+            self._set_concurrency(scaler.max)
+            if len(self.slots) < scaler.min:
+                self.grow_pool(scaler.min - len(self.slots))
+            self._autoscale_up()  # a backlog the old maximum held back
+            # (slots above a lower maximum stop when idle, after the keepalive)
+            return f"autoscale now max={scaler.max} min={scaler.min}"
+        if scaler is not None:
+            raise ControlRefused("ControlError", f"{verb} is not supported with --autoscale; "
+                                                 "change the autoscale range instead")
+        if verb == Verb.POOL_GROW:
+            self.grow_pool(count)
+            self._set_concurrency(len(self.slots))
+            return f"pool grew by {count} to {len(self.slots)}"
+        stopped = self.shrink_pool(min(count, len(self.slots) - 1))
+        if not stopped:
+            raise ControlRefused("ControlError", "pool_shrink: no idle slot to stop (a busy "
+                                                 "one is never stopped, the last one stays)")
+        self._set_concurrency(len(self.slots))
+        return f"pool shrank by {stopped} to {len(self.slots)}"
+
+    def _set_concurrency(self, count: int) -> None:
+        """The pool's nominal size changed: reserve for it from now on."""
+        self.concurrency = self.state.concurrency = count
+        if self.connection is not None:
+            self.intake.set_prefetch(count * self.app.conf.prefetch_multiplier)
 
     def grow_pool(self, count: int) -> None:
         """Start ``count`` more slots (Celery's ``pool_grow``)."""

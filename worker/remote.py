@@ -37,6 +37,16 @@ class ControlRefused(Exception):
         self.kind = kind
 
 
+def _count(value: Any, label: str, default: int | None = None, least: int = 1) -> int:
+    """A whole number of slots from a control message (``default`` when absent)."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ControlRefused("ControlError", f"{label} must be a whole number of at least "
+                                             f"{least}, not {value!r}")
+    return value
+
+
 class WorkerControl:
     """Applies worker-wide requests; one per worker.
 
@@ -44,13 +54,17 @@ class WorkerControl:
     dispatch rebuilds one from the task's new ``rate_limit``), ``intake`` its task intake,
     ``begin_shutdown`` starts a warm shutdown as SIGTERM does, ``rates_changed`` lets the
     worker start what an old rate limit held back, ``default_limits`` gives the worker's
-    (soft, hard) limits for tasks that set none (``--soft-time-limit``, ``--time-limit``).
+    (soft, hard) limits for tasks that set none (``--soft-time-limit``, ``--time-limit``),
+    ``resize_pool(verb, n, minimum)`` applies ``pool_grow`` / ``pool_shrink`` /
+    ``autoscale`` and returns what it did (or raises ControlRefused).
     """
 
     def __init__(self, state: WorkerState, buckets: dict[str, Any], intake: WorkerIntake,
                  begin_shutdown: Callable[[str], None],
                  rates_changed: Callable[[], None],
-                 default_limits: Callable[[], tuple[float | None, float | None]]) -> None:
+                 default_limits: Callable[[], tuple[float | None, float | None]],
+                 resize_pool: Callable[[str, int, int | None], str] | None = None) -> None:
+        self.resize_pool = resize_pool
         self.state = state
         self.buckets = buckets
         self.intake = intake
@@ -78,6 +92,14 @@ class WorkerControl:
         if verb == Verb.SHUTDOWN:
             self.begin_shutdown("remote control shutdown")
             return "warm shutdown started"
+        if verb in (Verb.POOL_GROW, Verb.POOL_SHRINK, Verb.AUTOSCALE) and self.resize_pool:
+            if verb == Verb.AUTOSCALE:
+                high = _count(args.get("max"), "max")
+                low = None if args.get("min") is None else _count(args["min"], "min", least=0)
+                if low is not None and low > high:
+                    high, low = low, high  # either order, as Celery
+                return self.resize_pool(verb, high, low)
+            return self.resize_pool(verb, _count(args.get("n"), "n", 1), None)
         raise ControlRefused("ControlError", f"unknown worker control {verb!r}")
 
     def _task(self, name: Any) -> Any:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Consumer
 
+from . import is_amqp
 from .redis_fast import ListReader, is_redis
 from .redis_fetch import TaskFetcher
 from .redis_liveness import redelivered_key
@@ -111,6 +112,19 @@ class WorkerIntake:
         if consumer is not None:
             consumer.cancel_by_queue(self.app.names.task_queue(queue).name)
 
+    def set_prefetch(self, count: int) -> None:
+        """Reserve up to ``count`` unacknowledged tasks from now on (the pool was resized);
+        raises the broker's connection errors."""
+        consumer = self.task_consumer
+        if consumer is None:
+            return
+        consumer.qos(prefetch_count=count)
+        if is_amqp(self.app.broker_url) and not self.stopped and consumer.queues:
+            # RabbitMQ applies a per-consumer prefetch to consumers started after it: start
+            # them again. Deliveries made meanwhile still reach on_task (or are requeued).
+            consumer.cancel()
+            consumer.consume()
+
     def close(self) -> None:
         """Forget the connection's consumers (the connection is released by its owner)."""
         self.task_consumer = None
@@ -177,6 +191,11 @@ class RedisIntake(WorkerIntake):
         if fetcher is not None:
             name = self.app.names.task_queue(queue).name
             fetcher.set_queues([q for q in fetcher.queues if q != name])
+
+    def set_prefetch(self, count: int) -> None:
+        fetcher = self.fetcher
+        if fetcher is not None:  # the fetch reads its room from the channel's QoS
+            fetcher.channel.basic_qos(0, count, False)
 
     def close(self) -> None:
         super().close()
