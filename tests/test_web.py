@@ -380,7 +380,7 @@ def test_control_without_authority_is_refused_and_changes_nothing(
         ({**csrf, "X-Itask-Key": secret, "Origin": "http://evil.example"}, 403),
         (csrf, 401),  # no authority at all
         ({**csrf, "X-Itask-Key": "not-the-secret"}, 403),
-        ({**csrf, "X-Itask-Key": handle.token}, 403),  # a token cannot be checked here
+        ({**csrf, "X-Itask-Key": handle.token + "x"}, 403),  # another task's, say
     ]
     for headers, expected in cases:
         for action in ("pause", "cancel"):
@@ -396,10 +396,15 @@ def test_control_without_authority_is_refused_and_changes_nothing(
     page.wait_for_selector("#status.error", timeout=10_000)
     assert "401" in page.inner_text("#status")
     assert handle.state.value == "running"
+    # the task's own token is authority too: checked against the digest its worker holds
     status, _, _ = server.request(path, method="POST", body={"action": "pause"},
+                                  headers={**csrf, "X-Itask-Key": handle.token})
+    assert status == 200
+    wait_for(lambda: handle.state.value == "paused", 10, message="the pause with the token")
+    status, _, _ = server.request(path, method="POST", body={"action": "resume"},
                                   headers={**csrf, "X-Itask-Key": secret})
     assert status == 200
-    wait_for(lambda: handle.state.value == "paused", 10, message="the operator's pause")
+    wait_for(lambda: handle.state.value == "running", 10, message="the operator's resume")
     handle.cancel()
     assert secret not in server.log() and handle.token not in server.log()
 

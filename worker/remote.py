@@ -200,5 +200,8 @@ class WorkerControl:
                 continue
             record = s.records.get(task_id) or s.finished.get(task_id)
             if record is not None:
-                found[task_id] = record.summary()
+                # the digest (never the token) lets a holder of the operator secret, such
+                # as itask web, check a token a user presents for this task
+                found[task_id] = {**record.summary(),
+                                  "token_digest": record.message.token_digest}
         return found

@@ -17,8 +17,9 @@ Routes:
 Security: with ``auth`` every route but none needs HTTP Basic credentials. Control needs
 (1) not ``read_only``, (2) the CSRF token (the ``itask_csrf`` cookie's value echoed in the
 ``X-CSRF-Token`` header, and a same-origin ``Origin`` when the browser sends one), and
-(3) authority over the task in the ``X-Itask-Key`` header: the operator secret when the
-app has one (compared here), else the task's token (checked by the task's worker).
+(3) authority over the task in the ``X-Itask-Key`` header: the operator secret, or the
+task's token (when the app has an operator secret, checked here against the digest the
+task's worker reports; else passed on and checked by the worker).
 Secrets and tokens never travel in URLs, so access logs never hold them.
 """
 
@@ -50,6 +51,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .. import codec
 from ..errors import (
     ControlError,
     HardPauseUnsupported,
@@ -110,6 +112,8 @@ class Dashboard:
         self.cluster = cluster if cluster is not None else Cluster(app)
         self.feeds = feeds if feeds is not None else Feeds(app)
         self.epoch = secrets.token_hex(4)
+        #: task id -> a token already checked against the task's digest
+        self.proven: dict[str, str] = {}
         self.csrf = secrets.token_urlsafe(24)
 
     def start(self) -> None:
@@ -231,15 +235,29 @@ def create_app(app: App, *, read_only: bool = False, auth: str | None = None,
                 return False
         return True
 
+    def _token_proven(task_id: str, key: str) -> bool:
+        if board.proven.get(task_id) == key:
+            return True
+        answers = board.app.control.inspect(timeout=1.0).query_task(task_id)
+        for found in answers.values():
+            summary = found.get(task_id) if isinstance(found, dict) else None
+            if isinstance(summary, dict) and \
+                    codec.token_matches(key, summary.get("token_digest")):
+                board.proven[task_id] = key
+                return True
+        return False
+
     def _control(task_id: str, key: str, body: dict[str, Any]) -> None:
         action = body.get("action")
         secret = board.app.secret
         if secret is not None:
-            # Every message of this app is signed, which makes it an operator: only the
-            # operator secret itself can stand behind a request here.
-            if not hmac.compare_digest(key.encode(), secret):
-                raise NotAuthorized("this dashboard needs the operator secret to steer "
-                                    "tasks (ITASK_SECRET)")
+            # Every message of this app is signed, which makes it an operator: the key
+            # must be the operator secret, or the task's token checked here against the
+            # digest its worker holds.
+            if not hmac.compare_digest(key.encode(), secret) and \
+                    not _token_proven(task_id, key):
+                raise NotAuthorized(f"not authorised to steer task {task_id}: give the "
+                                    "operator secret or the task's token")
             handle = board.feeds.get(task_id).handle
         else:
             handle = board.app.attach(task_id, key or None)
