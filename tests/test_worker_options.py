@@ -176,3 +176,18 @@ def test_autoscale_range_by_remote_control(tasks, start_worker):
     wait_for(lambda: len(_children(tasks, w.name)) == 2, message="grown to the new minimum")
     stats = tasks.app.control.inspect(destination=w.name, timeout=5).stats()[w.name]
     assert stats["autoscaler"]["max"] == 5 and stats["concurrency"] == 5
+
+
+@on_redis
+def test_fair_no_task_waits_behind_a_busy_process(tasks, start_worker):
+    """``-O fair`` (and this worker's only way): a reserved task goes to an idle process,
+    never into the queue of a busy one, so short tasks pass a long one."""
+    from interactive_tasks import TaskState
+
+    start_worker(pool="prefork", concurrency=2, extra_args=["-O", "fair"])
+    long = tasks.sleep_then.apply_async((6, "long"), watch="all")
+    wait_for(lambda: long.state is TaskState.RUNNING, message="the long task running")
+    short = [tasks.sleep_then.delay(0.2, i) for i in range(6)]
+    assert [h.result(timeout=4) for h in short] == list(range(6))  # all on the free one
+    assert long.state is TaskState.RUNNING
+    assert long.result(timeout=20) == "long"
