@@ -655,3 +655,41 @@ def test_a_wrong_token_is_refused(proj: Any, start_celery: Any) -> None:
     holds_for(lambda: handle.state is TaskState.RUNNING, 0.5, message="still running")
     assert handle.cancel(grace=10)
     assert handle.wait(timeout=15) is TaskState.CANCELLED
+
+
+@pytest.mark.parametrize("celery_env", ["redis"], indirect=True)
+def test_bad_input_is_refused_and_the_relay_keeps_serving(
+        proj: Any, start_celery: Any, celery_env: CeleryEnv) -> None:
+    """Garbage on the worker's control list and on the relay's socket: one log line each,
+    and the relay goes on steering tasks."""
+    import re
+    import socket
+    import struct
+
+    import redis
+
+    worker = start_celery(pool="prefork")
+    handle = proj.looper.start(100000, 0.02)
+    wait_for(lambda: handle.progress is not None, 20, message="first progress")
+    r = redis.Redis.from_url(REDIS_URL)
+    r.lpush(f"{celery_env.namespace}.ctl.{worker.name}", b"garbage", b"0\xc1\xc1")
+    path = re.search(r"interactive_tasks relay for \S+ on (\S+)", worker.log()).group(1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        from interactive_tasks.codec import dumps
+
+        begin = dumps(["begin"])  # a frame missing its fields
+        sock.sendall(struct.pack(">I", len(begin)) + begin)
+        wait_for(lambda: "ignored a bad frame" in worker.log(), 10,
+                 message="the bad frame ignored")
+        sock.sendall(struct.pack(">I", 3) + b"\xc1\xc1\xc1")  # not msgpack
+        wait_for(lambda: "dropped a pool channel" in worker.log(), 10,
+                 message="the malformed channel dropped")
+    wait_for(lambda: "refused control message" in worker.log(), 10,
+             message="the garbage control refused")
+    handle.pause(wait=True, timeout=10)
+    handle.resume(wait=True, timeout=10)
+    assert proj.double.start(4).result(timeout=20) == 8
+    handle.cancel(grace=10)
+    assert handle.wait(timeout=15) is TaskState.CANCELLED
+    assert "Traceback" not in worker.log()

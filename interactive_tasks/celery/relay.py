@@ -339,7 +339,11 @@ class Relay:
                     frames = conn.reader.feed(data)
                 except (BlockingIOError, InterruptedError):
                     continue
-                except (OSError, ChannelClosed):
+                except (OSError, ChannelClosed, ProtocolError, ValueError) as exc:
+                    if not isinstance(exc, (OSError, ChannelClosed)):
+                        # Not our framing: whatever wrote it is not a pool process of ours.
+                        logger.warning("dropped a pool channel that sent a malformed "
+                                       "frame: %s", exc)
                     sel.unregister(conn.sock)
                     conn.sock.close()
                     self._on_closed(conn)
@@ -348,8 +352,9 @@ class Relay:
                     for frame in frames:
                         try:
                             self._on_frame(conn, frame)
-                        except Exception:
-                            logger.exception("bad frame from pool process %s", conn.pid)
+                        except Exception as exc:
+                            logger.warning("ignored a bad frame from pool process %s: %r",
+                                           conn.pid, exc)
         sel.close()
 
     def _on_frame(self, conn: _Conn, frame: Any) -> None:
