@@ -693,3 +693,28 @@ def test_bad_input_is_refused_and_the_relay_keeps_serving(
     handle.cancel(grace=10)
     assert handle.wait(timeout=15) is TaskState.CANCELLED
     assert "Traceback" not in worker.log()
+
+
+@pytest.mark.parametrize("celery_env", ["redis"], indirect=True)
+def test_the_jupyter_widget_follows_and_steers_a_celery_task(proj: Any,
+                                                             start_celery: Any) -> None:
+    """The widget of a ``start()`` handle (its model, driven as the comm drives it)."""
+    pytest.importorskip("anywidget")
+    pytest.importorskip("ipywidgets")
+    from interactive_tasks import widgets
+
+    start_celery(pool="prefork")
+    handle = proj.looper.start(100000, 0.02)
+    w = widgets.TaskWidget(handle)
+    try:
+        wait_for(lambda: w.state == "running" and (w.current or 0) >= 3, 20,
+                 message="the widget showing progress")
+        w._on_custom(w, {"action": "pause"}, [])  # as the comm delivers a click
+        wait_for(lambda: w.state == "paused", 10, message="paused in the widget")
+        assert handle.state is TaskState.PAUSED
+        w._on_custom(w, {"action": "cancel"}, [])
+        wait_for(lambda: w.state == "cancelled", 15, message="cancelled in the widget")
+        assert not w.error
+    finally:
+        w.close()
+    assert handle.async_result.state == "REVOKED"
