@@ -518,3 +518,26 @@ def test_without_the_web_extra_itask_web_says_which_extra_to_install(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         'itask: itask web needs the web extra: pip install "interactive_tasks[web]"']
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_without_an_operator_secret_the_worker_checks_the_token(
+        broker, start_worker, tasks, web):
+    assert tasks.app.secret is None  # a Redis cluster without ITASK_SECRET
+    start_worker(extra_args=["-E"])
+    server = web()
+    handle = tasks.steerable.start(100_000, 0.02)
+    wait_for(lambda: handle.state.value == "running", 10, message="the task to start")
+    path = f"/api/task/{handle.id}/control"
+    csrf = server.csrf()
+    status, body, _ = server.request(path, method="POST", body={"action": "pause"},
+                                     headers={**csrf, "X-Itask-Key": "not-its-token"})
+    assert status == 403 and "NotAuthorized" not in body and "token" in body, body
+    holds_for(lambda: handle.state.value == "running", 0.3, message="the task running")
+    status, body, _ = server.request(path, method="POST", body={"action": "pause"},
+                                     headers={**csrf, "X-Itask-Key": handle.token})
+    assert status == 200, body
+    wait_for(lambda: handle.state.value == "paused", 10, message="the pause with the token")
+    _, text, _ = server.request("/metrics")
+    assert 'itask_queue_depth{queue="default"}' in text  # measured on Redis too
+    handle.cancel()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -254,6 +255,23 @@ def _row(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _depth(conn: Any, queue: Any) -> int | None:
+    """Messages waiting in ``queue`` (0 when the broker has no such queue), or None."""
+    channel = conn.channel()  # its own: a refused passive declare closes it on AMQP
+    try:
+        return int(queue(channel).queue_declare(passive=True).message_count)
+    except Exception as exc:
+        # Redis keeps no empty list and RabbitMQ may not have declared the queue yet:
+        # nothing is waiting in it either way
+        if "NOT_FOUND" in str(exc) or getattr(exc, "code", None) == 404:
+            return 0
+        logger.debug("dashboard: depth of %s: %s", queue.name, exc)
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
 class Cluster:
     """Workers, tasks, queue depths and counters, kept current by background threads."""
 
@@ -395,20 +413,12 @@ class Cluster:
         for w in self.workers():
             queues.update(q for q in w.get("queues") or () if isinstance(q, str))
         depths: dict[str, int] = {}
-        dead: int | None = None
         with self.app.connection() as conn:
-            channel = conn.default_channel
             for queue in sorted(queues):
-                try:
-                    declared = names.task_queue(queue)(channel).queue_declare(passive=True)
-                    depths[queue] = int(declared.message_count)
-                except Exception:
-                    channel = conn.default_channel  # a passive miss closes it on AMQP
-            try:
-                declared = names.dead_letter_queue(channel).queue_declare(passive=True)
-                dead = int(declared.message_count)
-            except Exception:
-                dead = 0
+                count = _depth(conn, names.task_queue(queue))
+                if count is not None:
+                    depths[queue] = count
+            dead = _depth(conn, names.dead_letter_queue)
         with self._lock:
             self.queue_depths = depths
             self.dead_letters = dead
