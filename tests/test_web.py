@@ -222,6 +222,18 @@ def _progress(page: Any) -> str:
     return str(page.inner_text("#progress"))
 
 
+def _settled(page: Any) -> str:
+    """The progress text once it read the same twice, 0.2 s apart (10 s at most)."""
+    seen: list[str] = []
+
+    def same() -> bool:
+        seen.append(_progress(page))
+        return len(seen) > 1 and seen[-1] == seen[-2]
+
+    wait_for(same, 10, interval=0.2, message="the progress to settle")
+    return seen[-1]
+
+
 def _state(page: Any) -> str:
     return str(page.inner_text("#state"))
 
@@ -272,14 +284,20 @@ def test_pause_resume_answer_and_cancel_from_the_task_page(
     page.click("button[data-action=pause]")
     wait_for(lambda: _state(page) == "paused", 10, message="paused on the page")
     assert handle.state.value == "paused"
-    time.sleep(0.2)  # a progress update already on its way may still land
-    frozen = _progress(page)
+    frozen = _settled(page)  # a progress update already on its way may still land
     holds_for(lambda: _progress(page) == frozen, 1.0, message="the progress standing still")
     assert page.is_visible(".paused-note")
     _shot(page, "task-paused")
     page.click("button[data-action=resume]")
     wait_for(lambda: _state(page) == "running" and _progress(page) != frozen, 10,
              message="progress moving again after Resume")
+    page.click("button[data-action=hard-pause]")  # the pool process is stopped at once
+    wait_for(lambda: _state(page) == "paused", 10, message="hard-paused on the page")
+    frozen = _settled(page)
+    holds_for(lambda: _progress(page) == frozen, 0.5, message="the progress standing still")
+    page.click("button[data-action=resume]")
+    wait_for(lambda: _state(page) == "running" and _progress(page) != frozen, 10,
+             message="progress moving again after the hard pause")
     page.fill("#message", '{"hello": 1}')
     page.click("button[data-action=send]")
     wait_for(lambda: any(r["what"] == "message" and r["data"] == {"hello": 1}
