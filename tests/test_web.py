@@ -559,3 +559,28 @@ def test_without_an_operator_secret_the_worker_checks_the_token(
     _, text, _ = server.request("/metrics")
     assert 'itask_queue_depth{queue="default"}' in text  # measured on Redis too
     handle.cancel()
+
+
+def test_a_feed_numbers_its_entries_across_the_ones_it_drops(web_tools, monkeypatch):
+    from interactive_tasks import App
+    from interactive_tasks.handle import TaskHandle
+    from interactive_tasks.protocol import Event
+    from interactive_tasks.web import state
+
+    monkeypatch.setattr(state, "MAX_ENTRIES", 20)
+    app = App("web-unit", broker="embedded:///nonexistent-web-unit")
+    handle: TaskHandle[Any] = TaskHandle(app, "t1", name="job", watch=False)
+    feed = state.TaskFeed(handle)
+    try:
+        for i in range(1, 26):
+            handle._on_event(Event("t1", i, "log", 100.0 + i, {"level": "info",
+                                                                "text": f"line {i}"}))
+        entries, _, count, gone = feed.since(0)
+        assert count == 25 and gone and len(entries) <= 20
+        assert entries[-1]["text"] == "line 25"
+        entries, _, _, gone = feed.since(10)  # a reader that saw 10: entries 11.. are kept
+        assert not gone and [e["text"] for e in entries] == [f"line {i}" for i in range(11, 26)]
+        assert feed.since(25)[0] == [] and not feed.since(25)[3]
+        assert feed.since(2)[3]  # entries 3.. are partly gone: that reader starts over
+    finally:
+        app.close()

@@ -206,11 +206,13 @@ def create_app(app: App, *, read_only: bool = False, auth: str | None = None,
                     yield b": keep-alive\n\n"
                     continue
                 seen = version
-                entries, view, count = feed.since(sent)
+                entries, view, count, gone = feed.since(sent)
                 message: dict[str, Any] = {"view": view, "entries": entries, "from": sent}
+                if gone:  # too far behind: the page starts over with what is kept
+                    message["reset"] = True
                 if first:
                     message["chart"] = feed.chart_points()
-                    message["reset"] = sent == 0
+                    message["reset"] = sent == 0 or gone
                     first = False
                 elif view.get("current") is not None and view.get("started"):
                     points = feed.chart_points()

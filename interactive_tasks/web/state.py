@@ -37,6 +37,8 @@ logger = logging.getLogger("interactive_tasks.web")
 
 #: Characters of a log line, message or answer in an event entry.
 LINE_CHARS = 2000
+#: Event entries a task feed keeps (the oldest tenth go when it has more).
+MAX_ENTRIES = 10_000
 #: Progress samples a task page's chart keeps (older ones are thinned out).
 CHART_POINTS = 600
 #: Minutes of overview history (one point every ``HISTORY_STEP`` seconds).
@@ -138,14 +140,16 @@ def task_page_view(snap: TaskSnapshot, rate: float | None, eta: float | None,
 class TaskFeed:
     """One task, followed through an attach handle, as numbered entries and a view.
 
-    ``entries`` holds every non-progress event in order (progress is state: the view and
-    the chart carry it); entry ``n`` is ``entries[n - 1]``. Changes bump ``changes``.
+    ``entries`` holds the non-progress events in order (progress is state: the view and
+    the chart carry it); entry ``n`` is ``entries[n - 1 - dropped]``: past
+    :data:`MAX_ENTRIES` the oldest are dropped. Changes bump ``changes``.
     """
 
     def __init__(self, handle: TaskHandle[Any]) -> None:
         self.task_id = handle.id
         self.changes = Changes()
         self.entries: list[dict[str, Any]] = []
+        self.dropped = 0
         self.chart: list[tuple[float, float]] = []
         self._chart_thin = 1
         self._lock = threading.Lock()
@@ -162,6 +166,10 @@ class TaskFeed:
                     self._sample(event)
                 else:
                     self.entries.append(_entry(event))
+            if len(self.entries) > MAX_ENTRIES:
+                drop = max(1, MAX_ENTRIES // 10)
+                del self.entries[:drop]
+                self.dropped += drop
             snap = handle.snapshot()
             if snap.progress is not None and not self.chart:
                 self._sample(snap.progress)
@@ -178,10 +186,14 @@ class TaskFeed:
             del chart[1::2]
             self._chart_thin *= 2
 
-    def since(self, n: int) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
-        """Entries after the ``n``-th, the current view and the entry count."""
+    def since(self, n: int) -> tuple[list[dict[str, Any]], dict[str, Any], int, bool]:
+        """Entries after the ``n``-th, the view, the entry count, and whether some entries
+        after the ``n``-th were already dropped (the caller starts its reader over)."""
         with self._lock:
-            return self.entries[n:], dict(self.view), len(self.entries)
+            gone = n < self.dropped
+            start = 0 if gone else n - self.dropped
+            return (self.entries[start:], dict(self.view), self.dropped + len(self.entries),
+                    gone)
 
     def chart_points(self) -> list[tuple[float, float]]:
         with self._lock:
