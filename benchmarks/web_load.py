@@ -41,7 +41,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .harness import ROOT, percentile, python
+from .harness import ROOT, percentile, python, wait_until
 
 CHROMIUM = os.environ.get("ITASK_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -65,17 +65,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _until(predicate: Any, timeout: float, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("timed out")
-        time.sleep(interval)
 
 
 def _rows(running: int, recent: int) -> list[dict[str, Any]]:
@@ -117,7 +106,7 @@ def tasks_page(running: int, recent: int, repeat: int, home: Path) -> dict[str, 
                                            port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    _until(lambda: server.started, 20)
+    wait_until(lambda: server.started, 20, 0.01, "uvicorn to start")
     url = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {"tasks_in_table": running + recent, "fill_ms": round(fill_ms, 1)}
     try:
@@ -181,7 +170,7 @@ def task_page(steps: int, home: Path) -> dict[str, Any]:
     from examples.tasks import app, crunch
 
     try:
-        _until(lambda: app.ping(timeout=0.5, expect=1), 30)
+        wait_until(lambda: app.ping(timeout=0.5, expect=1), 30, 0.01, "the worker")
 
         def listening() -> bool:
             try:
@@ -190,7 +179,7 @@ def task_page(steps: int, home: Path) -> dict[str, Any]:
             except OSError:
                 return False
 
-        _until(listening, 30)
+        wait_until(listening, 30, 0.01, "itask web to listen")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             page = browser.new_context(bypass_csp=True).new_page()
