@@ -33,7 +33,7 @@ from interactive_tasks.protocol import (
     TaskMessage,
     Verb,
 )
-from interactive_tasks.transport.redis_fast import decode_frame, kombu_body
+from interactive_tasks.transport.redis_fast import control_frame, kombu_body
 
 from .canvas import after_finish
 from .inbound import decode_body, signed_by
@@ -92,12 +92,7 @@ class ControlRouter:
         limit = w.app.conf.max_message_size
         for raw in frames:
             try:
-                if raw[:1] == b"{":  # in kombu's envelope (a kombu publisher)
-                    body, signature = kombu_body(raw)
-                    signed = secret is not None and codec.verify(secret, body, signature)
-                else:
-                    body = decode_frame(raw, secret)
-                    signed = secret is not None
+                body, signed = control_frame(raw, secret)
             except ProtocolError as exc:
                 logger.warning("refused control message: %s", exc.reason)
                 continue

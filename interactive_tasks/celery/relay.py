@@ -42,14 +42,7 @@ from interactive_tasks.protocol import (
     TaskState,
     Verb,
 )
-from interactive_tasks.transport.redis_fast import (
-    INBOX_EXPIRES_MS,
-    TaskPublisher,
-    decode_frame,
-    encode_frame,
-    is_redis,
-    kombu_body,
-)
+from interactive_tasks.transport.threaded_side import threaded_side_for
 from interactive_tasks.worker.ipc import ChannelClosed, FrameReader, FrameWriter
 
 logger = logging.getLogger("interactive_tasks.celery")
@@ -147,11 +140,8 @@ class Relay:
         self.held_subscribers: dict[str, dict[str, float]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._publish_lock = threading.Lock()
-        self._publisher: TaskPublisher | None = None
-        self._producer: Any = None
-        self._producer_conn: Any = None
-        self._declared: set[str] = set()
+        #: the broker side: inboxes, monitoring and control, whichever the broker
+        self.side = threaded_side_for(app, hostname)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(socket_path)
         self.listener.listen(64)
@@ -165,8 +155,9 @@ class Relay:
             thread = threading.Thread(target=target, name=f"itask-relay-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        if is_redis(self.app.broker_url):
-            thread = threading.Thread(target=self._redis_control_loop,
+        if self.side.has_control_list:
+            thread = threading.Thread(target=self.side.read_control_list,
+                                      args=(self._stop, self.on_body),
                                       name="itask-relay-ctl-list", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -183,64 +174,15 @@ class Relay:
             os.unlink(self.socket_path)
         except OSError:
             pass
-        with self._publish_lock:
-            if self._publisher is not None:
-                self._publisher.close()
-            if self._producer_conn is not None:
-                try:
-                    self._producer_conn.release()
-                except Exception:
-                    pass
+        self.side.close()
 
     # -- publishing ----------
     def publish_inbox(self, inbox: str, payload: dict[str, Any]) -> None:
         """Send one message to a client inbox; a broker error is logged, not raised."""
-        body = codec.dumps(payload)
-        secret = self.app.secret
-        with self._publish_lock:
-            try:
-                if is_redis(self.app.broker_url):
-                    if self._publisher is None:
-                        self._publisher = TaskPublisher(
-                            self.app.broker_url, self.app.conf.broker_transport_options)
-                    self._publisher.push(inbox, encode_frame(body, secret), INBOX_EXPIRES_MS)
-                    return
-                self._publish_kombu(inbox, body, secret)
-            except Exception as exc:
-                logger.warning("could not publish to %s: %s", inbox, exc)
-                self._producer = None
-                self._declared.clear()
-
-    def _kombu_producer(self) -> Any:
-        """The relay's kombu producer (made on first use; caller holds the publish lock)."""
-        from kombu import Producer
-
-        if self._producer is None:
-            if self._producer_conn is not None:
-                try:
-                    self._producer_conn.release()
-                except Exception:
-                    pass
-            conn = self.app.connection()
-            conn.ensure_connection(max_retries=3)
-            self._producer_conn = conn
-            self._producer = Producer(conn.default_channel)
-        return self._producer
-
-    def _publish_kombu(self, inbox: str, body: bytes, secret: bytes | None) -> None:
-        producer = self._kombu_producer()
-        headers = {}
-        if secret is not None:
-            headers[codec.SIGNATURE_HEADER] = codec.sign(secret, body)
-        declare = []
-        if inbox not in self._declared:
-            queue = self.app.names.inbox_queue(inbox.rsplit(".", 1)[-1])
-            if queue.name == inbox:
-                declare = [queue]
-        producer.publish(body, routing_key=inbox, exchange="",
-                               content_type=codec.CONTENT_TYPE, content_encoding="binary",
-                               headers=headers, declare=declare)
-        self._declared.add(inbox)
+        try:
+            self.side.publish_inbox(inbox, payload)
+        except Exception as exc:
+            logger.warning("could not publish to %s: %s", inbox, exc)
 
     def reply(self, inbox: str, rid: str | None, ok: bool, *, data: Any = None,
               error: tuple[str, str] | None = None, pending: bool = False) -> None:
@@ -638,10 +580,7 @@ class Relay:
         """kombu consumers: the broadcast queue, and the control queue off Redis."""
         from kombu import Consumer
 
-        names = self.app.names
-        queues = [names.broadcast_queue(self.hostname)]
-        if not is_redis(self.app.broker_url):
-            queues.append(names.control_queue(self.hostname))
+        queues = self.side.control_queues
         backoff = 0.5
         while not self._stop.is_set():
             conn = self.app.connection()
@@ -675,39 +614,6 @@ class Relay:
             secret, body, (message.headers or {}).get(codec.SIGNATURE_HEADER))
         self.on_body(body, signed)
 
-    def _redis_control_loop(self) -> None:
-        """Redis: the control queue is a plain list of raw frames (``BRPOP``, oldest
-        first)."""
-        import redis
-
-        key = self.app.names.control_queue_name(self.hostname)
-        secret = self.app.secret
-        while not self._stop.is_set():
-            client = redis.Redis.from_url(self.app.broker_url, socket_timeout=5)
-            try:
-                while not self._stop.is_set():
-                    item = client.brpop([key], timeout=1)
-                    if not item:
-                        continue
-                    raw = item[1] if isinstance(item[1], bytes) else str(item[1]).encode()
-                    try:
-                        if raw[:1] == b"{":
-                            body, signature = kombu_body(raw)
-                            signed = secret is not None and codec.verify(secret, body,
-                                                                         signature)
-                        else:
-                            body = decode_frame(raw, secret)
-                            signed = secret is not None
-                    except ProtocolError as exc:
-                        logger.warning("refused control message: %s", exc.reason)
-                        continue
-                    self.on_body(body, signed)
-            except Exception as exc:
-                logger.warning("relay control list lost (%s); retrying", exc)
-                self._stop.wait(1.0)
-            finally:
-                client.close()
-
     # -- upkeep ----------
     def _upkeep_loop(self) -> None:
         every = self.app.conf.worker_heartbeat
@@ -724,23 +630,10 @@ class Relay:
     def publish_monitor(self, payload: dict[str, Any]) -> None:
         """Publish on the fanout ``<ns>.events`` exchange (``itask top``, ``itask
         events``); dropped when nobody listens, logged when the broker fails."""
-        body = codec.dumps(payload)
-        secret = self.app.secret
-        headers = {}
-        if secret is not None:
-            headers[codec.SIGNATURE_HEADER] = codec.sign(secret, body)
-        exchange = self.app.names.events_exchange
-        with self._publish_lock:
-            try:
-                producer = self._kombu_producer()
-                producer.publish(body, routing_key="", exchange=exchange,
-                                 content_type=codec.CONTENT_TYPE,
-                                 content_encoding="binary", headers=headers,
-                                 declare=[exchange])
-            except Exception as exc:
-                logger.warning("could not publish monitoring events: %s", exc)
-                self._producer = None
-                self._declared.clear()
+        try:
+            self.side.publish_monitor(payload)
+        except Exception as exc:
+            logger.warning("could not publish monitoring events: %s", exc)
 
     def _heartbeat(self) -> None:
         self.publish_monitor({"t": "worker-heartbeat", "worker": self.hostname,

@@ -125,6 +125,13 @@ class Names:
         return Queue(name, routing_key=name, durable=False, expires=INBOX_EXPIRES,
                      auto_delete=False)
 
+    def inbox_queue_named(self, inbox: str) -> Queue | None:
+        """The inbox queue called ``inbox``, with its expiry, for a publisher to declare
+        (so one a late publish re-creates after its client left still goes away); None for
+        a name that is not an inbox of this namespace."""
+        queue = self.inbox_queue(inbox.rsplit(".", 1)[-1])
+        return queue if queue.name == inbox else None
+
     @property
     def dead_letter_queue(self) -> Queue:
         name = self.dead_letter_name

@@ -201,11 +201,8 @@ class KombuOutbound(Outbound):
             headers[codec.SIGNATURE_HEADER] = codec.sign(app.secret, body)
         declare = []
         if inbox not in self._declared:
-            # Declared by the publisher too, with its expiry: an inbox a late publish
-            # re-creates after its client left still goes away.
-            client_id = inbox.rsplit(".", 1)[-1]
-            queue = app.names.inbox_queue(client_id)
-            if queue.name == inbox:
+            queue = app.names.inbox_queue_named(inbox)
+            if queue is not None:
                 declare = [queue]
             self._declared.add(inbox)
         try:

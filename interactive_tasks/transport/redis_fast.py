@@ -38,8 +38,8 @@ from .redis_urls import (
 )
 
 __all__ = ["HubCommand", "InboxReader", "ListReader", "RespConnection", "TaskPublisher",
-           "WorkerPipeline", "decode_frame", "encode_frame", "is_redis", "kombu_body",
-           "kombu_envelope", "pack_commands", "read_replies", "send_packed"]
+           "WorkerPipeline", "control_frame", "decode_frame", "encode_frame", "is_redis",
+           "kombu_body", "kombu_envelope", "pack_commands", "read_replies", "send_packed"]
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -65,6 +65,17 @@ def decode_frame(raw: bytes, secret: bytes | None) -> bytes:
             raise ProtocolError("inbox frame is unsigned but the app has a secret")
         return raw[1:]
     raise ProtocolError("inbox frame has an unknown format")
+
+
+def control_frame(raw: bytes, secret: bytes | None) -> tuple[bytes, bool]:
+    """The body of an item of a worker's control list, and whether it is signed by
+    ``secret``: a raw frame (:func:`encode_frame`) or a message in kombu's envelope (a kombu
+    publisher). Raises ProtocolError for a frame that is bad or unsigned where ``secret``
+    wants a signature."""
+    if raw[:1] == b"{":
+        body, signature = kombu_body(raw)
+        return body, secret is not None and codec.verify(secret, body, signature)
+    return decode_frame(raw, secret), secret is not None
 
 
 def kombu_envelope(body: bytes, queue: str, content_type: str,
