@@ -197,7 +197,8 @@ def test_forced_cancel_ends_with_sigkill_when_sigterm_is_ignored(tasks, start_wo
     w = start_worker(pool="prefork", concurrency=1)
     handle = tasks.sleeper.start(120, True)
     wait_for(lambda: broker.records(handle.id), message="the sleeper to start")
-    pid = handle.pid
+    # The task can write its record before the handle has read its `started` event.
+    pid = wait_for(lambda: handle.pid, message="the handle to know the task's process")
     handle.cancel(grace=0)
     with pytest.raises(TaskCancelled):
         handle.result(timeout=20)
