@@ -718,3 +718,19 @@ def test_the_jupyter_widget_follows_and_steers_a_celery_task(proj: Any,
     finally:
         w.close()
     assert handle.async_result.state == "REVOKED"
+
+
+@pytest.mark.parametrize("celery_env", ["redis"], indirect=True)
+def test_a_flood_of_progress_is_coalesced_never_lost(proj: Any, start_celery: Any) -> None:
+    start_celery(pool="prefork")
+    handle = proj.chatty.start(20000)
+    assert handle.result(timeout=60) == 20000
+    events = handle.events_nowait()
+    final = events[-1]
+    # started, 20,000 progress, the message, the end: numbered without a gap, and the
+    # handle needed no snapshot to fill one
+    assert final.kind == EventKind.SUCCEEDED and final.seq == 20003
+    assert handle.progress.current == 20000 and handle.progress.seq == 20001
+    assert [e.kind for e in events if e.kind != EventKind.PROGRESS] == \
+        [EventKind.STARTED, EventKind.MESSAGE, EventKind.SUCCEEDED]
+    assert handle._resync_deadline is None

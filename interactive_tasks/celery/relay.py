@@ -16,6 +16,8 @@ hostname. Three threads, one lock over the task table:
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import logging
 import os
 import selectors
@@ -23,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +136,9 @@ class Relay:
         self.started_at = time.time()
         self.processed = 0
         self.conns: list[_Conn] = []
+        #: events waiting for the end of the current batch, per inbox
+        self._outbox: dict[str, list[Event]] = {}
+        self._depth = 0
         self.lock = threading.RLock()
         self.tasks: dict[str, _Task] = {}
         self.finished: collections.OrderedDict[str, _Task] = collections.OrderedDict()
@@ -197,6 +203,28 @@ class Relay:
         self.publish_inbox(inbox, payload)
 
     # -- events (caller holds the lock) ----------
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """The relay's lock; events emitted under it go out when the outermost holder
+        leaves, one message per inbox (and consecutive progress of a task coalesced)."""
+        with self.lock:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.flush()
+
+    def flush(self) -> None:
+        """Publish the queued events, in order, at most 256 to a message."""
+        outbox, self._outbox = self._outbox, {}
+        for inbox, events in outbox.items():
+            for start in range(0, len(events), 256):
+                self.publish_inbox(inbox, {
+                    "t": Envelope.EVENTS, "worker": self.hostname,
+                    "e": [e.to_wire() for e in events[start:start + 256]]})
+
     def emit(self, task: _Task, kind: str, fields: dict[str, Any],
              ts: float | None = None) -> None:
         task.seq += 1
@@ -215,9 +243,16 @@ class Relay:
             task.finished = event.ts
             task.result = fields.get("result")
             task.error = fields.get("error")
-        payload = {"t": Envelope.EVENTS, "worker": self.hostname, "e": [event.to_wire()]}
-        for inbox in list(task.subscribers):
-            self.publish_inbox(inbox, payload)
+        for inbox in task.subscribers:
+            queued = self._outbox.setdefault(inbox, [])
+            last = queued[-1] if queued else None
+            if kind == EventKind.PROGRESS and last is not None and \
+                    last.kind == EventKind.PROGRESS and last.task_id == task.id:
+                # Latest progress wins, as in the itask worker's relay: the event stands
+                # for the ones it replaces (``first``), so no watcher sees a gap.
+                queued[-1] = dataclasses.replace(event, first=last.covers_from)
+            else:
+                queued.append(event)
         if kind in FINAL_KINDS:
             self._finish(task)
 
@@ -239,7 +274,7 @@ class Relay:
     def revoked(self, task_id: str, name: str, info: dict[str, Any], reason: str) -> None:
         """Celery revoked the task (``revoke()``, or it expired) before or while it ran:
         its watchers get the final ``revoked`` event."""
-        with self.lock:
+        with self.batch():
             task = self.tasks.get(task_id)
             if task is None:
                 if task_id in self.finished:
@@ -290,7 +325,7 @@ class Relay:
                     conn.sock.close()
                     self._on_closed(conn)
                     continue
-                with self.lock:
+                with self.batch():
                     for frame in frames:
                         try:
                             self._on_frame(conn, frame)
@@ -348,7 +383,7 @@ class Relay:
 
     def _on_closed(self, conn: _Conn) -> None:
         """A pool process ended (killed by a forced cancel, or it died)."""
-        with self.lock:
+        with self.batch():
             if conn in self.conns:
                 self.conns.remove(conn)
             for task_id in list(conn.tasks):
@@ -383,7 +418,7 @@ class Relay:
         except ProtocolError as exc:
             logger.warning("refused control message: %s", exc.reason)
             return
-        with self.lock:
+        with self.batch():
             try:
                 self.handle(ctl, signed)
             except Exception as exc:
@@ -531,6 +566,7 @@ class Relay:
             task.subscribers[sender] = expires
         if ctl.verb == Verb.SUBSCRIBE and ctl.rid is None:
             return  # a renewal
+        self.flush()  # the snapshot must not overtake an event it includes
         self.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": ctl.rid,
                                     "worker": self.hostname,
                                     "snapshot": task.snapshot(self.hostname).to_wire()})
@@ -620,7 +656,7 @@ class Relay:
         next_beat = 0.0
         while not self._stop.wait(0.1):
             now = time.monotonic()
-            with self.lock:
+            with self.batch():
                 self._force_due(now)
                 if now >= next_beat:
                     next_beat = now + every

@@ -99,3 +99,13 @@ def late_looper(self, steps, delay=0.05):
         self.progress(i + 1, steps)
         time.sleep(delay)
     return steps
+
+
+@app.task(base=InteractiveTask, bind=True)
+def chatty(self, n):
+    """Progress as fast as it can, then a message: watchers get the last progress and
+    every other event (earlier progress may be coalesced)."""
+    for i in range(n):
+        self.progress(i + 1, n)
+    self.send("done")
+    return n
