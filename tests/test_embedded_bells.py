@@ -169,3 +169,35 @@ def test_closing_removes_the_bell_and_housekeeping_removes_dead_ones(
     os.mkfifo(root / "bells" / "999999999~1~1")  # a process that is gone
     remove_dead_bells(str(root / "bells"))
     assert list((root / "bells").iterdir()) == []
+
+
+def test_an_ack_that_makes_room_takes_the_backlog_before_any_poll(url: str) -> None:
+    # 20 messages wait, prefetch is 2, acks come after the callback: each ack that frees a
+    # place rings this connection's own bell; without it the rest would wait for the poll.
+    received: list[Any] = []
+    held: list[Any] = []
+    conn = Connection(url, transport_options={"polling_interval": SLOW_POLL})
+    conn.connect()
+    consumer = Consumer(conn.channel(), [task_queue("bell.backlog")], accept=["json"],
+                        prefetch_count=2,
+                        callbacks=[lambda body, m: (received.append(body), held.append(m))])
+    consumer.consume()
+    hub = Hub()
+    conn.transport.register_with_event_loop(conn.connection, hub)
+    try:
+        for n in range(20):
+            _publish(url, "bell.backlog", {"n": n})
+        loop = hub.create_loop()
+        begun = time.monotonic()
+        while len(received) < 20:
+            assert time.monotonic() - begun < 3 * SLOW_POLL, f"got {len(received)}"
+            next(loop)
+            assert len(held) <= 2
+            while held:
+                held.pop(0).ack()
+        assert [body["n"] for body in received] == list(range(20))
+        assert time.monotonic() - begun < SLOW_POLL / 2
+    finally:
+        consumer.cancel()
+        hub.close()
+        conn.release()

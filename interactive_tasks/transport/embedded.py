@@ -20,8 +20,9 @@ watches it (``register_with_event_loop``) and a blocking ``drain_events`` waits 
 a message is taken as soon as its file is renamed into place. Both also look at their queues
 every ``polling_interval`` whatever the bell says: a ring that is lost or never sent (a
 publisher without bells, a FIFO that could not be made) delays a message by at most that
-period. Each wake-up delivers as much as QoS allows, for at most 50 ms; an idle look costs
-one ``stat`` per consumed queue.
+period. Each wake-up delivers as much as QoS allows, for at most 50 ms; an ack that makes room
+under the prefetch limit rings the connection's own bell, so a backlog is taken at once
+rather than on the next poll. An idle look costs one ``stat`` per consumed queue.
 
 Transport options: ``polling_interval`` (0.01 s: the safety-net poll, also the longest a
 blocking ``drain_events`` waits between looks), ``sweep_interval`` (1 s),
@@ -89,15 +90,21 @@ class QoS(virtual.QoS):
     """kombu's prefetch accounting, plus the files behind each unacked delivery."""
 
     def ack(self, delivery_tag: str) -> None:
+        full = not self.can_consume()
         self.channel._settle(delivery_tag)
         super().ack(delivery_tag)
+        if full:
+            self.channel.connection.wake_loop()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        full = not self.can_consume()
         if requeue:
             self.channel._unreserve(delivery_tag)
         else:
             self.channel._settle(delivery_tag)
         self._quick_ack(delivery_tag)
+        if full:
+            self.channel.connection.wake_loop()
 
 
 class Channel(virtual.Channel):
@@ -473,6 +480,13 @@ class Transport(virtual.Transport):
             with contextlib.suppress(Exception):
                 self._loop.remove(self._bell.fileno())
         self._loop = None
+
+    def wake_loop(self) -> None:
+        """Make the event loop look at the queues again soon (a settled delivery made room
+        under the prefetch limit, and a backlog rings no bell)."""
+        bell = self._bell
+        if bell is not None and self._loop is not None:
+            bell.ring()
 
     def _on_bell(self) -> None:
         # Empty the FIFO before looking: a ring after this point wakes us again.
