@@ -27,7 +27,7 @@ from .results import ResultStore
 from .task import InteractiveTask, Signature, Task, _class_tasks, build_message
 from .transport import Names, resolve_broker_url
 from .transport.connections import broker_directory, broker_secret, connection_for
-from .transport.result_stores import result_store_for
+from .transport.result_stores import check_result_backend, result_store_for
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -274,11 +274,7 @@ class App:
         if url in (None, "", "rpc://", "rpc"):
             url = None  # Celery's rpc backend sends results back to the caller: the inbox
         elif isinstance(url, str):
-            scheme = url.split("://", 1)[0]
-            if scheme not in ("redis", "rediss", "sentinel", "file", "embedded", "memory"):
-                raise ConfigurationError(
-                    f"unsupported result_backend {url!r}; use redis://, sentinel://, "
-                    "file://, embedded://, memory:// or rpc:// (results to the caller)")
+            check_result_backend(url)
         else:
             raise ConfigurationError(f"result_backend must be a URL, not {url!r}")
         if self._results is not None:

@@ -15,11 +15,11 @@ from ..results import (
     RedisResultStore,
     ResultStore,
 )
-from . import default_home, is_memory
+from . import default_home, is_embedded, is_memory
 from .connections import beside_broker
 from .redis_urls import is_redis
 
-__all__ = ["result_store_for"]
+__all__ = ["check_result_backend", "result_store_for"]
 
 
 def result_store_for(
@@ -32,6 +32,8 @@ def result_store_for(
 
     Raises ConfigurationError for a ``result_backend`` URL no store takes.
     """
+    if backend_url:
+        check_result_backend(backend_url)
     url = backend_url or broker_url
     options = backend_options if backend_url else broker_options
     scheme = url.split("://", 1)[0]
@@ -46,9 +48,14 @@ def result_store_for(
     if scheme == "file":
         return FileResultStore(Path(url.split("://", 1)[1] or default_home()), namespace,
                                expires, fsync)
-    if backend_url:
-        raise ConfigurationError(
-            f"unsupported result_backend {backend_url!r}; use redis://, sentinel://, file://, "
-            "embedded:// or memory://"
-        )
     return NullResultStore(namespace, expires)
+
+
+def check_result_backend(url: str) -> None:
+    """Raises ConfigurationError for a ``result_backend`` URL no store takes (Redis or
+    its sentinels, a ``file://`` directory, the embedded or the in-memory broker's)."""
+    if not (is_redis(url) or is_memory(url) or is_embedded(url) or
+            url.split("://", 1)[0] == "file"):
+        raise ConfigurationError(
+            f"unsupported result_backend {url!r}; use redis://, sentinel://, file://, "
+            "embedded://, memory:// or rpc:// (results to the caller)")
