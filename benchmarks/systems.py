@@ -15,6 +15,7 @@ Configuration (see README.md "How the peers are configured"):
 from __future__ import annotations
 
 import contextlib
+import glob
 import shutil
 import time
 from collections.abc import Iterator
@@ -167,7 +168,10 @@ class Itask(System):
         if self.broker == "redis":
             cleanup_redis(self.broker_url, [f"*{self.ns}*"])
         elif self.broker == "embedded":
-            shutil.rmtree(self.broker_url.removeprefix("embedded://"), ignore_errors=True)
+            # the broker's directory, and what sits beside it (results, beat: "<dir>-…")
+            directory = self.broker_url.removeprefix("embedded://")
+            for path in glob.glob(f"{glob.escape(directory)}*"):
+                shutil.rmtree(path, ignore_errors=True)
         else:
             cleanup_amqp(self.broker_url,
                          [f"{self.ns}.tasks.default", f"{self.ns}.dead",
