@@ -24,6 +24,9 @@ class RelayStep(bootsteps.StartStopStep):
     """
 
     label = "interactive_tasks relay"
+    # Started after the pool: the first pool processes fork before the relay's threads
+    # exist, so none inherits a lock one of them held (their import locks included).
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)

@@ -155,6 +155,12 @@ class Relay:
 
     # -- lifecycle ----------
     def start(self) -> None:
+        # What the threads import, imported here first: a pool process forked while a
+        # thread held a module's import lock would hang importing that module.
+        import kombu  # noqa: F401
+        import redis  # noqa: F401
+
+        self.app.connection().transport  # noqa: B018 - imports the broker's transport
         for target, name in ((self._channels_loop, "channels"),
                              (self._control_loop, "control"),
                              (self._upkeep_loop, "upkeep")):
