@@ -19,7 +19,8 @@ and their ``_nowait`` forms, see README.md "Workloads") on three systems:
 The main suite's method: one runner process and a fresh worker and namespace per
 repetition, repetitions interleaved across systems, p50/p99 inside each repetition, then
 the median (min–max) over repetitions, the 1-minute load average beside each. Writes
-``<out>.json`` (every value) and ``<out>.md`` (the table), and prints the table.
+``<out>.json`` (every repetition's figures) and ``<out>.md`` (the table), and prints the
+table.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[{broker}] {name} {system} {rep + 1}/{args.repeat}: "
                               f"{result.get('metrics', {}).get('p50_ms', result.get('error'))}",
                               flush=True)
+                for result in (r for rs in runs.values() for r in rs):
+                    # a committed file: per-repetition figures, not every sample or the
+                    # scratch paths of the logs
+                    result.pop("samples", None)
+                    result.pop("log", None)
                 spec = WORKLOADS[name]
                 results[broker][name] = {
                     "title": spec.title,
