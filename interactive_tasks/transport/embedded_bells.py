@@ -29,8 +29,10 @@ import itertools
 import logging
 import os
 import select
+import sys
 import threading
 import time
+from typing import Any
 
 from interactive_tasks.transport.embedded_files import (
     current_owner,
@@ -48,6 +50,17 @@ logger = logging.getLogger("interactive_tasks.transport.embedded")
 _RELIST = 1.0
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _numbers = itertools.count(1)
+
+
+def _raw_os() -> Any:
+    """``os`` with its own ``read`` and ``write``. eventlet's patched ones wait for the
+    descriptor when it would block (EAGAIN): a worker's drain of an empty bell, or a ring
+    into a full one, would wait for the next ring or for a reader instead of returning
+    (an eventlet worker on the embedded broker never took a task)."""
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is not None and patcher.is_monkey_patched("os"):
+        return patcher.original("os")
+    return os
 
 
 def _owner_of(name: str) -> str | None:
@@ -81,14 +94,15 @@ class Bell:
 
     def clear(self) -> None:
         """Consume every pending ring."""
+        read = _raw_os().read
         with contextlib.suppress(OSError):  # empty (EAGAIN), or closed meanwhile
-            while os.read(self.fd, 4096):
+            while read(self.fd, 4096):
                 pass
 
     def ring(self) -> None:
         """Ring this bell from its own process."""
         with contextlib.suppress(OSError):  # full: a wake-up is pending already
-            os.write(self.fd, b"\0")
+            _raw_os().write(self.fd, b"\0")
 
     def wait(self, timeout: float) -> None:
         """Return after a ring or ``timeout`` seconds, whichever comes first."""
@@ -192,7 +206,7 @@ class Ringer:
                 return
             self._fds[name] = fd
         try:
-            os.write(fd, b"\0")
+            _raw_os().write(fd, b"\0")
         except BlockingIOError:
             pass  # full: a wake-up is pending already
         except OSError as exc:
