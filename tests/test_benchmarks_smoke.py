@@ -109,3 +109,31 @@ def test_celery_bridge_benchmark_reports_every_system(tmp_path: Path) -> None:
             assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, \
                 (name, system, value)
     assert "| `control_roundtrip` | p50 (ms) |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_scale_reports_every_point(tmp_path: Path) -> None:
+    """``python -m benchmarks.scale --quick``: a latency, CPU and memory figure for a
+    point of each axis, a markdown table, and watchers that really see the probe's events."""
+    _require_redis()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "scale"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--quick", "--out", str(out)],
+        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    points = {(p["axis"], p["n"]): p for p in data["points"]}
+    assert set(points) == {("gevent", 10), ("prefork", 2), ("watchers", 1), ("watchers", 3)}
+    for key, point in points.items():
+        (run,) = point["runs"]
+        assert run["status"] == "ok", (key, run.get("error"))
+        for metric in ("p50_ms", "p99_ms", "cpu_pct", "rss_mb"):
+            assert math.isfinite(run[metric]) and run[metric] > 0, (key, metric, run[metric])
+    assert points[("gevent", 10)]["runs"][0]["background_tasks"] == 9
+    # the two extra watchers each saw the probe's echoes and progress
+    assert all(n > 0 for n in points[("watchers", 3)]["runs"][0]["watcher_events"])
+    assert "| gevent worker, concurrent tasks (`-c`) | 10 |" in out.with_suffix(".md").read_text()

@@ -57,6 +57,21 @@ def make_app(ns: str, broker_url: str, result_backend: str | None = None) -> Sim
             time.sleep(interval)
         return n
 
+    @app.task(base=InteractiveTask, name="bench.hum")
+    def hum(self: Any, until: float, interval: float) -> int:
+        """Progress every ``interval`` s until wall-clock time ``until``, sending every
+        message it receives straight back; ``"stop"`` ends it. Returns the ticks."""
+        ticks = 0
+        while time.time() < until:
+            msg = self.receive(timeout=interval)
+            if msg == "stop":
+                break
+            if msg is not None:
+                self.send(msg)
+            ticks += 1
+            self.progress(ticks)
+        return ticks
+
     @app.task(base=InteractiveTask, name="bench.busy")
     def busy(self: Any, work_s: float) -> int:
         """CPU-bound work in slices of ``work_s`` seconds, a checkpoint after each, until
@@ -80,4 +95,5 @@ def make_app(ns: str, broker_url: str, result_backend: str | None = None) -> Sim
         return "spun"
 
     return SimpleNamespace(app=app, noop=noop, ctl_sink=ctl_sink, echo=echo, chatty=chatty,
-                           ticker=ticker, busy=busy, spin=spin)
+                           ticker=ticker, hum=hum, busy=busy,
+                           spin=spin)
