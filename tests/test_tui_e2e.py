@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -200,6 +201,7 @@ def test_top_with_1000_greenlets_fits_one_screen_and_keeps_up(tasks, start_worke
     broker.extra["ITASK_SECRET"] = "operator-secret"  # top steers any task as an operator
     os.environ["ITASK_SECRET"] = "operator-secret"
     tmux = Tmux(broker.env(), width=120, height=45)
+    w = None
     try:
         tasks.app.configure(secret="operator-secret")
         w = start_worker(pool="gevent", concurrency=1000, extra_args=["-E"])
@@ -253,3 +255,5 @@ def test_top_with_1000_greenlets_fits_one_screen_and_keeps_up(tasks, start_worke
     finally:
         tmux.kill()
         os.environ.pop("ITASK_SECRET", None)
+        if w is not None:  # 999 tasks of 150 s each: a warm shutdown would wait them out
+            w.signal(signal.SIGKILL)
