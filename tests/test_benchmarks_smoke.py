@@ -80,6 +80,29 @@ def test_floor_reports_every_chain() -> None:
             (name, values)
 
 
+@pytest.mark.timeout(120)
+def test_amqp_floor_reports_every_chain() -> None:
+    """``python -m benchmarks.floor_amqp``: both py-amqp chains echo every item."""
+    from benchmarks.floor_amqp import ROUND_TRIP
+
+    from .conftest import require_broker
+
+    require_broker("amqp")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.floor_amqp", "--rounds", "1", "--samples", "30",
+         "--json"],
+        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    p50 = json.loads(proc.stdout)["p50_ms"]
+    assert set(p50) == set(ROUND_TRIP)
+    for name, values in p50.items():
+        assert len(values) == 1 and math.isfinite(values[0]) and 0 < values[0] < 1000, \
+            (name, values)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_celery_bridge_benchmark_reports_every_system(tmp_path: Path) -> None:
