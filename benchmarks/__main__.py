@@ -25,7 +25,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .harness import BROKERS, ROOT, base_env, broker_reachable, kill_group, python
+from .harness import (
+    BROKERS,
+    ROOT,
+    base_env,
+    broker_reachable,
+    git_commit,
+    kill_group,
+    python,
+)
 from .report import aggregate, fmt, markdown
 from .systems import SYSTEMS
 from .workloads import WORKLOADS
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "host": socket.gethostname(), "cpus": os.cpu_count(), "repeat": args.repeat,
         "quick": args.quick, "brokers": brokers, "systems": args.system_list,
-        "workloads": args.workloads, "versions": versions(),
+        "workloads": args.workloads, "versions": versions(), "commit": git_commit(),
         "argv": sys.argv[1:] if argv is None else argv,
     }
     results: dict[str, dict[str, Any]] = {}

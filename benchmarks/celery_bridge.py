@@ -4,7 +4,7 @@ workaround and the itask worker, in one run.
 ::
 
     python -m benchmarks.celery_bridge [--repeat 3] [--broker both|redis|amqp] [--quick]
-                                       [--out benchmarks/celery_bridge_results]
+                                       [--out benchmarks/results/celery_bridge]
 
 The four control workloads of the main suite (``control_oneway``, ``control_roundtrip``
 and their ``_nowait`` forms, see README.md "Workloads") on three systems:
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--broker", choices=["redis", "amqp", "both"], default="both")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" /
-                        "celery_bridge_results")
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "benchmarks" / "results" / "celery_bridge")
     args = parser.parse_args(argv)
     brokers = ["redis", "amqp"] if args.broker == "both" else [args.broker]
     results: dict[str, Any] = {}

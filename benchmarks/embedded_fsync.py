@@ -3,7 +3,7 @@
 ::
 
     python -m benchmarks.embedded_fsync [--repeat 5] [--publishes 300] [--tasks 200]
-                                        [--dir /tmp] [--out benchmarks/embedded_fsync_results]
+                                        [--dir /tmp] [--out benchmarks/results/embedded_fsync]
 
 Repetitions alternate ``fsync`` off and on, each on a fresh broker directory under
 ``--dir`` (its file system is in the report: the figures are that disk's):
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publishes", type=int, default=300)
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" /
-                        "embedded_fsync_results")
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "benchmarks" / "results" / "embedded_fsync")
     args = parser.parse_args(argv)
     disk = disk_fsync_ms(args.dir)
     runs: list[dict[str, Any]] = []

@@ -95,7 +95,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
              f"noisy); {meta['repeat']} repetition(s), "
              f"{'QUICK sizes' if meta['quick'] else 'full sizes'}. Each cell: median "
              "(min–max over repetitions). Ratio: oriented so > 1 means itask is better.",
-             "", f"Versions: {meta['versions']}", ""]
+             "", f"Versions: {meta['versions']}; commit {meta.get('commit', 'not recorded')}.",
+             ""]
     load = meta.get("load")
     if load:
         lines[-1:-1] = ["", f"1-minute load average of the machine when repetitions began: "

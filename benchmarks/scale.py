@@ -29,7 +29,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ from .harness import (
     base_env,
     broker_reachable,
     cleanup_redis,
+    git_commit,
     latency_summary,
     new_namespace,
     process_tree,
@@ -179,7 +179,9 @@ def measure_point(axis: str, n: int, broker: str, samples: int, seconds: float,
         _wait_started(probe, 60 + background / 50)
         watchers = _watch(probe.id, ns, url, n - 1, stop_watchers, extra) \
             if axis == "watchers" else []
-        time.sleep(1.0)  # let the background tasks settle into their rhythm
+        # let the background tasks settle into their rhythm (their starts are spread over
+        # the first seconds; a 1,000-task intake takes a couple of them on 2 cores)
+        time.sleep(1.0 + background / 500)
         meter = CpuMeter(worker.pid)
         meter.start()
         events = probe.events(timeout=10)
@@ -374,14 +376,6 @@ def plot(document: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT),
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not broker_reachable(args.broker):
@@ -415,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "started": started, "elapsed_s": round(time.perf_counter() - begun, 1),
         "host": socket.gethostname(), "cpus": os.cpu_count(), "broker": args.broker,
-        "repeat": args.repeat, "quick": args.quick, "commit": _commit(),
+        "repeat": args.repeat, "quick": args.quick, "commit": git_commit(),
         "versions": versions() + f", {platform.platform()}",
         "load": (f"{statistics.median(loads):.2f} ({min(loads):.2f}–{max(loads):.2f})"
                  if loads else "n/a"),

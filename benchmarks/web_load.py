@@ -3,7 +3,7 @@
 ::
 
     python -m benchmarks.web_load [--running 500] [--recent 10000] [--repeat 5]
-                                  [--steps 100000] [--out benchmarks/web_load_results]
+                                  [--steps 100000] [--out benchmarks/results/web_load]
 
 * **Tasks page**: a dashboard whose table holds ``--running`` running tasks and
   ``--recent`` finished ones (put into its table directly, as ``inspect tasks`` replies
@@ -264,7 +264,7 @@ def main() -> int:
     parser.add_argument("--recent", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100_000)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "web_load_results")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "web_load")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="itask-web-bench-"))
     try:
