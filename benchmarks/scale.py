@@ -331,7 +331,12 @@ def plot(document: dict[str, Any], path: Path) -> bool:
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+    from matplotlib.ticker import (
+        FixedLocator,
+        NullFormatter,
+        NullLocator,
+        ScalarFormatter,
+    )
 
     axes_present = [a for a in AXES if any(p["axis"] == a for p in document["points"])]
     fig, grid = plt.subplots(2, len(axes_present), figsize=(4.2 * len(axes_present), 6.4),
@@ -347,7 +352,10 @@ def plot(document: dict[str, Any], path: Path) -> bool:
             top.errorbar(xs, med, yerr=err, fmt=style, capsize=3, label=label)
         top.set_yscale("log")
         top.yaxis.set_major_formatter(ScalarFormatter())
-        top.yaxis.set_minor_formatter(ScalarFormatter())
+        low, high = top.get_ylim()
+        # label the minor ticks only when the axis spans less than about a decade
+        top.yaxis.set_minor_formatter(ScalarFormatter() if high / low < 20
+                                      else NullFormatter())
         top.set_title(LABELS[axis][0].replace("`", ""), fontsize=9)
         top.set_ylabel("control round trip (ms)")
         top.legend(fontsize=8)
