@@ -322,7 +322,7 @@ def cmd_web(args: argparse.Namespace) -> int:
               read_only=args.read_only)
     except WebUnavailable as exc:
         raise CliError(str(exc)) from None
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise CliError(str(exc)) from None
     return 0
 

@@ -584,3 +584,19 @@ def test_a_feed_numbers_its_entries_across_the_ones_it_drops(web_tools, monkeypa
         assert feed.since(2)[3]  # entries 3.. are partly gone: that reader starts over
     finally:
         app.close()
+
+
+def test_a_port_in_use_is_one_line_and_exit_code_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "interactive_tasks.cli.main", "web", "-A",
+             "tests.apps.tasks", "--port", str(port)],
+            capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+            env={**os.environ, "PYTHONPATH": str(ROOT), "ITASK_HOME": str(tmp_path)})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"itask: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(choose another with --port)"]
