@@ -27,6 +27,7 @@ METRICS = {
     "control_roundtrip": ["p50_ms", "p99_ms"],
     "control_oneway": ["p50_ms", "p99_ms"],
     "idle_memory": ["rss_mb", "pss_mb"],
+    "stream_in": ["delivered_per_s", "send_per_s"],
 }
 
 

@@ -29,6 +29,26 @@ def make_app(ns: str, broker_url: str, result_backend: str | None = None) -> Sim
             out.append((now - msg["t"]) * 1000.0)
         return out
 
+    @app.task(base=InteractiveTask, name="bench.stream_sink")
+    def stream_sink(self: Any, n: int, delay: float = 0.0) -> dict[str, Any]:
+        """Receives ``n`` messages ``{"i": i}``, ``delay`` seconds apart at least; reports
+        how many came, whether in order, and the wall time of the first and last."""
+        first = last = 0.0
+        got = 0
+        in_order = True
+        for i in range(n):
+            msg = self.receive(timeout=30)
+            if msg is None:
+                break
+            last = time.time()
+            if i == 0:
+                first = last
+            in_order = in_order and msg.get("i") == i
+            got += 1
+            if delay:
+                time.sleep(delay)
+        return {"received": got, "in_order": in_order, "first": first, "last": last}
+
     @app.task(base=InteractiveTask, name="bench.echo")
     def echo(self: Any, n: int) -> int:
         """Sends every message it receives straight back (``n`` of them)."""
@@ -122,6 +142,7 @@ def make_app(ns: str, broker_url: str, result_backend: str | None = None) -> Sim
             x += 1
         return "spun"
 
-    return SimpleNamespace(app=app, noop=noop, ctl_sink=ctl_sink, echo=echo, chatty=chatty,
+    return SimpleNamespace(app=app, noop=noop, ctl_sink=ctl_sink, echo=echo,
+                           stream_sink=stream_sink, chatty=chatty,
                            ticker=ticker, hum=hum, busy=busy, spin=spin,
                            ticking=ticking, burn=burn)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import control, lifecycle, progress, queue
+from . import control, lifecycle, progress, queue, stream
 
 ALL = ("itask", "celery", "dramatiq")
 INTERACTIVE = ("itask", "celery")
@@ -119,6 +119,13 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
               Metric("resume_p50_ms", "resume → resumed p50", "ms", False),
               Metric("hard_pause_p50_ms", "hard pause (SIGSTOP) → paused p50", "ms", False),
               Metric("hard_resume_p50_ms", "hard resume → resumed p50", "ms", False)),
+             budget=180),
+    Workload("stream_in", "50,000 messages from one client into one running task with "
+             "handle.send(data, wait=False), in order (itask only)",
+             stream.stream_in, ("itask",),
+             (Metric("delivered_per_s", "first send → last receive", "messages/s", True,
+                     at_least(20000, "/s")),
+              Metric("send_per_s", "client send rate", "messages/s", True)),
              budget=180),
     Workload("progress_rate", "a task emits progress as fast as it can (itask 100k, "
              "Celery update_state 10k)",
