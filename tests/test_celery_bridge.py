@@ -180,13 +180,12 @@ def test_progress_stream_messages_and_result(proj: Any, start_celery: Any,
     assert kinds[0] == EventKind.STARTED and kinds[-1] == EventKind.SUCCEEDED
     seqs = [e.seq for e in events]
     assert seqs == sorted(set(seqs))
-    # Progress is latest-wins, never reordered: in the pool process while the relay has
-    # not read what it sent (docs/architecture.md, "Pools"), and in a handle whose reader
-    # has not taken it yet. Every other event is numbered and none is missing.
+    # A handle keeps the latest of consecutive progress events its reader has not taken
+    # yet (never reordered); every event was numbered and none is missing besides those.
     progress = [e.current for e in events if e.kind == EventKind.PROGRESS]
     assert progress == sorted(set(progress)) and progress[-1] == 40
     others = [e for e in events if e.kind != EventKind.PROGRESS]
-    assert len(others) + len(progress) <= events[-1].seq <= len(others) + 40
+    assert events[-1].seq == len(others) + 40
     echoes = [e.data for e in events if e.kind == EventKind.MESSAGE]
     assert echoes == [{"echo": "first"}, {"echo": {"second": 2}}]
     logs = [e.text for e in events if e.kind == EventKind.LOG]
@@ -769,11 +768,10 @@ def test_a_flood_of_progress_is_coalesced_never_lost(proj: Any, start_celery: An
     assert handle.result(timeout=60) == 20000
     events = handle.events_nowait()
     final = events[-1]
-    # started, up to 20,000 progress (latest-wins in the pool process while the relay has
-    # not read what it sent: docs/architecture.md, "Pools"), the message, the end:
-    # numbered without a gap, and the handle needed no snapshot to fill one
-    assert final.kind == EventKind.SUCCEEDED and final.seq <= 20003
-    assert handle.progress.current == 20000 and handle.progress.seq == final.seq - 2
+    # started, 20,000 progress, the message, the end: numbered without a gap, and the
+    # handle needed no snapshot to fill one
+    assert final.kind == EventKind.SUCCEEDED and final.seq == 20003
+    assert handle.progress.current == 20000 and handle.progress.seq == 20001
     assert [e.kind for e in events if e.kind != EventKind.PROGRESS] == \
         [EventKind.STARTED, EventKind.MESSAGE, EventKind.SUCCEEDED]
     assert handle._resync_deadline is None
