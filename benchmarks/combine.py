@@ -8,9 +8,6 @@ metric measured on two brokers in the same run, the ratio of the second to the f
 
     python -m benchmarks.combine --side base=/tmp/ab/base-* --side new=/tmp/ab/new-* \\
         --ratio embedded/redis --out benchmarks/results/embedded_bells_ab.json
-
-``--system`` picks the system whose figures are summarised (``itask`` unless told; the
-Celery bridge's runs are ``celery-bridge``).
 """
 
 from __future__ import annotations
@@ -29,8 +26,6 @@ METRICS = {
     "roundtrip": ["p50_ms", "p99_ms"],
     "control_roundtrip": ["p50_ms", "p99_ms"],
     "control_oneway": ["p50_ms", "p99_ms"],
-    "control_roundtrip_nowait": ["p50_ms", "p99_ms"],
-    "control_oneway_nowait": ["p50_ms", "p99_ms"],
     "idle_memory": ["rss_mb", "pss_mb"],
     "stream_in": ["delivered_per_s", "send_per_s"],
 }
@@ -41,10 +36,9 @@ def _spread(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def _metric(doc: dict[str, Any], broker: str, workload: str, metric: str,
-            system: str = "itask") -> float | None:
+def _metric(doc: dict[str, Any], broker: str, workload: str, metric: str) -> float | None:
     try:
-        runs = doc["brokers"][broker][workload]["systems"][system]["runs"]
+        runs = doc["brokers"][broker][workload]["systems"]["itask"]["runs"]
     except KeyError:
         return None
     values = [r["metrics"][metric] for r in runs
@@ -52,9 +46,8 @@ def _metric(doc: dict[str, Any], broker: str, workload: str, metric: str,
     return statistics.median(values) if values else None
 
 
-def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None,
-            system: str = "itask") -> dict[str, Any]:
-    out: dict[str, Any] = {"system": system, "sides": {}, "summary": {}, "ratios": {}}
+def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"sides": {}, "summary": {}, "ratios": {}}
     for side, files in sides.items():
         docs = [json.loads(f.read_text()) for f in files]
         out["sides"][side] = [{"file": str(f), "document": d}
@@ -64,7 +57,7 @@ def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None,
             for broker, workloads in doc["brokers"].items():
                 for workload in workloads:
                     for metric in METRICS.get(workload, []):
-                        value = _metric(doc, broker, workload, metric, system)
+                        value = _metric(doc, broker, workload, metric)
                         if value is not None:
                             summary.setdefault(broker, {}).setdefault(workload, {}) \
                                 .setdefault(metric, []).append(value)
@@ -77,8 +70,8 @@ def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None,
             for doc in docs:
                 for workload, metrics in METRICS.items():
                     for metric in metrics:
-                        a = _metric(doc, top, workload, metric, system)
-                        b = _metric(doc, bottom, workload, metric, system)
+                        a = _metric(doc, top, workload, metric)
+                        b = _metric(doc, bottom, workload, metric)
                         if a is not None and b:
                             ratios.setdefault(workload, {}).setdefault(metric, []).append(a / b)
             out["ratios"][side] = {
@@ -92,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", action="append", required=True,
                         help="NAME=GLOB of run directories or result files (repeatable)")
     parser.add_argument("--ratio", help="BROKER/BROKER: same-run ratios, e.g. embedded/redis")
-    parser.add_argument("--system", default="itask",
-                        help="the system whose figures are summarised (default itask)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     sides: dict[str, list[Path]] = {}
@@ -113,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ratio:
         top, _, bottom = args.ratio.partition("/")
         ratio = (top, bottom)
-    document = combine(sides, ratio, args.system)
+    document = combine(sides, ratio)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=1) + "\n")
     json.dump({"summary": document["summary"], "ratios": document["ratios"]}, sys.stdout,
