@@ -79,10 +79,7 @@ class ClientSide:
         self.kombu_publish(body, routing_key=queue.routing_key, exchange=queue.exchange,
                            declare=[queue], priority=priority)
 
-    def publish_control(self, worker: str, body: bytes, settle: bool = True) -> None:
-        """``settle=False`` (a stream of ``send(wait=False)``) lets a broker that can
-        return before the broker confirmed the message, raising a failure at a later
-        call; kombu here always waits for its publish."""
+    def publish_control(self, worker: str, body: bytes) -> None:
         queue = self.app.names.control_queue(worker)
         self.kombu_publish(body, routing_key=queue.routing_key, exchange=queue.exchange,
                            declare=[queue])
@@ -189,13 +186,12 @@ class RedisClientSide(ClientSide):
         envelope = task_envelope(body, queue.name, self.app.secret)
         self._send(lambda: self.publisher.publish(queue.name, envelope, bell=True))
 
-    def publish_control(self, worker: str, body: bytes, settle: bool = True) -> None:
+    def publish_control(self, worker: str, body: bytes) -> None:
         # x-expires as kombu would set it: the list of a worker gone for good
         # disappears instead of collecting control messages.
         frame = encode_frame(body, self.app.secret)
         name = self.app.names.control_queue_name(worker)
-        self._send(lambda: self.publisher.push(name, frame, CONTROL_QUEUE_EXPIRES_MS,
-                                               settle=settle))
+        self._send(lambda: self.publisher.push(name, frame, CONTROL_QUEUE_EXPIRES_MS))
 
     def _send(self, action: Callable[[], None]) -> None:
         try:
