@@ -40,8 +40,6 @@ from typing import TYPE_CHECKING, Any
 from .. import codec
 from ..errors import ConfigurationError
 from ..results import RedisResultStore
-from . import is_amqp
-from .amqp_batch import one_write
 from .redis_fast import WorkerPipeline, encode_frame, is_redis
 
 if TYPE_CHECKING:
@@ -49,8 +47,8 @@ if TYPE_CHECKING:
 
     from ..app import App
 
-__all__ = ["MAX_IN_FLIGHT", "UNSENT_KEPT", "AmqpOutbound", "KombuOutbound", "Outbound",
-           "RedisOutbound", "outbound_for"]
+__all__ = ["MAX_IN_FLIGHT", "UNSENT_KEPT", "KombuOutbound", "Outbound", "RedisOutbound",
+           "outbound_for"]
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -219,59 +217,6 @@ class KombuOutbound(Outbound):
             self._unsent.append((inbox, payload))
 
 
-class AmqpOutbound(KombuOutbound):
-    """RabbitMQ: one step's acks and inbox messages leave in one socket write
-    (:func:`.amqp_batch.one_write`); when that write fails, the inbox messages it held are
-    kept, first and in order, for the reconnect (the broker redelivers the unacknowledged
-    tasks itself)."""
-
-    def __init__(self, app: App, producer: Callable[[], Producer | None],
-                 wake: Callable[[float], None]) -> None:
-        super().__init__(app, producer, wake)
-        #: inbox messages gathered into the write under way (None: not batching)
-        self._batched: list[InboxMessage] | None = None
-
-    def send(self, results: list[Result], acks: list[Any],
-             messages: list[InboxMessage]) -> bool:
-        producer = self._producer()
-        if producer is None or not self._can_batch(producer, acks, messages):
-            return super().send(results, acks, messages)
-        batched: list[InboxMessage] = []
-        self._batched = batched
-        try:
-            with one_write(producer.channel.connection):
-                sent = super().send(results, acks, messages)
-        except Exception as exc:
-            logger.warning("could not publish %d inbox message(s) (%s); will resend after "
-                           "reconnecting", len(batched), exc)
-            for inbox, _ in batched:
-                self._declared.discard(inbox)
-            self._unsent.extendleft(reversed(batched))
-            return True
-        finally:
-            self._batched = None
-        return sent
-
-    def _can_batch(self, producer: Producer, acks: list[Any],
-                   messages: list[InboxMessage]) -> bool:
-        """Whether this step's frames can wait for one write: more than one to send, and
-        none that waits for the broker's answer (declaring a new inbox, a confirmed
-        publish), which would wait for a frame still held here."""
-        if len(acks) + len(messages) + len(self._acks) + len(self._messages) < 2:
-            return False
-        if getattr(producer.channel.connection, "confirm_publish", False):
-            return False
-        declared = self._declared
-        return all(inbox in declared for inbox, _ in messages) and \
-            all(inbox in declared for inbox, _ in self._messages)
-
-    def inbox(self, inbox: str, payload: dict[str, Any]) -> None:
-        unsent = len(self._unsent)
-        super().inbox(inbox, payload)
-        if self._batched is not None and len(self._unsent) == unsent:
-            self._batched.append((inbox, payload))
-
-
 class RedisOutbound(Outbound):
     """Results, acks and inbox frames in one pipelined packet per loop step."""
 
@@ -373,6 +318,4 @@ def outbound_for(app: App, producer: Callable[[], Producer | None],
     """The outbound for ``app``'s broker (arguments as :class:`Outbound` takes them)."""
     if is_redis(app.broker_url):
         return RedisOutbound(app, producer, wake)
-    if is_amqp(app.broker_url):
-        return AmqpOutbound(app, producer, wake)
     return KombuOutbound(app, producer, wake)
