@@ -199,9 +199,7 @@ class SlotRuntime:
         fields: dict[str, Any] = {"current": current, "total": total}
         if message is not None:
             fields["message"] = message
-        # Latest wins while the worker is behind (see BlockingChannel.send_progress).
-        self.channel.send_progress(["ev", self.task_id, EventKind.PROGRESS, fields,
-                                    time.time()])
+        self.emit(EventKind.PROGRESS, fields)
 
     def send(self, data: Any) -> None:
         with self._cond:
