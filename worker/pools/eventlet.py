@@ -22,14 +22,13 @@ is ready, and one non-blocking ``epoll.poll(0)`` then collects them all.
 from __future__ import annotations
 
 import errno
-import os
+from collections.abc import Callable
 from typing import Any
 
 from interactive_tasks.errors import Cancelled
 
-from ..child import Slot
-from ..ipc import BlockingChannel
-from .base import Pool, PoolSlot
+from .base import PoolSlot
+from .green import GreenPool
 
 
 class GreenEpoll:
@@ -81,7 +80,7 @@ class GreenEpoll:
         self._epoll.close()
 
 
-class EventletPool(Pool):
+class EventletPool(GreenPool):
     name = "eventlet"
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -90,20 +89,10 @@ class EventletPool(Pool):
 
         eventio._get_poller = lambda: GreenEpoll
 
-    def spawn(self, index: int) -> PoolSlot:
+    def start_green(self, serve: Callable[[], None]) -> Any:
         import eventlet
 
-        parent, child = self._socketpair()
-        runner = Slot(self.app, BlockingChannel(child), self.hostname)
-
-        def serve() -> None:
-            try:
-                runner.serve()
-            finally:  # the worker sees the channel close (a slot stopped to shrink)
-                child.close()
-
-        thread = eventlet.spawn(serve)
-        return PoolSlot(index=index, pid=os.getpid(), sock=parent, handle=thread)
+        return eventlet.spawn(serve)
 
     def force_stop(self, slot: PoolSlot, stage: int) -> str:
         thread = slot.handle

@@ -14,16 +14,16 @@ The worker must be monkey-patched before anything else is imported: ``itask work
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
+from typing import Any
 
 from interactive_tasks.errors import Cancelled
 
-from ..child import Slot
-from ..ipc import BlockingChannel
-from .base import Pool, PoolSlot
+from .base import PoolSlot
+from .green import GreenPool
 
 
-class GeventPool(Pool):
+class GeventPool(GreenPool):
     name = "gevent"
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -34,20 +34,10 @@ class GeventPool(Pool):
 
         eventio._get_poller = lambda: eventio._poll
 
-    def spawn(self, index: int) -> PoolSlot:
+    def start_green(self, serve: Callable[[], None]) -> Any:
         import gevent
 
-        parent, child = self._socketpair()
-        runner = Slot(self.app, BlockingChannel(child), self.hostname)
-
-        def serve() -> None:
-            try:
-                runner.serve()
-            finally:  # the worker sees the channel close (a slot stopped to shrink)
-                child.close()
-
-        greenlet = gevent.spawn(serve)
-        return PoolSlot(index=index, pid=os.getpid(), sock=parent, handle=greenlet)
+        return gevent.spawn(serve)
 
     def force_stop(self, slot: PoolSlot, stage: int) -> str:
         greenlet = slot.handle
