@@ -5,6 +5,7 @@ workaround and the itask worker, in one run.
 
     python -m benchmarks.celery_bridge [--repeat 3] [--broker both|redis|amqp] [--quick]
                                        [--out benchmarks/results/celery_bridge]
+                                       [--systems celery-bridge,celery,itask]
 
 The four control workloads of the main suite (``control_oneway``, ``control_roundtrip``
 and their ``_nowait`` forms, see README.md "Workloads") on three systems:
@@ -54,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks" / "results" / "celery_bridge")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="comma-separated, of " + ", ".join(SYSTEMS))
     args = parser.parse_args(argv)
+    systems = tuple(s for s in SYSTEMS if s in args.systems.split(","))
+    if not systems:
+        parser.error(f"--systems: none of {', '.join(SYSTEMS)}")
     brokers = ["redis", "amqp"] if args.broker == "both" else [args.broker]
     results: dict[str, Any] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="itask-bridge-bench-logs-"))
@@ -64,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{broker} is not reachable on 127.0.0.1")
             results[broker] = {}
             for name in WORKLOAD_NAMES:
-                runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+                runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
                 for rep in range(args.repeat):
-                    for system in SYSTEMS:
+                    for system in systems:
                         result = run_one(name, system, broker, args.quick, log_dir,
                                          Path(scratch))
                         runs[system].append(result)
@@ -81,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
                 spec = WORKLOADS[name]
                 results[broker][name] = {
                     "title": spec.title,
-                    "systems": {s: aggregate(spec, runs[s]) for s in SYSTEMS}}
+                    "systems": {s: aggregate(spec, runs[s]) for s in systems}}
     loads = [run["load_before"] for workloads in results.values()
              for data in workloads.values() for entry in data["systems"].values()
              for run in entry["runs"] if isinstance(run.get("load_before"), (int, float))]
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"),
             "host": socket.gethostname(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "versions": versions(),
-            "repeat": args.repeat, "quick": args.quick,
+            "repeat": args.repeat, "quick": args.quick, "systems": list(systems),
             "load": {"min": min(loads), "max": max(loads)} if loads else None,
             "logs": str(log_dir)}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "brokers": results},
@@ -106,13 +112,14 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
              f"{meta['versions']}. Median over repetitions (min–max); load average "
              f"{meta['load']['min']:.1f}–{meta['load']['max']:.1f} while it ran. "
              "Systems: README.md (\"Celery bridge\")." if meta["load"] else "", ""]
+    systems = meta.get("systems", SYSTEMS)
     for broker, workloads in results.items():
         lines += [f"## {broker}", "",
-                  "| workload | metric | " + " | ".join(LABELS[s] for s in SYSTEMS) + " |",
-                  "|---|---|" + "---|" * len(SYSTEMS)]
+                  "| workload | metric | " + " | ".join(LABELS[s] for s in systems) + " |",
+                  "|---|---|" + "---|" * len(systems)]
         for name, data in workloads.items():
             for metric in WORKLOADS[name].metrics:
-                cells = " | ".join(cell(data["systems"][s], metric.key) for s in SYSTEMS)
+                cells = " | ".join(cell(data["systems"][s], metric.key) for s in systems)
                 lines.append(f"| `{name}` | {metric.label} ({metric.unit}) | {cells} |")
         lines.append("")
     return "\n".join(lines)

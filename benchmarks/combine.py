@@ -8,6 +8,9 @@ metric measured on two brokers in the same run, the ratio of the second to the f
 
     python -m benchmarks.combine --side base=/tmp/ab/base-* --side new=/tmp/ab/new-* \\
         --ratio embedded/redis --out benchmarks/results/embedded_bells_ab.json
+
+``--system`` picks the system whose figures are summarised (``itask`` unless told; the
+Celery bridge's runs are ``celery-bridge``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ METRICS = {
     "roundtrip": ["p50_ms", "p99_ms"],
     "control_roundtrip": ["p50_ms", "p99_ms"],
     "control_oneway": ["p50_ms", "p99_ms"],
+    "control_roundtrip_nowait": ["p50_ms", "p99_ms"],
+    "control_oneway_nowait": ["p50_ms", "p99_ms"],
     "idle_memory": ["rss_mb", "pss_mb"],
     "stream_in": ["delivered_per_s", "send_per_s"],
 }
@@ -36,9 +41,10 @@ def _spread(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def _metric(doc: dict[str, Any], broker: str, workload: str, metric: str) -> float | None:
+def _metric(doc: dict[str, Any], broker: str, workload: str, metric: str,
+            system: str = "itask") -> float | None:
     try:
-        runs = doc["brokers"][broker][workload]["systems"]["itask"]["runs"]
+        runs = doc["brokers"][broker][workload]["systems"][system]["runs"]
     except KeyError:
         return None
     values = [r["metrics"][metric] for r in runs
@@ -46,8 +52,9 @@ def _metric(doc: dict[str, Any], broker: str, workload: str, metric: str) -> flo
     return statistics.median(values) if values else None
 
 
-def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"sides": {}, "summary": {}, "ratios": {}}
+def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None,
+            system: str = "itask") -> dict[str, Any]:
+    out: dict[str, Any] = {"system": system, "sides": {}, "summary": {}, "ratios": {}}
     for side, files in sides.items():
         docs = [json.loads(f.read_text()) for f in files]
         out["sides"][side] = [{"file": str(f), "document": d}
@@ -57,7 +64,7 @@ def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None) -> dict
             for broker, workloads in doc["brokers"].items():
                 for workload in workloads:
                     for metric in METRICS.get(workload, []):
-                        value = _metric(doc, broker, workload, metric)
+                        value = _metric(doc, broker, workload, metric, system)
                         if value is not None:
                             summary.setdefault(broker, {}).setdefault(workload, {}) \
                                 .setdefault(metric, []).append(value)
@@ -70,8 +77,8 @@ def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None) -> dict
             for doc in docs:
                 for workload, metrics in METRICS.items():
                     for metric in metrics:
-                        a = _metric(doc, top, workload, metric)
-                        b = _metric(doc, bottom, workload, metric)
+                        a = _metric(doc, top, workload, metric, system)
+                        b = _metric(doc, bottom, workload, metric, system)
                         if a is not None and b:
                             ratios.setdefault(workload, {}).setdefault(metric, []).append(a / b)
             out["ratios"][side] = {
@@ -85,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", action="append", required=True,
                         help="NAME=GLOB of run directories or result files (repeatable)")
     parser.add_argument("--ratio", help="BROKER/BROKER: same-run ratios, e.g. embedded/redis")
+    parser.add_argument("--system", default="itask",
+                        help="the system whose figures are summarised (default itask)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     sides: dict[str, list[Path]] = {}
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ratio:
         top, _, bottom = args.ratio.partition("/")
         ratio = (top, bottom)
-    document = combine(sides, ratio)
+    document = combine(sides, ratio, args.system)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=1) + "\n")
     json.dump({"summary": document["summary"], "ratios": document["ratios"]}, sys.stdout,

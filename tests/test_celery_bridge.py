@@ -167,7 +167,7 @@ def proc_state(pid: int) -> str:
     raise AssertionError(f"no state for {pid}")
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads", "solo", "gevent"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo", "gevent", "eventlet"])
 def test_progress_stream_messages_and_result(proj: Any, start_celery: Any,
                                              pool: str) -> None:
     worker = start_celery(pool=pool)
@@ -198,6 +198,11 @@ def test_progress_stream_messages_and_result(proj: Any, start_celery: Any,
     assert handle.async_result.state == "SUCCESS"
     started = events[0]
     assert started.worker == worker.name
+    # The pool channels are readers on Celery's event loop where the worker runs one
+    # that tasks leave free (prefork, threads); solo runs its task on that loop and
+    # gevent has none, so there the relay reads them on a thread.
+    on_loop = "pool channels on the worker's event loop" in worker.log()
+    assert on_loop == (pool in ("prefork", "threads"))
     if pool == "prefork":
         assert started.pid in worker.children()
     else:
@@ -206,7 +211,43 @@ def test_progress_stream_messages_and_result(proj: Any, start_celery: Any,
     assert proj.add.delay(2, 3).get(timeout=10) == 5
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
+def test_the_relay_on_a_hub_reads_its_channels_again_after_a_reset() -> None:
+    """Celery resets its hub when it loses the broker connection, which drops every
+    reader; the relay's upkeep timer puts the pool channels back on it."""
+    import socket
+    import tempfile
+
+    from kombu.asynchronous import Hub
+
+    from interactive_tasks import App
+    from interactive_tasks.celery.relay import Relay
+    from interactive_tasks.worker.ipc import encode_frame
+
+    require_broker("redis")
+    hub = Hub()
+    directory = tempfile.mkdtemp(prefix="itask-hub-")
+    relay = Relay(App("hubtest", broker=REDIS_URL, namespace=f"t{uuid.uuid4().hex[:8]}"),
+                  "hub@test", os.path.join(directory, "relay.sock"),
+                  supports_hard_pause=True)
+    relay.start(hub)
+    loop = hub.create_loop()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        hub.reset()  # what asynloop does when the broker connection is lost
+        assert relay.listener.fileno() not in hub.readers
+        relay._hub_tick()  # the timer survives the reset
+        assert relay.listener.fileno() in hub.readers
+        client.connect(relay.socket_path)
+        client.sendall(encode_frame(["ready", 4242]))
+        wait_for(lambda: next(loop) is None and relay.conns and relay.conns[0].pid == 4242,
+                 5, message="the relay read the channel on the hub")
+    finally:
+        client.close()
+        relay.stop()
+        hub.close()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent", "eventlet"])
 def test_soft_pause_resume_then_cancel(proj: Any, start_celery: Any, pool: str) -> None:
     start_celery(pool=pool)
     handle = proj.looper.start(100000, 0.02)

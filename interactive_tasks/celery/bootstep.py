@@ -48,10 +48,18 @@ class RelayStep(bootsteps.StartStopStep):
         os.environ[RELAY_SOCKET_ENV] = path
 
     def start(self, worker: Any) -> None:
-        self.relay.start()
+        # Celery runs a kombu Hub where the broker's transport can (Redis, RabbitMQ)
+        # outside gevent and eventlet. The solo pool runs the task on that loop, so a
+        # task waiting for the relay (``ask``, ``receive``) would wait for itself: there
+        # the relay keeps its threads.
+        hub = getattr(worker, "hub", None)
+        if hub is not None and self.relay.pool == "solo":
+            hub = None
+        self.relay.start(hub)
         task_revoked.connect(self._on_revoked, weak=False)
-        logger.info("interactive_tasks relay for %s on %s", worker.hostname,
-                    self.relay.socket_path)
+        logger.info("interactive_tasks relay for %s on %s (pool channels %s)",
+                    worker.hostname, self.relay.socket_path,
+                    "on the worker's event loop" if hub is not None else "on threads")
 
     def stop(self, worker: Any) -> None:
         task_revoked.disconnect(self._on_revoked)

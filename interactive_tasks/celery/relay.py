@@ -146,6 +146,10 @@ class Relay:
         self.held_subscribers: dict[str, dict[str, float]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: the worker's kombu Hub when the relay runs on it (see :meth:`start`)
+        self.hub: Any = None
+        self._hub_timer: Any = None
+        self._next_beat = 0.0
         #: the broker side: inboxes, monitoring and control, whichever the broker
         self.side = threaded_side_for(app, hostname)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -154,16 +158,28 @@ class Relay:
         self.listener.setblocking(False)
 
     # -- lifecycle ----------
-    def start(self) -> None:
+    def start(self, hub: Any = None) -> None:
+        """Start reading the pool channels and the broker's control.
+
+        With ``hub`` (the worker's kombu Hub) the pool channels are readers on that
+        event loop and the upkeep a timer on it; without, each runs on a thread. The
+        broker's control is read on threads either way (docs/celery-bridge.md, "Limits").
+        """
         # What the threads import, imported here first: a pool process forked while a
         # thread held a module's import lock would hang importing that module.
         import kombu  # noqa: F401
         import redis  # noqa: F401
 
         self.app.connection().transport  # noqa: B018 - imports the broker's transport
-        for target, name in ((self._channels_loop, "channels"),
-                             (self._control_loop, "control"),
-                             (self._upkeep_loop, "upkeep")):
+        loops: list[tuple[Any, str]] = [(self._control_loop, "control")]
+        if hub is None:
+            loops += [(self._channels_loop, "channels"), (self._upkeep_loop, "upkeep")]
+        else:
+            self.hub = hub
+            self._hub_register()
+            self._next_beat = 0.0
+            self._hub_timer = hub.call_repeatedly(0.1, self._hub_tick)
+        for target, name in loops:
             thread = threading.Thread(target=target, name=f"itask-relay-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -179,8 +195,17 @@ class Relay:
         if self._stop.is_set():
             return
         self._stop.set()
+        hub = self.hub
+        if hub is not None:
+            if self._hub_timer is not None:
+                self._hub_timer.cancel()
+            for sock in [self.listener, *(c.sock for c in self.conns)]:
+                with contextlib.suppress(Exception):
+                    hub.remove_reader(sock.fileno())
         for thread in self._threads:
             thread.join(3)
+        for conn in list(self.conns):
+            conn.sock.close()
         try:
             self.listener.close()
             os.unlink(self.socket_path)
@@ -296,49 +321,86 @@ class Relay:
                 self.emit(task, EventKind.REVOKED, {"error": {
                     "type": "TaskRevokedError", "message": reason, "traceback": ""}})
 
-    # -- the channels thread ----------
+    # -- the pool channels: on a thread, or readers on the worker's hub ----------
     def _channels_loop(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ, None)
+
+        def watch(conn: _Conn) -> None:
+            sel.register(conn.sock, selectors.EVENT_READ, conn)
+
         while not self._stop.is_set():
             for key, _ in sel.select(0.5):
                 if key.data is None:
-                    try:
-                        sock, _ = self.listener.accept()
-                    except OSError:
-                        continue
-                    sock.setblocking(False)
-                    conn = _Conn(sock)
-                    conn.writer = FrameWriter(sock)
-                    with self.lock:
-                        self.conns.append(conn)
-                    sel.register(sock, selectors.EVENT_READ, conn)
-                    continue
-                conn = key.data
-                try:
-                    data = conn.sock.recv(262144)
-                    if not data:
-                        raise ChannelClosed("pool process closed its channel")
-                    frames = conn.reader.feed(data)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except (OSError, ChannelClosed, ProtocolError, ValueError) as exc:
-                    if not isinstance(exc, (OSError, ChannelClosed)):
-                        # Not our framing: whatever wrote it is not a pool process of ours.
-                        logger.warning("dropped a pool channel that sent a malformed "
-                                       "frame: %s", exc)
-                    sel.unregister(conn.sock)
-                    conn.sock.close()
-                    self._on_closed(conn)
-                    continue
-                with self.batch():
-                    for frame in frames:
-                        try:
-                            self._on_frame(conn, frame)
-                        except Exception as exc:
-                            logger.warning("ignored a bad frame from pool process %s: %r",
-                                           conn.pid, exc)
+                    self._accept(watch)
+                elif not self._read(key.data):
+                    sel.unregister(key.data.sock)
+                    key.data.sock.close()
+                    self._on_closed(key.data)
         sel.close()
+
+    def _accept(self, watch: Any) -> None:
+        """A pool process connected: ``watch(conn)`` starts reading its channel."""
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return
+        sock.setblocking(False)
+        conn = _Conn(sock)
+        conn.writer = FrameWriter(sock)
+        with self.lock:
+            self.conns.append(conn)
+        watch(conn)
+
+    def _read(self, conn: _Conn) -> bool:
+        """Read what a pool process sent and act on its frames; False when its channel
+        is gone (closed, or it wrote something that is not our framing)."""
+        try:
+            data = conn.sock.recv(262144)
+            if not data:
+                raise ChannelClosed("pool process closed its channel")
+            frames = conn.reader.feed(data)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except (OSError, ChannelClosed, ProtocolError, ValueError) as exc:
+            if not isinstance(exc, (OSError, ChannelClosed)):
+                # Not our framing: whatever wrote it is not a pool process of ours.
+                logger.warning("dropped a pool channel that sent a malformed "
+                               "frame: %s", exc)
+            return False
+        with self.batch():
+            for frame in frames:
+                try:
+                    self._on_frame(conn, frame)
+                except Exception as exc:
+                    logger.warning("ignored a bad frame from pool process %s: %r",
+                                   conn.pid, exc)
+        return True
+
+    def _hub_register(self) -> None:
+        """Put the listener and every open channel on the hub, as readers. Celery resets
+        its hub when the broker connection is lost, dropping every reader; the upkeep
+        timer (which survives the reset) calls this again when that happened."""
+        hub = self.hub
+        hub.add_reader(self.listener.fileno(), self._hub_accept)
+        for conn in list(self.conns):
+            hub.add_reader(conn.sock.fileno(), self._hub_read, conn)
+
+    def _hub_accept(self) -> None:
+        self._accept(lambda conn: self.hub.add_reader(conn.sock.fileno(), self._hub_read,
+                                                      conn))
+
+    def _hub_read(self, conn: _Conn) -> None:
+        try:
+            alive = self._read(conn)
+        except Exception:  # never into Celery's loop: it would restart the consumer
+            logger.exception("relay error reading pool process %s", conn.pid)
+            alive = True
+        if not alive:
+            with contextlib.suppress(Exception):
+                self.hub.remove_reader(conn.sock.fileno())
+            conn.sock.close()
+            self._on_closed(conn)
 
     def _on_frame(self, conn: _Conn, frame: Any) -> None:
         op = frame[0]
@@ -661,13 +723,30 @@ class Relay:
         every = self.app.conf.worker_heartbeat
         next_beat = 0.0
         while not self._stop.wait(0.1):
-            now = time.monotonic()
-            with self.batch():
-                self._force_due(now)
-                if now >= next_beat:
-                    next_beat = now + every
-                    self._heartbeat()
-                    self._expire(now)
+            next_beat = self._upkeep(time.monotonic(), next_beat, every)
+
+    def _upkeep(self, now: float, next_beat: float, every: float) -> float:
+        """Forced cancels that are due, and each ``every`` seconds heartbeats and expiry;
+        returns when the next heartbeat is due."""
+        with self.batch():
+            self._force_due(now)
+            if now >= next_beat:
+                next_beat = now + every
+                self._heartbeat()
+                self._expire(now)
+        return next_beat
+
+    def _hub_tick(self) -> None:
+        """The upkeep, as a timer on the worker's hub."""
+        if self._stop.is_set():
+            return
+        try:
+            if self.listener.fileno() not in self.hub.readers:
+                self._hub_register()  # the hub was reset (see _hub_register)
+            self._next_beat = self._upkeep(time.monotonic(), self._next_beat,
+                                           self.app.conf.worker_heartbeat)
+        except Exception:  # never into Celery's loop
+            logger.exception("relay upkeep failed")
 
     def publish_monitor(self, payload: dict[str, Any]) -> None:
         """Publish on the fanout ``<ns>.events`` exchange (``itask top``, ``itask
