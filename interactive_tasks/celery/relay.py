@@ -2,7 +2,9 @@
 
 It speaks the itask worker's protocol (docs/architecture.md), so handles, ``itask
 attach`` and the widget see a Celery worker as one more worker named by its Celery
-hostname. Three threads, one lock over the task table:
+hostname. Three jobs, one lock over the task table; *channels* and *upkeep* are a reader
+and a timer on Celery's event loop (kombu Hub) when :meth:`Relay.start` is given one,
+threads otherwise, and *control* is always threads:
 
 * *channels*: accepts each pool process's connection on a Unix socket and reads its
   frames (``begin``, ``ev``, ``done``); numbers each task's events and publishes them to

@@ -1,7 +1,8 @@
-"""The broker side of a worker that runs on threads of its own instead of a kombu Hub.
+"""The broker side of a worker that talks to the broker on connections of its own, not a Hub.
 
-The Celery bridge's relay lives inside a Celery worker, on threads (docs/celery-bridge.md),
-and speaks the itask worker's protocol; it holds one :class:`ThreadedSide` (chosen by
+The Celery bridge's relay lives inside a Celery worker, its control reads on threads and
+its pool channels on a thread or on Celery's hub (docs/celery-bridge.md), and speaks
+the itask worker's protocol; it holds one :class:`ThreadedSide` (chosen by
 :func:`threaded_side_for`) and never asks which broker it talks to:
 
 * :meth:`ThreadedSide.publish_inbox` and :meth:`ThreadedSide.publish_monitor` send one
