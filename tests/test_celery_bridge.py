@@ -283,6 +283,10 @@ def test_hard_pause_stops_the_pool_process(proj: Any, start_celery: Any) -> None
     handle.cancel(grace=10)
     with pytest.raises(TaskCancelled):
         handle.result(timeout=15)
+    # what the child wrote before it stopped came before "paused", nothing after it
+    kinds = [e.kind for e in handle.events(timeout=10)]
+    paused = kinds.index("paused")
+    assert kinds[paused + 1] == "resumed", kinds[paused - 2:paused + 3]
 
 
 def test_hard_pause_needs_prefork(proj: Any, start_celery: Any) -> None:

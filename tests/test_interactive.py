@@ -229,6 +229,25 @@ def test_hard_pause_freezes_only_that_child(tasks, start_worker, tmp_path: Path)
         handle.result(timeout=10)
 
 
+def test_no_progress_between_a_hard_pause_and_its_resume(tasks, start_worker):
+    """A task emitting progress flat out is hard-paused and resumed again and again: what
+    it wrote before it stopped reaches the stream before ``paused``, never after it."""
+    start_worker(pool="prefork", concurrency=1)
+    handle = tasks.steerable.start(10_000_000, 0)
+    wait_for(lambda: handle.progress is not None, message="progress flowing")
+    for _ in range(10):
+        handle.pause(hard=True, wait=True, timeout=10)
+        handle.resume(wait=True, timeout=10)
+    handle.cancel(grace=0)
+    with pytest.raises(TaskCancelled):
+        handle.result(timeout=10)
+    kinds = [e.kind for e in handle.events(timeout=10)]
+    pauses = [i for i, kind in enumerate(kinds) if kind == "paused"]
+    assert len(pauses) == 10
+    for i in pauses:
+        assert kinds[i + 1] == "resumed", kinds[i - 2:i + 3]
+
+
 @pytest.mark.parametrize("pool", ["threads", "solo"])
 def test_hard_pause_is_a_clear_error_outside_prefork(tasks, start_worker, pool):
     start_worker(pool=pool)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from .canvas import Workflows
     from .outcomes import Outcomes
+    from .pools.base import PoolSlot
     from .relay import Relay
     from .state import WorkerState
 
@@ -59,18 +60,21 @@ class ControlRouter:
     """Applies control messages to the worker's tasks; one per worker.
 
     ``send_ctl(record, verb, data)`` writes a control frame to the pool slot running
-    ``record`` (``Worker.send_ctl``).
+    ``record`` (``Worker.send_ctl``); ``drain_slot(slot)`` acts on every frame the slot
+    has written so far (``Worker.drain_slot``).
     """
 
     def __init__(self, state: WorkerState, *, relay: Relay, outcomes: Outcomes,
                  workflows: Workflows, upkeep: BrokerUpkeep,
-                 send_ctl: Callable[[TaskRecord, str, Any], None]) -> None:
+                 send_ctl: Callable[[TaskRecord, str, Any], None],
+                 drain_slot: Callable[[PoolSlot], None]) -> None:
         self.state = state
         self.relay = relay
         self.outcomes = outcomes
         self.workflows = workflows
         self.upkeep = upkeep
         self.send_ctl = send_ctl
+        self.drain_slot = drain_slot
         #: the worker-wide requests (:mod:`.remote`), set by the worker once its intake
         #: exists (the intake delivers to this router, and they change the intake)
         self.remote: WorkerControl | None = None
@@ -237,7 +241,16 @@ class ControlRouter:
                 record.start_paused = True
             elif hard:
                 if not record.slot.hard_paused:
-                    w.pool.hard_pause(record.slot)
+                    slot = record.slot
+                    w.pool.hard_pause(slot)
+                    # What it wrote before it stopped comes before "paused": no progress
+                    # of a frozen task reaches a watcher after the pause.
+                    self.drain_slot(slot)
+                    if record.is_final:  # it ended in what was drained
+                        w.pool.hard_resume(slot)
+                        reply(False, ("TaskFinished", f"task {record.id} already ended "
+                                                      f"({record.state.value})"))
+                        return
                     self.relay.emit(record, EventKind.PAUSED, {"hard": True})
             else:
                 self.send_ctl(record, Verb.PAUSE, None)

@@ -189,7 +189,7 @@ class Worker:
                                  workflows=self.workflows, publish_task=self.publish_task)
         self.control = ControlRouter(state, relay=self.relay, outcomes=self.outcomes,
                                      workflows=self.workflows, upkeep=self.upkeep,
-                                     send_ctl=self.send_ctl)
+                                     send_ctl=self.send_ctl, drain_slot=self.drain_slot)
         self.intake = intake_for(app, self.hostname, on_task=self._on_task_message,
                                  on_garbage=self.outcomes.dead_letter,
                                  on_control=self.control.on_message,
@@ -757,24 +757,33 @@ class Worker:
         self._watch_writer(slot)
 
     # -- pool input ----------
-    def _on_slot_readable(self, slot: PoolSlot) -> None:
+    def _on_slot_readable(self, slot: PoolSlot) -> bool:
+        """Read what ``slot`` sent and act on its frames; True if frames came (more may
+        be waiting)."""
         try:
             data = slot.sock.recv(1 << 18)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._on_slot_closed(slot)
-            return
+            return False
         try:
             frames = slot.reader.feed(data)
         except (ChannelClosed, ProtocolError) as exc:
             logger.error("pool slot %d sent garbage (%s); replacing it", slot.index, exc)
             self.pool.force_stop(slot, 2)
-            return
+            return False
         for frame in frames:
             self._on_frame(slot, frame)
+        return True
+
+    def drain_slot(self, slot: PoolSlot) -> None:
+        """Act on everything ``slot`` has written so far (a stopped slot: all it wrote
+        before it stopped)."""
+        while not slot.closed and self._on_slot_readable(slot):
+            pass
 
     def _on_frame(self, slot: PoolSlot, frame: list[Any]) -> None:
         op = frame[0]

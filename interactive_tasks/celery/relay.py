@@ -49,6 +49,7 @@ from interactive_tasks.protocol import (
 )
 from interactive_tasks.transport.threaded_side import threaded_side_for
 from interactive_tasks.worker.ipc import ChannelClosed, FrameReader, FrameWriter
+from interactive_tasks.worker.pools.base import stop_process
 
 logger = logging.getLogger("interactive_tasks.celery")
 
@@ -357,27 +358,40 @@ class Relay:
     def _read(self, conn: _Conn) -> bool:
         """Read what a pool process sent and act on its frames; False when its channel
         is gone (closed, or it wrote something that is not our framing)."""
-        try:
-            data = conn.sock.recv(262144)
-            if not data:
-                raise ChannelClosed("pool process closed its channel")
-            frames = conn.reader.feed(data)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except (OSError, ChannelClosed, ProtocolError, ValueError) as exc:
-            if not isinstance(exc, (OSError, ChannelClosed)):
-                # Not our framing: whatever wrote it is not a pool process of ours.
-                logger.warning("dropped a pool channel that sent a malformed "
-                               "frame: %s", exc)
-            return False
+        return self._read_once(conn) is not False
+
+    def _read_once(self, conn: _Conn) -> bool | None:
+        """One read of ``conn``: True if frames came, None if nothing was waiting, False
+        if the channel is gone. The read happens under the relay's lock, so bytes read
+        here are acted on before any control the lock holds back (a hard pause drains
+        the channel under it, see :meth:`_drain`)."""
         with self.batch():
+            try:
+                data = conn.sock.recv(262144)
+                if not data:
+                    raise ChannelClosed("pool process closed its channel")
+                frames = conn.reader.feed(data)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except (OSError, ChannelClosed, ProtocolError, ValueError) as exc:
+                if not isinstance(exc, (OSError, ChannelClosed)):
+                    # Not our framing: whatever wrote it is not a pool process of ours.
+                    logger.warning("dropped a pool channel that sent a malformed "
+                                   "frame: %s", exc)
+                return False
             for frame in frames:
                 try:
                     self._on_frame(conn, frame)
                 except Exception as exc:
                     logger.warning("ignored a bad frame from pool process %s: %r",
                                    conn.pid, exc)
-        return True
+            return True
+
+    def _drain(self, conn: _Conn) -> None:
+        """Act on everything a stopped pool process wrote before it stopped (caller
+        holds the lock); its channel's reader sees EOF or garbage again by itself."""
+        while self._read_once(conn):
+            pass
 
     def _hub_register(self) -> None:
         """Put the listener and every open channel on the hub, as readers. Celery resets
@@ -558,8 +572,17 @@ class Relay:
                                   "everywhere"))
                     return
                 if not task.hard_paused:
-                    os.kill(task.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+                    stop_process(task.pid)  # type: ignore[arg-type]
                     task.hard_paused = True
+                    if task.conn is not None:
+                        # What it wrote before it stopped comes before "paused": no
+                        # progress of a frozen task reaches a watcher after the pause.
+                        self._drain(task.conn)
+                    if task.is_final:  # it ended in what was drained
+                        self._continue(task)
+                        reply(False, ("TaskFinished", f"task {task.id} already ended "
+                                                      f"({task.state.value})"))
+                        return
                     self.emit(task, EventKind.PAUSED, {"hard": True})
             else:
                 self.send_ctl(task, Verb.PAUSE, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import os
+import signal
 import socket
 import sys
 import time
@@ -132,6 +133,21 @@ def process_state(pid: int) -> str | None:
     except OSError:
         return None
     return data.rsplit(b")", 1)[1].split()[0].decode()
+
+
+def stop_process(pid: int, timeout: float = 1.0) -> None:
+    """SIGSTOP ``pid`` and return once /proc shows it stopped (``kill()`` returns before
+    the process has stopped; what it writes meanwhile must not pass for written after the
+    stop), after ``timeout`` seconds, or when it is gone."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process_state(pid) in ("T", "t", None):
+            return
+        time.sleep(0.0005)
 
 
 def resident_kb(pid: int) -> int | None:

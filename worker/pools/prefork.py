@@ -22,7 +22,7 @@ from interactive_tasks.app import App
 
 from ..child import Slot
 from ..ipc import BlockingChannel
-from .base import Pool, PoolSlot, process_state, use_switch_interval
+from .base import Pool, PoolSlot, stop_process, use_switch_interval
 
 logger = logging.getLogger("interactive_tasks.worker.prefork")
 
@@ -91,14 +91,8 @@ class PreforkPool(Pool):
         return f"{signal.Signals(sig).name} to pid {slot.pid}" + ("" if sent else " (gone)")
 
     def hard_pause(self, slot: PoolSlot) -> None:
-        self._signal(slot, signal.SIGSTOP)
-        # kill() returns before the process is stopped: confirm from /proc.
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            state = process_state(slot.pid)
-            if state in ("T", "t", None):
-                break
-            time.sleep(0.0005)
+        if not slot.closed and slot.pid is not None:
+            stop_process(slot.pid)
         slot.hard_paused = True
         slot.hard_paused_at = time.monotonic()
 
