@@ -47,7 +47,7 @@ from .control import ControlRouter
 from .inbound import decode_body, signed_by
 from .ipc import ChannelClosed
 from .outcomes import Outcomes, error_fields
-from .pools.base import Pool, PoolSlot, resident_kb
+from .pools.base import Pool, PoolSlot, release_free_memory, resident_kb
 from .records import Subscriber, TaskRecord
 from .relay import Relay
 from .remote import WorkerControl
@@ -247,13 +247,19 @@ class Worker:
                     ",".join(self.queue_names), app.broker_url_display)
         if app.embedded_directory is not None:
             logger.info("embedded broker files: %s", app.embedded_directory)
+        # The pool forks before anything here touches the broker: a child starts as a copy
+        # of this process, and the first connection imports the broker's client library
+        # (redis-py with its asyncio and cluster modules: ~6 MB per child) that a pool
+        # process needs only if its task publishes. Children that replace these later fork
+        # from the full worker.
+        release_free_memory()
+        first = self.autoscaler.min if self.autoscaler is not None else self.concurrency
+        for index in range(first):
+            self.slots.append(self.pool.spawn(index))
         try:
             self.revoked.update(app.results.revoked())
         except Exception as exc:
             logger.warning("could not load revoked task ids: %s", exc)
-        first = self.autoscaler.min if self.autoscaler is not None else self.concurrency
-        for index in range(first):
-            self.slots.append(self.pool.spawn(index))
         backoff = 0.5
         recoverable: tuple[type[BaseException], ...] = (
             TransportError, *self._connection_errors())

@@ -507,3 +507,11 @@ def gather_and_wait(self: Any, key: str, n: int, timeout: float = 90) -> dict[st
         if message is not None:
             return {"seen": seen, "message": message}
     raise TimeoutError(f"no message within {timeout}s")
+
+
+@app.task
+def loaded_modules(names: list[str]) -> list[str]:
+    """Which of ``names`` the pool process running this has imported."""
+    import sys
+
+    return [name for name in names if name in sys.modules]

@@ -10,6 +10,7 @@ slot is started, forced to stop, frozen and replaced.
 from __future__ import annotations
 
 import abc
+import ctypes
 import os
 import signal
 import socket
@@ -148,6 +149,16 @@ def stop_process(pid: int, timeout: float = 1.0) -> None:
         if process_state(pid) in ("T", "t", None):
             return
         time.sleep(0.0005)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``), so that
+    processes forked next do not start with them: start-up (imports, configuration) leaves
+    free blocks the allocator would otherwise keep. Elsewhere than glibc, nothing."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resident_kb(pid: int) -> int | None:
