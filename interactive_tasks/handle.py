@@ -357,15 +357,17 @@ class TaskHandle(ResultHandle[R]):
             if snapshot.run > self._run:
                 self._run = snapshot.run
                 self._seq = 0
-            for event in snapshot.events:
-                if event.seq > self._seq:
-                    self._apply(event)
-                    self._push(event)
-            if snapshot.progress is not None and (
-                self._progress is None or snapshot.progress.seq > self._progress.seq
-            ):
-                self._progress = snapshot.progress
-                self._push(snapshot.progress)
+            missed = [event for event in snapshot.events if event.seq > self._seq]
+            progress = snapshot.progress
+            if progress is not None and progress.seq > self._seq:
+                # The snapshot keeps its latest progress apart from its events: it goes
+                # into the stream where its seq puts it, so a final event the snapshot
+                # also carries still comes after it (events() ends at the final one).
+                missed.append(progress)
+                missed.sort(key=lambda event: event.seq)
+            for event in missed:
+                self._apply(event)
+                self._push(event)
             self._seq = max(self._seq, snapshot.seq)
             self._state = snapshot.state
             self.name = self.name or snapshot.name

@@ -70,6 +70,52 @@ def test_a_gap_asks_its_worker_for_a_snapshot_and_holds_events_until_it_lands(
     assert h.seq == 5
 
 
+def test_a_snapshot_puts_its_latest_progress_before_the_final_event(
+        client: RecordingClient) -> None:
+    # The client's broker connection dropped with progress 3-5 in flight; the final event
+    # came after the reconnect and showed the gap. The worker's snapshot of the finished
+    # task carries the latest progress apart from its events: it must go into the stream
+    # where its seq puts it, before "succeeded", or events() ends without it.
+    h = handle_with(client)
+    h._on_event(ev(1, EventKind.STARTED, worker="w1", pid=7))
+    h._on_event(ev(2, EventKind.PROGRESS, current=1))
+    h._on_event(ev(3, EventKind.PROGRESS, current=2))
+    h._on_event(ev(7, EventKind.SUCCEEDED, result="k1"))
+    assert client.resyncs == [("t1", "w1", "tok")]
+    h._on_snapshot(TaskSnapshot(
+        task_id="t1", name="job", state=TaskState.SUCCEEDED, seq=7, run=1, worker="w1",
+        progress=ev(6, EventKind.PROGRESS, current=5), result="k1",
+        events=(ev(1, EventKind.STARTED, worker="w1", pid=7),
+                ev(7, EventKind.SUCCEEDED, result="k1")),
+    ))
+    events = list(h.events(timeout=0))
+    # unread consecutive progress collapses in the handle's buffer: latest wins
+    assert [(e.seq, e.kind) for e in events] == [
+        (1, "started"), (6, "progress"), (7, "succeeded")]
+    assert events[1].current == 5 and h.progress is not None and h.progress.current == 5
+    assert h.result(0) == "k1"
+
+
+def test_the_result_store_fills_the_latest_progress_in_before_the_end(tmp_path: Any) -> None:
+    # The same loss, found by result()'s fallback to the result store instead.
+    app = App("gaps-store-progress", broker="embedded:///nonexistent-gaps-store-progress",
+              result_backend=f"file://{tmp_path}")
+    app.results.put("t1", TaskSnapshot(
+        task_id="t1", name="job", state=TaskState.SUCCEEDED, seq=7, run=1, worker="w1",
+        progress=ev(6, EventKind.PROGRESS, current=5), result="k1",
+        events=(ev(1, EventKind.STARTED, worker="w1", pid=7),
+                ev(7, EventKind.SUCCEEDED, result="k1")),
+    ).to_wire())
+    h: TaskHandle[Any] = TaskHandle(app, "t1", name="job", watch=False)
+    h._on_event(ev(1, EventKind.STARTED, worker="w1", pid=7))
+    h._on_event(ev(3, EventKind.PROGRESS, first=2, current=2))
+    assert h.result(timeout=5) == "k1"
+    events = list(h.events(timeout=0))
+    # unread consecutive progress collapses in the handle's buffer: latest wins
+    assert [(e.seq, e.kind) for e in events] == [
+        (1, "started"), (6, "progress"), (7, "succeeded")]
+
+
 def test_a_gap_before_the_worker_is_known_locates_the_task(client: RecordingClient) -> None:
     h = handle_with(client)
     h._on_event(ev(2, EventKind.PROGRESS, current=1))  # "started" lost in flight
