@@ -6,7 +6,8 @@ capability token or signature, reads (locate, subscribe, unsubscribe) that add w
 and worker requests (ping, inspect, revoke, and the worker-wide changes of
 :mod:`.remote`; only on the workers a ``destination`` names, when it names any). Task
 verbs for a task this worker does not hold yet are kept (``held``) and applied in the order
-each client sent them if it arrives.
+each client sent them if it arrives. What each verb decides from the control's data and
+the task's state is in :mod:`.verbs`, which the Celery bridge's relay calls too.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from interactive_tasks.protocol import (
     WORKER_CONTROL_VERBS,
     WORKER_VERBS,
     ControlMessage,
-    Envelope,
     EventKind,
     TaskMessage,
     Verb,
 )
 from interactive_tasks.transport.redis_fast import control_frame, kombu_body
 
+from . import verbs
 from .canvas import after_finish
 from .inbound import decode_body, signed_by
 from .outcomes import error_fields
@@ -51,9 +52,6 @@ if TYPE_CHECKING:
     from .state import WorkerState
 
 logger = logging.getLogger("interactive_tasks.worker")
-
-#: control held for a task this worker does not have yet is dropped after this long
-HELD_CONTROL_TTL = 300.0
 
 
 class ControlRouter:
@@ -130,16 +128,8 @@ class ControlRouter:
 
     def reply(self, inbox: str, rid: str | None, ok: bool, *, data: Any = None,
                error: tuple[str, str] | None = None, pending: bool = False) -> None:
-        w = self.state
-        payload: dict[str, Any] = {"t": Envelope.REPLY, "rid": rid, "ok": ok,
-                                   "worker": w.hostname}
-        if data is not None:
-            payload["data"] = data
-        if pending:
-            payload["pending"] = True
-        if error is not None:
-            payload["error"] = {"type": error[0], "message": error[1]}
-        self.relay.publish_inbox(inbox, payload)
+        self.relay.publish_inbox(inbox, verbs.reply_message(
+            self.state.hostname, rid, ok, data=data, error=error, pending=pending))
 
     def handle(self, ctl: ControlMessage, signed: bool) -> None:
         w = self.state
@@ -180,15 +170,11 @@ class ControlRouter:
             self.handle_read(ctl, record, signed)
             return
         if verb in TASK_VERBS:
-            held = HeldControl(verb, ctl.data, ctl.sender, ctl.rid, ctl.cseq, ctl.token,
-                               signed, time.monotonic() + HELD_CONTROL_TTL)
-            if record is None:
-                # Not here (yet): keep it in case the task reaches this worker.
-                w.held.setdefault(task_id, []).append(held)
-                if ctl.sender and ctl.rid:
-                    self.reply(ctl.sender, ctl.rid, True, pending=True)
-                return
-            self.apply_task_control(record, held)
+            held = verbs.held_control(ctl, signed)
+            if record is not None:
+                self.apply_task_control(record, held)
+            elif inbox := verbs.hold(w.held, task_id, held):  # in case the task comes here
+                self.reply(inbox, ctl.rid, True, pending=True)
 
     def authorized(self, record: TaskRecord, held: HeldControl) -> bool:
         if held.signed:
@@ -203,40 +189,27 @@ class ControlRouter:
         return False
 
     def apply_task_control(self, record: TaskRecord, held: HeldControl) -> None:
+        ok, error = verbs.outcome(
+            held, record.id, record.last_cseq, authorized=self.authorized(record, held),
+            apply=functools.partial(self._apply, record, held), log=logger,
+            token_help=" (use the token of the handle that started it, handle.token, or "
+                       "the operator secret ITASK_SECRET)")
+        if held.sender and held.rid:  # no request id: the sender asked for no reply
+            self.reply(held.sender, held.rid, ok, error=error)
+
+    def _apply(self, record: TaskRecord, held: HeldControl) -> None:
+        """Apply one task verb; :class:`~.verbs.Refused` when the task cannot take it."""
         w = self.state
-        sender = held.sender
-
-        def reply(ok: bool, error: tuple[str, str] | None = None) -> None:
-            if sender and held.rid:  # no request id: the sender asked for no reply
-                self.reply(sender, held.rid, ok, error=error)
-
-        if not self.authorized(record, held):
-            logger.warning("refused %s for task %s from %s: wrong or missing token",
-                           held.verb, record.id, sender)
-            reply(False, ("NotAuthorized", f"not authorised to {held.verb} task {record.id}: "
-                                           "wrong or missing token (use the token of the "
-                                           "handle that started it, handle.token, or the "
-                                           "operator secret ITASK_SECRET)"))
-            return
-        if sender and held.cseq:
-            last = record.last_cseq.get(sender, 0)
-            if held.cseq <= last:
-                reply(True)  # a copy we already applied (broadcast and direct)
-                return
-            record.last_cseq[sender] = held.cseq
         if record.is_final:
-            reply(False, ("TaskFinished", f"task {record.id} already ended "
-                                          f"({record.state.value})"))
-            return
+            raise verbs.ended(record.id, record.state)
         verb, data = held.verb, held.data
         started = record.slot is not None
         if verb == Verb.PAUSE:
-            hard = isinstance(data, dict) and bool(data.get("hard"))
+            hard = verbs.is_hard(data)
             if hard and not w.pool.supports_hard_pause:
-                reply(False, ("HardPauseUnsupported",
-                              f"hard pause needs the prefork pool (this worker runs "
-                              f"--pool {w.pool.name}); a soft pause works everywhere"))
-                return
+                raise verbs.Refused("HardPauseUnsupported",
+                                    f"hard pause needs the prefork pool (this worker runs "
+                                    f"--pool {w.pool.name}); a soft pause works everywhere")
             if not started:
                 record.start_paused = True
             elif hard:
@@ -248,9 +221,7 @@ class ControlRouter:
                     self.drain_slot(slot)
                     if record.is_final:  # it ended in what was drained
                         w.pool.hard_resume(slot)
-                        reply(False, ("TaskFinished", f"task {record.id} already ended "
-                                                      f"({record.state.value})"))
-                        return
+                        raise verbs.ended(record.id, record.state)
                     self.relay.emit(record, EventKind.PAUSED, {"hard": True})
             else:
                 self.send_ctl(record, Verb.PAUSE, None)
@@ -273,23 +244,11 @@ class ControlRouter:
             else:
                 record.early_messages.append((Verb.MESSAGE, data))
         elif verb == Verb.ANSWER:
-            question = record.question
-            qid = data.get("qid") if isinstance(data, dict) else None
-            if question is None:
-                reply(False, ("ControlError", f"task {record.id} has no pending question"))
-                return
-            if qid and qid != question.get("qid"):
-                reply(False, ("ControlError", "that question was already answered"))
-                return
-            value = data.get("value") if isinstance(data, dict) else data
-            self.send_ctl(record, Verb.ANSWER, {"qid": question.get("qid"), "value": value})
-        reply(True)
+            self.send_ctl(record, Verb.ANSWER, verbs.answer(record.id, record.question, data))
 
     def cancel(self, record: TaskRecord, data: Any) -> None:
         w = self.state
-        grace = 5.0
-        if isinstance(data, dict) and isinstance(data.get("grace"), (int, float)):
-            grace = max(0.0, float(data["grace"]))
+        grace = verbs.cancel_grace(data)
         record.cancel_requested = True
         if record.slot is None:
             try:
@@ -322,44 +281,37 @@ class ControlRouter:
                      signed: bool) -> None:
         w = self.state
         sender = ctl.sender
-        if not sender:
-            return
-        if ctl.verb == Verb.UNSUBSCRIBE:
-            if record is not None:
-                record.subscribers.pop(sender, None)
-            return
-        if record is not None and not w.app.conf.read_only_attach and not signed and \
-                not codec.token_matches(ctl.token, record.message.token_digest):
-            self.reply(sender, ctl.rid, False,
-                       error=("NotAuthorized", "attach needs the task's token here"))
-            return
-        ttl = w.app.conf.subscription_ttl
-        renew = ctl.data.get("renew") if isinstance(ctl.data, dict) else None
-        if ctl.verb == Verb.SUBSCRIBE and isinstance(renew, list):
-            expires = time.monotonic() + ttl
-            for task_id in renew:
-                held = w.records.get(task_id) if isinstance(task_id, str) else None
-                if held is None:
-                    continue
-                sub = held.subscribers.get(sender)
-                if sub is None and w.app.conf.read_only_attach:
+        read_only = w.app.conf.read_only_attach
+        try:
+            if verbs.read_settled(
+                    ctl, record.subscribers if record is not None else None,
+                    record.message.token_digest if record is not None else None,
+                    signed=signed, read_only_attach=read_only):
+                return
+            assert sender is not None  # read_settled settles a read without one
+            ttl = w.app.conf.subscription_ttl
+            renew = verbs.renewals(ctl)
+            if renew is not None:
+                expires = time.monotonic() + ttl
+                for task_id in renew:
+                    held = w.records.get(task_id)
+                    if held is None or verbs.extend(held.subscribers, sender, expires) or \
+                            not read_only:
+                        continue
                     # Dropped while the client was away: take it back, with a snapshot so
                     # the client learns what it missed (its handle skips what it has).
                     held.subscribers[sender] = Subscriber(sender, expires, True)
                     self.relay.flush()
-                    self.relay.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": None,
-                                                   "worker": w.hostname,
-                                                   "snapshot": held.snapshot().to_wire()})
-                elif sub is not None and sub.expires != float("inf"):
-                    sub.expires = expires
-            return
-        if record is None:
-            if ctl.task_id:
-                subs = w.held_subscribers.setdefault(ctl.task_id, {})
-                subs[sender] = Subscriber(sender, time.monotonic() + ttl, True)
-            if ctl.verb == Verb.SUBSCRIBE:
-                self.reply(sender, ctl.rid, False,
-                           error=("UnknownTask", f"task {ctl.task_id} is not on {w.hostname}"))
+                    self.relay.publish_inbox(sender, verbs.snapshot_message(
+                        w.hostname, None, held.snapshot().to_wire()))
+                return
+            if record is None:
+                verbs.watch_unknown(ctl, w.held_subscribers, time.monotonic() + ttl,
+                                    w.hostname)
+                return
+        except verbs.Refused as exc:
+            if sender:
+                self.reply(sender, ctl.rid, False, error=exc.error)
             return
         sub = record.subscribers.get(sender)
         if sub is not None and ctl.verb == Verb.SUBSCRIBE and ctl.rid is None:
@@ -370,9 +322,8 @@ class ControlRouter:
         # Snapshot and live tail are ordered on one queue: pending batched events are
         # flushed first so the snapshot never precedes an event it does not include.
         self.relay.flush()
-        self.relay.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": ctl.rid,
-                                  "worker": w.hostname,
-                                  "snapshot": record.snapshot().to_wire()})
+        self.relay.publish_inbox(sender, verbs.snapshot_message(
+            w.hostname, ctl.rid, record.snapshot().to_wire()))
 
     def revoke(self, ctl: ControlMessage, signed: bool) -> None:
         """Refuse the ids from now on (until they expire); stop the queued ones here."""

@@ -3,12 +3,15 @@
 One :class:`TaskRecord` per task the worker holds (queued here, running, or recently
 finished). Attach is one step in the worker loop: :meth:`TaskRecord.snapshot` carries the
 sequence number it covers and the live tail continues from there — no gap, no duplicate.
+:class:`Subscriber`, :class:`HeldControl` and :func:`expire` serve the Celery bridge's
+relay too, which keeps watchers and held control of its tasks the same way.
 """
 
 from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,3 +172,26 @@ class TaskRecord:
 
 
 _FINAL = (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED, EventKind.REVOKED)
+
+
+def expire(now: float, watchers: Iterable[dict[str, Subscriber]],
+           held: dict[str, list[HeldControl]],
+           held_subscribers: dict[str, dict[str, Subscriber]]) -> None:
+    """Drop what expired by ``now`` (monotonic): watches of the tasks here (``watchers``,
+    each task's subscribers), control held for tasks not here, and the watchers waiting
+    for them (both tables keyed by task id)."""
+    for subscribers in watchers:
+        for key in [k for k, s in subscribers.items() if s.expires < now]:
+            del subscribers[key]
+    for task_id in list(held):
+        kept = [h for h in held[task_id] if h.expires > now]
+        if kept:
+            held[task_id] = kept
+        else:
+            del held[task_id]
+    for task_id in list(held_subscribers):
+        subs = {k: s for k, s in held_subscribers[task_id].items() if s.expires > now}
+        if subs:
+            held_subscribers[task_id] = subs
+        else:
+            del held_subscribers[task_id]

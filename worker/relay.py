@@ -9,18 +9,21 @@ which stores results first, then acks, then publishes, so a client that sees a f
 event can always read the result, and a task is acked only once its result is recorded.
 It also publishes the monitoring stream (``<ns>.events``): worker heartbeats always, task
 events when the worker runs with ``-E`` (``worker_send_task_events``).
+:func:`queue_event` (the batching and coalescing) and :func:`heartbeats` serve the Celery
+bridge's relay too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from interactive_tasks.protocol import Envelope, Event, EventKind, TaskSnapshot, TaskState
 from interactive_tasks.transport.outbound import outbound_for
 
-from .records import TaskRecord
+from .records import TaskRecord, expire
 
 if TYPE_CHECKING:
     from .state import WorkerState
@@ -78,20 +81,8 @@ class Relay:
             self.task_event(MONITORED[kind], record, **extra)
         if not record.subscribers:
             return event
-        wire = event.to_wire()
-        is_progress = kind == EventKind.PROGRESS
-        for sub in record.subscribers.values():
-            if not (sub.everything or final):
-                continue
-            box = self.outbox.setdefault(sub.inbox, [])
-            if is_progress and box and box[-1][2] == EventKind.PROGRESS and \
-                    box[-1][0] == record.id:
-                # Coalesce: latest progress wins, never reordered. It says which seq it
-                # covers from, so the watcher can tell this skip from a lost event.
-                replaced = box[-1]
-                box[-1] = [*wire[:6], replaced[6] if len(replaced) > 6 else replaced[1]]
-            else:
-                box.append(wire)
+        queue_event(self.outbox, event.to_wire(), (
+            sub.inbox for sub in record.subscribers.values() if sub.everything or final))
         self.schedule_flush()
         return event
 
@@ -162,13 +153,9 @@ class Relay:
 
     def heartbeat(self) -> None:
         w = self.state
-        inboxes: dict[str, list[str]] = {}
-        for record in w.records.values():
-            for inbox in record.subscribers:
-                inboxes.setdefault(inbox, []).append(record.id)
-        for inbox, task_ids in inboxes.items():
-            self.publish_inbox(inbox, {"t": Envelope.HEARTBEAT, "worker": w.hostname,
-                                        "tasks": task_ids[:100], "ts": time.time()})
+        watched = ((r.id, r.subscribers) for r in w.records.values())
+        for inbox, payload in heartbeats(w.hostname, watched):
+            self.publish_inbox(inbox, payload)
         self.publish_monitor({"t": "worker-heartbeat", "worker": w.hostname,
                               "ts": time.time(), "freq": w.app.conf.worker_heartbeat,
                               "stats": w.stats()})
@@ -188,20 +175,35 @@ class Relay:
 
     def _expire_subscriptions(self) -> None:
         w = self.state
-        now = time.monotonic()
-        for record in w.records.values():
-            expired = [k for k, s in record.subscribers.items() if s.expires < now]
-            for key in expired:
-                del record.subscribers[key]
-        for task_id in list(w.held):
-            kept = [h for h in w.held[task_id] if h.expires > now]
-            if kept:
-                w.held[task_id] = kept
-            else:
-                del w.held[task_id]
-        for task_id in list(w.held_subscribers):
-            subs = {k: s for k, s in w.held_subscribers[task_id].items() if s.expires > now}
-            if subs:
-                w.held_subscribers[task_id] = subs
-            else:
-                del w.held_subscribers[task_id]
+        expire(time.monotonic(), (r.subscribers for r in w.records.values()), w.held,
+               w.held_subscribers)
+
+
+def queue_event(outbox: dict[str, list[list[Any]]], wire: list[Any],
+                inboxes: Iterable[str]) -> None:
+    """Queue an event (its wire form) in ``outbox`` for each of ``inboxes``. A progress
+    event replaces an unsent progress event of the same task at the end of an inbox's
+    queue: latest progress wins, never reordered, and it says which seq it covers from,
+    so the watcher can tell this skip from a lost event."""
+    is_progress = wire[2] == EventKind.PROGRESS
+    for inbox in inboxes:
+        box = outbox.setdefault(inbox, [])
+        if is_progress and box and box[-1][2] == EventKind.PROGRESS and \
+                box[-1][0] == wire[0]:
+            replaced = box[-1]
+            box[-1] = [*wire[:6], replaced[6] if len(replaced) > 6 else replaced[1]]
+        else:
+            box.append(wire)
+
+
+def heartbeats(hostname: str, watched: Iterable[tuple[str, Iterable[str]]]
+               ) -> list[tuple[str, dict[str, Any]]]:
+    """The heartbeat to each watching inbox, naming the tasks it watches here (up to 100):
+    ``watched`` is each task's id with its watchers' inboxes."""
+    inboxes: dict[str, list[str]] = {}
+    for task_id, watchers in watched:
+        for inbox in watchers:
+            inboxes.setdefault(inbox, []).append(task_id)
+    now = time.time()
+    return [(inbox, {"t": Envelope.HEARTBEAT, "worker": hostname, "tasks": task_ids[:100],
+                     "ts": now}) for inbox, task_ids in inboxes.items()]

@@ -13,13 +13,16 @@ threads otherwise, and *control* is always threads:
   resume, cancel, message, answer, subscribe, locate and ping, forwarding task verbs to
   the process that runs the task (a hard pause is SIGSTOP of that prefork child);
 * *upkeep*: heartbeats to watching clients, expired subscriptions, forced cancels.
+
+What a control verb decides (``worker/verbs.py``), the watchers and held control kept per
+task (``worker/records.py``) and the batching of events per inbox (``worker/relay.py``)
+are the itask worker's own code, one implementation for both.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import selectors
@@ -48,13 +51,14 @@ from interactive_tasks.protocol import (
     Verb,
 )
 from interactive_tasks.transport.threaded_side import threaded_side_for
+from interactive_tasks.worker import verbs
 from interactive_tasks.worker.ipc import ChannelClosed, FrameReader, FrameWriter
 from interactive_tasks.worker.pools.base import stop_process
+from interactive_tasks.worker.records import HeldControl, Subscriber, expire
+from interactive_tasks.worker.relay import heartbeats, queue_event
 
 logger = logging.getLogger("interactive_tasks.celery")
 
-#: control for a task this worker does not run (yet) is kept this long
-HELD_CONTROL_TTL = 300.0
 #: finished tasks kept for late control (TaskFinished) and attach
 FINISHED_KEPT = 500
 #: after a forced cancel's SIGTERM, SIGKILL follows this much later
@@ -84,7 +88,7 @@ class _Task:
     run: int = 1
     seq: int = 0
     state: TaskState = TaskState.RUNNING
-    subscribers: dict[str, float] = field(default_factory=dict)
+    subscribers: dict[str, Subscriber] = field(default_factory=dict)
     history: collections.deque[Event] = field(
         default_factory=lambda: collections.deque(maxlen=200))
     progress: Event | None = None
@@ -111,18 +115,6 @@ class _Task:
             error=self.error, started=self.started, finished=self.finished)
 
 
-@dataclass
-class _Held:
-    verb: str
-    data: Any
-    sender: str | None
-    rid: str | None
-    cseq: int
-    token: str | None
-    signed: bool
-    expires: float
-
-
 class Relay:
     """One per Celery worker process; :meth:`start` after the socket is bound."""
 
@@ -139,14 +131,14 @@ class Relay:
         self.started_at = time.time()
         self.processed = 0
         self.conns: list[_Conn] = []
-        #: events waiting for the end of the current batch, per inbox
-        self._outbox: dict[str, list[Event]] = {}
+        #: events (their wire form) waiting for the end of the current batch, per inbox
+        self._outbox: dict[str, list[list[Any]]] = {}
         self._depth = 0
         self.lock = threading.RLock()
         self.tasks: dict[str, _Task] = {}
         self.finished: collections.OrderedDict[str, _Task] = collections.OrderedDict()
-        self.held: dict[str, list[_Held]] = {}
-        self.held_subscribers: dict[str, dict[str, float]] = {}
+        self.held: dict[str, list[HeldControl]] = {}
+        self.held_subscribers: dict[str, dict[str, Subscriber]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         #: the worker's kombu Hub when the relay runs on it (see :meth:`start`)
@@ -226,15 +218,8 @@ class Relay:
 
     def reply(self, inbox: str, rid: str | None, ok: bool, *, data: Any = None,
               error: tuple[str, str] | None = None, pending: bool = False) -> None:
-        payload: dict[str, Any] = {"t": Envelope.REPLY, "rid": rid, "ok": ok,
-                                   "worker": self.hostname}
-        if data is not None:
-            payload["data"] = data
-        if pending:
-            payload["pending"] = True
-        if error is not None:
-            payload["error"] = {"type": error[0], "message": error[1]}
-        self.publish_inbox(inbox, payload)
+        self.publish_inbox(inbox, verbs.reply_message(
+            self.hostname, rid, ok, data=data, error=error, pending=pending))
 
     # -- events (caller holds the lock) ----------
     @contextlib.contextmanager
@@ -255,9 +240,8 @@ class Relay:
         outbox, self._outbox = self._outbox, {}
         for inbox, events in outbox.items():
             for start in range(0, len(events), 256):
-                self.publish_inbox(inbox, {
-                    "t": Envelope.EVENTS, "worker": self.hostname,
-                    "e": [e.to_wire() for e in events[start:start + 256]]})
+                self.publish_inbox(inbox, {"t": Envelope.EVENTS, "worker": self.hostname,
+                                           "e": events[start:start + 256]})
 
     def emit(self, task: _Task, kind: str, fields: dict[str, Any],
              ts: float | None = None) -> None:
@@ -277,16 +261,8 @@ class Relay:
             task.finished = event.ts
             task.result = fields.get("result")
             task.error = fields.get("error")
-        for inbox in task.subscribers:
-            queued = self._outbox.setdefault(inbox, [])
-            last = queued[-1] if queued else None
-            if kind == EventKind.PROGRESS and last is not None and \
-                    last.kind == EventKind.PROGRESS and last.task_id == task.id:
-                # Latest progress wins, as in the itask worker's relay: the event stands
-                # for the ones it replaces (``first``), so no watcher sees a gap.
-                queued[-1] = dataclasses.replace(event, first=last.covers_from)
-            else:
-                queued.append(event)
+        if task.subscribers:
+            queue_event(self._outbox, event.to_wire(), task.subscribers)
         if kind in FINAL_KINDS:
             self._finish(task)
 
@@ -317,7 +293,7 @@ class Relay:
                              token_digest=info.get("token"))
                 reply_to = info.get("reply_to")
                 if isinstance(reply_to, str):
-                    task.subscribers[reply_to] = float("inf")
+                    task.subscribers[reply_to] = Subscriber(reply_to, float("inf"), True)
                 task.subscribers.update(self.held_subscribers.pop(task_id, {}))
                 self.tasks[task_id] = task
             if not task.is_final:
@@ -455,10 +431,11 @@ class Relay:
             task.subscribers = dict(previous.subscribers)
         ttl = self.app.conf.subscription_ttl
         reply_to = info.get("reply_to")
-        if isinstance(reply_to, str):
-            task.subscribers[reply_to] = float("inf")  # the starter: as long as the task
-        for inbox, expires in self.held_subscribers.pop(task_id, {}).items():
-            task.subscribers.setdefault(inbox, max(expires, time.monotonic() + ttl))
+        if isinstance(reply_to, str):  # the starter: as long as the task
+            task.subscribers[reply_to] = Subscriber(reply_to, float("inf"), True)
+        for inbox, sub in self.held_subscribers.pop(task_id, {}).items():
+            task.subscribers.setdefault(
+                inbox, Subscriber(inbox, max(sub.expires, time.monotonic() + ttl), True))
         self.tasks[task_id] = task
         conn.tasks.add(task_id)
         self.emit(task, EventKind.STARTED, {"worker": self.hostname, "pid": conn.pid})
@@ -528,49 +505,33 @@ class Relay:
             self.handle_read(ctl, task, signed)
             return
         if verb in TASK_VERBS:
-            held = _Held(verb, ctl.data, ctl.sender, ctl.rid, ctl.cseq, ctl.token, signed,
-                         time.monotonic() + HELD_CONTROL_TTL)
-            if task is None:
-                self.held.setdefault(task_id, []).append(held)
-                if ctl.sender and ctl.rid:
-                    self.reply(ctl.sender, ctl.rid, True, pending=True)
-                return
-            self.apply_task_control(task, held)
+            held = verbs.held_control(ctl, signed)
+            if task is not None:
+                self.apply_task_control(task, held)
+            elif inbox := verbs.hold(self.held, task_id, held):
+                self.reply(inbox, ctl.rid, True, pending=True)
 
-    def authorized(self, task: _Task, held: _Held) -> bool:
+    def authorized(self, task: _Task, held: HeldControl) -> bool:
         return held.signed or codec.token_matches(held.token, task.token_digest)
 
-    def apply_task_control(self, task: _Task, held: _Held) -> None:
-        sender = held.sender
+    def apply_task_control(self, task: _Task, held: HeldControl) -> None:
+        ok, error = verbs.outcome(held, task.id, task.last_cseq,
+                                  authorized=self.authorized(task, held),
+                                  apply=lambda: self._apply(task, held), log=logger)
+        if held.sender and held.rid:
+            self.reply(held.sender, held.rid, ok, error=error)
 
-        def reply(ok: bool, error: tuple[str, str] | None = None) -> None:
-            if sender and held.rid:
-                self.reply(sender, held.rid, ok, error=error)
-
-        if not self.authorized(task, held):
-            logger.warning("refused %s for task %s from %s: wrong or missing token",
-                           held.verb, task.id, sender)
-            reply(False, ("NotAuthorized", f"not authorised to {held.verb} task {task.id}: "
-                                           "wrong or missing token"))
-            return
-        if sender and held.cseq:
-            if held.cseq <= task.last_cseq.get(sender, 0):
-                reply(True)  # a copy already applied (broadcast and direct)
-                return
-            task.last_cseq[sender] = held.cseq
+    def _apply(self, task: _Task, held: HeldControl) -> None:
+        """Apply one task verb; ``verbs.Refused`` when the task cannot take it."""
         if task.is_final:
-            reply(False, ("TaskFinished", f"task {task.id} already ended "
-                                          f"({task.state.value})"))
-            return
+            raise verbs.ended(task.id, task.state)
         verb, data = held.verb, held.data
         if verb == Verb.PAUSE:
-            hard = isinstance(data, dict) and bool(data.get("hard"))
-            if hard:
+            if verbs.is_hard(data):
                 if not self._can_signal(task):
-                    reply(False, ("HardPauseUnsupported",
-                                  "hard pause needs the prefork pool; a soft pause works "
-                                  "everywhere"))
-                    return
+                    raise verbs.Refused("HardPauseUnsupported",
+                                        "hard pause needs the prefork pool; a soft pause "
+                                        "works everywhere")
                 if not task.hard_paused:
                     stop_process(task.pid)  # type: ignore[arg-type]
                     task.hard_paused = True
@@ -580,9 +541,7 @@ class Relay:
                         self._drain(task.conn)
                     if task.is_final:  # it ended in what was drained
                         self._continue(task)
-                        reply(False, ("TaskFinished", f"task {task.id} already ended "
-                                                      f"({task.state.value})"))
-                        return
+                        raise verbs.ended(task.id, task.state)
                     self.emit(task, EventKind.PAUSED, {"hard": True})
             else:
                 self.send_ctl(task, Verb.PAUSE, None)
@@ -593,9 +552,7 @@ class Relay:
             else:
                 self.send_ctl(task, Verb.RESUME, None)
         elif verb == Verb.CANCEL:
-            grace = 5.0
-            if isinstance(data, dict) and isinstance(data.get("grace"), (int, float)):
-                grace = max(0.0, float(data["grace"]))
+            grace = verbs.cancel_grace(data)
             task.cancel_requested = True
             if task.hard_paused:
                 self._continue(task)
@@ -605,17 +562,7 @@ class Relay:
         elif verb == Verb.MESSAGE:
             self.send_ctl(task, Verb.MESSAGE, data)
         elif verb == Verb.ANSWER:
-            question = task.question
-            qid = data.get("qid") if isinstance(data, dict) else None
-            if question is None:
-                reply(False, ("ControlError", f"task {task.id} has no pending question"))
-                return
-            if qid and qid != question.get("qid"):
-                reply(False, ("ControlError", "that question was already answered"))
-                return
-            value = data.get("value") if isinstance(data, dict) else data
-            self.send_ctl(task, Verb.ANSWER, {"qid": question.get("qid"), "value": value})
-        reply(True)
+            self.send_ctl(task, Verb.ANSWER, verbs.answer(task.id, task.question, data))
 
     def _can_signal(self, task: _Task) -> bool:
         """Only a prefork child can be stopped or killed without stopping Celery."""
@@ -629,40 +576,34 @@ class Relay:
 
     def handle_read(self, ctl: ControlMessage, task: _Task | None, signed: bool) -> None:
         sender = ctl.sender
-        if not sender:
+        try:
+            if verbs.read_settled(ctl, task.subscribers if task is not None else None,
+                                  task.token_digest if task is not None else None,
+                                  signed=signed,
+                                  read_only_attach=self.app.conf.read_only_attach):
+                return
+            assert sender is not None  # read_settled settles a read without one
+            expires = time.monotonic() + self.app.conf.subscription_ttl
+            renew = verbs.renewals(ctl)
+            if renew is not None:
+                for task_id in renew:
+                    renewed = self.tasks.get(task_id)
+                    if renewed is not None:
+                        _watch(renewed.subscribers, sender, expires)
+                return
+            if task is None:
+                verbs.watch_unknown(ctl, self.held_subscribers, expires, self.hostname)
+                return
+        except verbs.Refused as exc:
+            if sender:
+                self.reply(sender, ctl.rid, False, error=exc.error)
             return
-        if ctl.verb == Verb.UNSUBSCRIBE:
-            if task is not None:
-                task.subscribers.pop(sender, None)
-            return
-        if task is not None and not self.app.conf.read_only_attach and not signed and \
-                not codec.token_matches(ctl.token, task.token_digest):
-            self.reply(sender, ctl.rid, False,
-                       error=("NotAuthorized", "attach needs the task's token here"))
-            return
-        expires = time.monotonic() + self.app.conf.subscription_ttl
-        renew = ctl.data.get("renew") if isinstance(ctl.data, dict) else None
-        if ctl.verb == Verb.SUBSCRIBE and isinstance(renew, list):
-            for task_id in renew:
-                held = self.tasks.get(task_id) if isinstance(task_id, str) else None
-                if held is not None and held.subscribers.get(sender, 0) != float("inf"):
-                    held.subscribers[sender] = expires
-            return
-        if task is None:
-            if ctl.task_id:
-                self.held_subscribers.setdefault(ctl.task_id, {})[sender] = expires
-            if ctl.verb == Verb.SUBSCRIBE:
-                self.reply(sender, ctl.rid, False, error=(
-                    "UnknownTask", f"task {ctl.task_id} is not on {self.hostname}"))
-            return
-        if task.subscribers.get(sender) != float("inf"):
-            task.subscribers[sender] = expires
+        _watch(task.subscribers, sender, expires)
         if ctl.verb == Verb.SUBSCRIBE and ctl.rid is None:
             return  # a renewal
         self.flush()  # the snapshot must not overtake an event it includes
-        self.publish_inbox(sender, {"t": Envelope.SNAPSHOT, "rid": ctl.rid,
-                                    "worker": self.hostname,
-                                    "snapshot": task.snapshot(self.hostname).to_wire()})
+        self.publish_inbox(sender, verbs.snapshot_message(
+            self.hostname, ctl.rid, task.snapshot(self.hostname).to_wire()))
 
     def inspect(self, data: Any) -> Any:
         """``inspect active``/``tasks``/``stats`` as the itask worker answers them."""
@@ -785,30 +726,13 @@ class Relay:
         self.publish_monitor({"t": "worker-heartbeat", "worker": self.hostname,
                               "ts": time.time(), "freq": self.app.conf.worker_heartbeat,
                               "stats": self.stats()})
-        inboxes: dict[str, list[str]] = {}
-        for task in self.tasks.values():
-            for inbox in task.subscribers:
-                inboxes.setdefault(inbox, []).append(task.id)
-        for inbox, task_ids in inboxes.items():
-            self.publish_inbox(inbox, {"t": Envelope.HEARTBEAT, "worker": self.hostname,
-                                       "tasks": task_ids[:100], "ts": time.time()})
+        watched = ((t.id, t.subscribers) for t in self.tasks.values())
+        for inbox, payload in heartbeats(self.hostname, watched):
+            self.publish_inbox(inbox, payload)
 
     def _expire(self, now: float) -> None:
-        for task in self.tasks.values():
-            for inbox in [k for k, v in task.subscribers.items() if v < now]:
-                del task.subscribers[inbox]
-        for task_id in list(self.held):
-            kept = [h for h in self.held[task_id] if h.expires > now]
-            if kept:
-                self.held[task_id] = kept
-            else:
-                del self.held[task_id]
-        for task_id in list(self.held_subscribers):
-            subs = {k: v for k, v in self.held_subscribers[task_id].items() if v > now}
-            if subs:
-                self.held_subscribers[task_id] = subs
-            else:
-                del self.held_subscribers[task_id]
+        expire(now, (t.subscribers for t in self.tasks.values()), self.held,
+               self.held_subscribers)
 
     def _force_due(self, now: float) -> None:
         """A cancel whose grace ran out: SIGTERM the child, SIGKILL a second later.
@@ -827,6 +751,13 @@ class Relay:
                 logger.info("forcing task %s to stop: SIGKILL to pool process %s",
                             task.id, task.pid)
                 _signal(task.pid, signal.SIGKILL)
+
+
+def _watch(subscribers: dict[str, Subscriber], inbox: str, expires: float) -> None:
+    """``inbox`` watches the task until ``expires`` (the starter's watch stays for as
+    long as the task runs)."""
+    if not verbs.extend(subscribers, inbox, expires):
+        subscribers[inbox] = Subscriber(inbox, expires, True)
 
 
 def _signal(pid: int, signum: int) -> None:
