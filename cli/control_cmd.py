@@ -13,6 +13,7 @@ from typing import Any
 from interactive_tasks import App
 from interactive_tasks.app import unknown_task_name
 from interactive_tasks.cli.errors import CliError
+from interactive_tasks.cli.main import add_destination, destination
 
 #: verb -> (its arguments, what it does)
 CONTROL_VERBS: dict[str, tuple[str, str]] = {
@@ -77,16 +78,6 @@ def register(subparsers: Any, add: Callable[..., argparse.ArgumentParser]) -> No
                         "every queue the app's tasks and routes name)")
     p.add_argument("-f", "--force", action="store_true", help="do not ask")
     p.add_argument("--json", action="store_true")
-
-
-def add_destination(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-d", "--destination", action="append",
-                   help="only these workers, comma separated (default: every worker)")
-
-
-def destination(args: argparse.Namespace) -> list[str] | None:
-    names = [n for part in (args.destination or []) for n in part.split(",") if n]
-    return names or None
 
 
 def _cli_error(message: str, code: int = 2) -> Exception:

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from interactive_tasks import App, load_app
-from interactive_tasks.cli import beat_cmd, control_cmd, multi
 from interactive_tasks.cli.errors import CliError
 from interactive_tasks.errors import (
     ConfigurationError,
@@ -130,7 +129,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     app = _get_app(args)
     if args.what == "scheduled":
         return _inspect_scheduled(app, args)
-    inspector = app.control.inspect(destination=control_cmd.destination(args),
+    inspector = app.control.inspect(destination=destination(args),
                                     timeout=args.timeout)
     if args.what == "query_task":
         data = inspector.query_task(args.ids)
@@ -363,7 +362,26 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_destination(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", "--destination", action="append",
+                   help="only these workers, comma separated (default: every worker)")
+
+
+def destination(args: argparse.Namespace) -> list[str] | None:
+    names = [n for part in (args.destination or []) for n in part.split(",") if n]
+    return names or None
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names: its first word that is not an option (the options
+    before the command take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``itask`` parser. The commands of ``control_cmd``, ``multi`` and ``beat_cmd``
+    are added unless ``command`` is one defined here, so that ``itask worker`` does not
+    load their code; without ``command`` (``--help``, an unknown one) every command is."""
     parser = argparse.ArgumentParser(
         prog="itask",
         description="interactive_tasks: run workers, and watch and steer running tasks.",
@@ -439,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["active", "reserved", "revoked", "registered", "stats",
                                      "tasks", "query_task", "scheduled"])
     p.add_argument("ids", nargs="*", metavar="ID", help="query_task: task ids")
-    control_cmd.add_destination(p)
+    add_destination(p)
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--limit", type=int, default=100,
                    help="scheduled: list at most this many, soonest first")
@@ -505,9 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("demo", cmd_demo, "run an interactive task on the embedded broker and attach to it",
         app=False)
-    control_cmd.register(sub, add)
-    multi.register(sub, add)
-    beat_cmd.register(sub, add)
+    if command not in sub.choices:
+        from interactive_tasks.cli import beat_cmd, control_cmd, multi
+
+        control_cmd.register(sub, add)
+        multi.register(sub, add)
+        beat_cmd.register(sub, add)
     return parser
 
 
@@ -525,7 +546,7 @@ _ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``itask`` command; every error ends in one line on stderr and an exit code
     (see the module docstring), with the traceback only under ``--debug``."""
-    parser = build_parser()
+    parser = build_parser(_command_in(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     try:

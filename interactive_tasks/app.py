@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .control import Control
     from .schedules import PeriodicDecorator, Schedule
-    from .transport.redis_delay import ScheduledTask
+    from .transport.upkeep import ScheduledTask
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -36,7 +36,7 @@ from .protocol import (
     control_wire,
 )
 from .transport.client_side import ClientSide, InboxSession, client_side_for
-from .transport.redis_fast import task_envelope
+from .transport.frames import task_envelope
 from .transport.upkeep import SCHEDULE_AHEAD, BrokerUpkeep, upkeep_for
 
 if TYPE_CHECKING:

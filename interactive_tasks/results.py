@@ -25,7 +25,6 @@ from typing import Any
 
 from . import codec
 from .errors import ConfigurationError, TransportError
-from .transport.embedded_files import fsync_dir
 
 #: Records are bucketed by this many seconds.
 BUCKET_SECONDS = 3600
@@ -277,6 +276,14 @@ class RedisResultStore(ResultStore):
         return out
 
 
+def _fsync_dir(path: str) -> None:
+    """Force ``path``'s entries to disk (the embedded broker's helper, loaded only by a
+    store that fsyncs: a process on another broker never imports the embedded modules)."""
+    from .transport.embedded_files import fsync_dir as embedded_fsync_dir
+
+    embedded_fsync_dir(path)
+
+
 class FileResultStore(ResultStore):
     """Records as files under ``<dir>/<hour>/<task id>``, written atomically.
 
@@ -296,8 +303,8 @@ class FileResultStore(ResultStore):
             self.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.directory.mkdir(exist_ok=True, mode=0o700)
             if fsync:  # the namespace and store directories' own entries
-                fsync_dir(str(self.directory.parent))
-                fsync_dir(str(self.directory.parent.parent))
+                _fsync_dir(str(self.directory.parent))
+                _fsync_dir(str(self.directory.parent.parent))
         except OSError as exc:  # e.g. another user's store
             raise TransportError(f"result store {self.directory} unreachable: {exc}") from exc
         self._last_sweep = 0.0
@@ -313,7 +320,7 @@ class FileResultStore(ResultStore):
         try:
             path.parent.mkdir(mode=0o700)
             if self.fsync:  # a new hour's directory
-                fsync_dir(str(self.directory))
+                _fsync_dir(str(self.directory))
         except FileExistsError:
             pass
         tmp = path.with_name(f".{task_id}.{os.getpid()}.tmp")
@@ -324,7 +331,7 @@ class FileResultStore(ResultStore):
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
         if self.fsync:
-            fsync_dir(str(path.parent))
+            _fsync_dir(str(path.parent))
         if now - self._last_sweep > 60:
             self._sweep(now)
 

@@ -13,7 +13,8 @@ import pytest
 from kombu import Connection
 
 from benchmarks.amqp_upkeep import held_records
-from interactive_tasks.transport.amqp_hold import HeldDelivery, TaskHold, redeliveries
+from interactive_tasks.transport.amqp_hold import HeldDelivery, TaskHold
+from interactive_tasks.transport.frames import redeliveries
 
 from .conftest import AMQP_URL, require_broker, wait_for
 

@@ -117,7 +117,7 @@ def test_garbage_and_kombu_envelopes_on_the_redis_control_list(tasks, start_work
     control message in kombu's envelope (a kombu publisher) is still served."""
     import redis
 
-    from interactive_tasks.transport.redis_fast import kombu_envelope
+    from interactive_tasks.transport.frames import kombu_envelope
 
     w = start_worker()
     app = tasks.app

@@ -82,11 +82,12 @@ def test_a_restored_task_is_flagged_redelivered(redis_ns):
     import redis
     from kombu import Connection
 
-    from interactive_tasks.transport.redis_fast import TaskPublisher, kombu_envelope
+    from interactive_tasks.transport import incarnation
+    from interactive_tasks.transport.frames import kombu_envelope
+    from interactive_tasks.transport.redis_fast import TaskPublisher
     from interactive_tasks.transport.redis_fetch import TaskFetcher
     from interactive_tasks.transport.redis_liveness import (
         WorkerLiveness,
-        incarnation,
         priority_list,
         redelivered_key,
         unacked_keys,

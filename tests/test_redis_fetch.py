@@ -15,7 +15,8 @@ import redis
 from kombu import Connection
 from kombu.asynchronous import Hub
 
-from interactive_tasks.transport.redis_fast import TaskPublisher, kombu_envelope
+from interactive_tasks.transport.frames import kombu_envelope
+from interactive_tasks.transport.redis_fast import TaskPublisher
 from interactive_tasks.transport.redis_fetch import POLL_INTERVAL, TaskFetcher, bell_key
 from interactive_tasks.transport.redis_liveness import (
     WorkerLiveness,

@@ -21,14 +21,9 @@ from kombu import Connection
 from interactive_tasks import App
 from interactive_tasks.errors import ConfigurationError
 from interactive_tasks.results import RedisResultStore, result_store_for
-from interactive_tasks.transport import redis_fast, redis_urls
-from interactive_tasks.transport.redis_fast import (
-    InboxReader,
-    TaskPublisher,
-    WorkerPipeline,
-    is_redis,
-    kombu_envelope,
-)
+from interactive_tasks.transport import is_redis, redis_fast, redis_urls
+from interactive_tasks.transport.frames import kombu_envelope
+from interactive_tasks.transport.redis_fast import InboxReader, TaskPublisher, WorkerPipeline
 from interactive_tasks.transport.redis_fetch import TaskFetcher
 from interactive_tasks.transport.redis_liveness import redelivered_key
 from interactive_tasks.transport.redis_urls import (

@@ -33,7 +33,7 @@ from interactive_tasks.protocol import (
     TaskMessage,
     Verb,
 )
-from interactive_tasks.transport.redis_fast import control_frame, kombu_body
+from interactive_tasks.transport.frames import control_frame, kombu_body
 
 from . import verbs
 from .canvas import after_finish
@@ -88,7 +88,7 @@ class ControlRouter:
         self._on_control(message.body, signed, lambda: decode_body(app, message))
 
     def on_frames(self, frames: list[bytes]) -> None:
-        """Raw frames from the control list on Redis (``redis_fast.encode_frame``)."""
+        """Raw frames from the control list on Redis (``frames.encode_frame``)."""
         w = self.state
         secret = w.app.secret
         limit = w.app.conf.max_message_size

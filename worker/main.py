@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kombu import Producer
 from kombu.asynchronous import Hub
@@ -35,13 +35,11 @@ from interactive_tasks.protocol import (
     Verb,
 )
 from interactive_tasks.task import parse_rate
-from interactive_tasks.transport.amqp_hold import redeliveries
-from interactive_tasks.transport.redis_fast import task_envelope
-from interactive_tasks.transport.redis_liveness import incarnation
+from interactive_tasks.transport import incarnation
+from interactive_tasks.transport.frames import redeliveries, task_envelope
 from interactive_tasks.transport.upkeep import SCHEDULE_AHEAD, upkeep_for
 from interactive_tasks.transport.worker_side import intake_for
 
-from .autoscale import DEFAULT_KEEPALIVE, Autoscaler
 from .canvas import Workflows, after_finish
 from .control import ControlRouter
 from .inbound import decode_body, signed_by
@@ -52,6 +50,9 @@ from .records import Subscriber, TaskRecord
 from .relay import Relay
 from .remote import WorkerControl
 from .state import WorkerState
+
+if TYPE_CHECKING:
+    from .autoscale import Autoscaler
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -136,7 +137,7 @@ class Worker:
         soft_time_limit: float | None = None,
         max_memory_per_child: int | None = None,
         autoscale: tuple[int, int] | None = None,
-        autoscale_keepalive: float = DEFAULT_KEEPALIVE,
+        autoscale_keepalive: float | None = None,
     ) -> None:
         self.app = app
         #: KB of resident memory after which a pool process is replaced once its task ends
@@ -152,9 +153,12 @@ class Worker:
         #: ``--autoscale``: the pool's size follows the work between MIN and MAX slots
         self.autoscaler: Autoscaler | None = None
         if autoscale is not None and pool != "solo":
+            from .autoscale import DEFAULT_KEEPALIVE, Autoscaler
+
             # Reserve for MAX from the start (as Celery), so a backlog is seen to grow for.
             self.concurrency = autoscale[0]
-            self.autoscaler = Autoscaler(*autoscale, keepalive=autoscale_keepalive)
+            self.autoscaler = Autoscaler(*autoscale, keepalive=DEFAULT_KEEPALIVE
+                                         if autoscale_keepalive is None else autoscale_keepalive)
         elif autoscale is not None:
             logger.warning("--autoscale does not apply to the solo pool (one slot); ignored")
         self.pool = make_pool(pool, app, self.concurrency, self.hostname, max_tasks_per_child)

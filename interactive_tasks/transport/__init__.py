@@ -10,6 +10,7 @@ for dead letters.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ EMBEDDED_SCHEME = "embedded"
 TRANSPORT_ALIASES.setdefault(
     EMBEDDED_SCHEME, "interactive_tasks.transport.embedded:Transport"
 )
+#: one Redis server (``redis``, ``rediss``) or a Redis behind sentinels (``sentinel``,
+#: transport/redis_urls.py)
+REDIS_SCHEMES = frozenset({"redis", "rediss", "sentinel"})
 MEMORY_SCHEME = "memory"
 # kombu's memory transport with a loop wake-up, liveness and no shared queues with kombu's
 # own (transport/memory.py); plain kombu use of memory:// works on it unchanged.
@@ -68,12 +72,28 @@ def is_amqp(url: str) -> bool:
     return url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
 
 
+def is_redis(url: str) -> bool:
+    """A Redis server or a Redis behind sentinels: the Redis fast path applies."""
+    return url.split("://", 1)[0].lower() in REDIS_SCHEMES
+
+
 def embedded_directory(url: str) -> Path:
     """The directory an ``embedded://[/path]`` URL stores its files in."""
     rest = url.split("://", 1)[1] if "://" in url else ""
     if rest.strip("/"):
         return Path("/" + rest.lstrip("/"))
     return default_home() / "broker"
+
+
+def incarnation(worker: str) -> str:
+    """A name for one start of ``worker``: its hostname and a random suffix (its unacked
+    keys on Redis, its held queues on RabbitMQ are this start's own)."""
+    return f"{worker}/{uuid.uuid4().hex[:8]}"
+
+
+def held_prefix(namespace: str) -> str:
+    """The start of every held queue's name on RabbitMQ (transport/amqp_hold.py)."""
+    return f"{namespace}.held."
 
 
 @dataclass(frozen=True)

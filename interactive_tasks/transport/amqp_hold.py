@@ -26,7 +26,7 @@ has no per-queue or per-consumer timeout, so the worker stops holding long deliv
   neither). A task that ended (its result stored) is dropped at once, by the same step.
 * When the worker dies, nobody renews: within ``worker_lost_timeout`` the server
   dead-letters each copy back to its task queue, with an ``x-death`` header naming the
-  held queue, and another worker runs it as a redelivery (:func:`redeliveries`).
+  held queue, and another worker runs it as a redelivery (:func:`.frames.redeliveries`).
 
 The incarnation (the worker's name and a random suffix per start) keeps a restarted worker
 of the same name from taking its predecessor's copies for its own. Each held queue has an
@@ -44,6 +44,8 @@ from typing import Any, Protocol
 
 import amqp
 
+from . import held_prefix
+
 logger = logging.getLogger("interactive_tasks.worker")
 
 #: a dead worker's empty held queue is deleted after this many TTLs without use
@@ -52,32 +54,9 @@ EXPIRES_TTLS = 6
 MIN_EXPIRES = 60.0
 
 
-def held_prefix(namespace: str) -> str:
-    return f"{namespace}.held."
-
-
 def held_queue_name(namespace: str, incarnation: str, queue: str) -> str:
     """The held queue of one worker process for one task queue (``queue``: its short name)."""
     return f"{held_prefix(namespace)}{incarnation}.{queue}"
-
-
-def redeliveries(message: Any, namespace: str) -> int:
-    """How many deliveries of ``message`` came before this one, as far as the broker says:
-    1 for RabbitMQ's ``redelivered`` flag (requeued after its consumer went away), plus
-    one per time a worker's held copy was dead-lettered back (``x-death`` entries of the
-    namespace's held queues; those of other queues, e.g. delay queues, do not count)."""
-    count = 0
-    if (getattr(message, "delivery_info", None) or {}).get("redelivered") or getattr(
-            message, "redelivered", False):
-        count += 1
-    deaths = (getattr(message, "headers", None) or {}).get("x-death")
-    if isinstance(deaths, list):
-        prefix = held_prefix(namespace)
-        for death in deaths:
-            if isinstance(death, dict) and str(death.get("queue", "")).startswith(prefix):
-                value = death.get("count", 1)
-                count += value if isinstance(value, int) and value > 0 else 1
-    return count
 
 
 def came_on(message: Any, connection: Any) -> bool:

@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING, Any
 from .. import codec
 from .amqp_delay import DelayedPublisher, delay_seconds, peek
 from .amqp_hold import HoldableRecord, TaskHold
-from .redis_fast import kombu_body
-from .upkeep import BrokerUpkeep, cancel_timers
+from .frames import kombu_body
+from .upkeep import BrokerUpkeep, ScheduledTask, cancel_timers
 
 if TYPE_CHECKING:
     from ..app import App
-    from .redis_delay import ScheduledTask
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -149,7 +148,7 @@ class AmqpUpkeep(BrokerUpkeep):
     # -- delayed delivery ----------
     def schedule(self, queue: str, task_id: str, envelope: bytes, priority: int | None,
                  eta: float) -> bool:
-        """Publish the task in ``envelope`` (kombu's, see ``redis_fast.task_envelope``)
+        """Publish the task in ``envelope`` (kombu's, see ``frames.task_envelope``)
         into the delay levels, to reach ``queue`` at ``eta`` (whole seconds, rounded
         down). A queue cannot give one message back, so a revoke cannot take it out
         (``find`` and ``unschedule`` stay None): workers refuse it when it comes due.
@@ -206,8 +205,6 @@ class AmqpUpkeep(BrokerUpkeep):
         """Tasks waiting in the delay levels, soonest first: up to ``limit`` read from the
         head of each level (left in place), so with more than ``limit`` in one level the
         list is the soonest of those read. Raises the connection's errors."""
-        from .redis_delay import ScheduledTask
-
         with self._lock:
             conn = self._own_connection()
             try:

@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
-from . import default_home, is_amqp
+from . import default_home, is_amqp, is_redis
 from .connections import beside_broker
-from .redis_urls import is_redis, redis_client
 
 if TYPE_CHECKING:
     from ..app import App
@@ -377,6 +376,8 @@ def _redis_client(app: App) -> Any:
     for url, options in ((app.broker_url, app.conf.broker_transport_options),
                          (app.result_backend or "", app.conf.result_backend_transport_options)):
         if is_redis(url):
+            from .redis_urls import redis_client
+
             return redis_client(url, options, socket_connect_timeout=5, socket_timeout=10)
     return None
 

@@ -27,18 +27,12 @@ from kombu import Consumer, Queue
 
 from .. import codec
 from ..errors import ProtocolError, TransportError
-from . import CONTROL_QUEUE_EXPIRES
-from .redis_fast import (
-    InboxReader,
-    TaskPublisher,
-    decode_frame,
-    encode_frame,
-    is_redis,
-    task_envelope,
-)
+from . import CONTROL_QUEUE_EXPIRES, is_redis
+from .frames import decode_frame, encode_frame, task_envelope
 
 if TYPE_CHECKING:
     from ..app import App
+    from .redis_fast import TaskPublisher
 
 logger = logging.getLogger("interactive_tasks.client")
 
@@ -173,6 +167,8 @@ class RedisClientSide(ClientSide):
         if self._publisher is None:
             with self._lock:
                 if self._publisher is None:
+                    from .redis_fast import TaskPublisher
+
                     self._publisher = TaskPublisher(self.app.broker_url,
                                                     self.app.conf.broker_transport_options)
         return self._publisher
@@ -214,6 +210,8 @@ class RedisInbox:
     """An inbox list read with ``BLMPOP``; frames with a bad signature are dropped."""
 
     def __init__(self, app: App, name: str) -> None:
+        from .redis_fast import InboxReader
+
         self.secret = app.secret
         # connects at once (one connection of its own)
         self._reader = InboxReader(app.broker_url, name, app.conf.broker_transport_options)

@@ -15,8 +15,7 @@ from typing import Any
 
 from kombu import Connection
 
-from . import default_home, embedded_directory, is_embedded
-from .redis_urls import check_url, is_redis
+from . import default_home, embedded_directory, is_embedded, is_redis
 
 __all__ = ["beside_broker", "broker_directory", "broker_secret", "connection_for"]
 
@@ -35,10 +34,12 @@ def connection_for(url: str, options: Mapping[str, Any], *, namespace: str,
     Raises ConfigurationError for a sentinel:// URL without its ``master_name``.
     """
     options = dict(options)
-    check_url(url, options)
     if is_embedded(url):
         options.setdefault("polling_interval", EMBEDDED_POLLING_INTERVAL)
     if is_redis(url):
+        from .redis_urls import check_url
+
+        check_url(url, options)
         # kombu keeps unacked messages in server-wide keys by default: another project
         # on the same Redis, with a shorter visibility_timeout, would redeliver ours.
         options.setdefault("unacked_key", f"{namespace}.unacked")

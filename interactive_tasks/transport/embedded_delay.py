@@ -31,7 +31,8 @@ from .embedded_files import (
     write_atomic,
 )
 from .embedded_store import Store
-from .redis_delay import ScheduledTask
+from .frames import describe_envelope
+from .upkeep import ScheduledTask
 
 SCHEDULED = "scheduled"
 MOVING = ".moving"
@@ -143,8 +144,6 @@ class EmbeddedDelayed:
 
     def listing(self, limit: int = 100) -> list[ScheduledTask]:
         """The first ``limit`` scheduled tasks, soonest first."""
-        from .redis_delay import describe_envelope
-
         self._ensure()
         out = []
         for name in sorted(os.listdir(self.path)):

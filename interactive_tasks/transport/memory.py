@@ -45,7 +45,8 @@ from typing import Any
 from kombu.transport import memory as kombu_memory
 from kombu.transport import virtual
 
-from .redis_delay import ScheduledTask, describe_envelope
+from .frames import describe_envelope
+from .upkeep import ScheduledTask
 
 #: how long a worker's loop may go without looking at its queues when nothing woke it
 #: (seconds); a wake-up normally comes at once
@@ -426,7 +427,7 @@ def delayed_of(namespace: str) -> Delayed:
 
 
 def put_envelope(queue: str, envelope: bytes) -> None:
-    """Put a message in kombu's JSON envelope (``redis_fast.kombu_envelope``) on ``queue``."""
+    """Put a message in kombu's JSON envelope (``frames.kombu_envelope``) on ``queue``."""
     raw = json.loads(envelope)
     raw["properties"].setdefault("delivery_info", {}).update(exchange="", routing_key=queue)
     Channel.queues.setdefault(queue, FifoQueue()).put(raw)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import memory
-from .upkeep import StoreUpkeep, cancel_timers
+from .upkeep import DUE_INTERVAL, StoreUpkeep, cancel_timers
 
 if TYPE_CHECKING:
     from ..app import App
@@ -39,8 +39,6 @@ class MemoryUpkeep(StoreUpkeep):
         self._last_beat = time.monotonic()
 
     def start(self, hub: Any, connection: Any = None) -> None:
-        from .redis_delay import DUE_INTERVAL
-
         cancel_timers(self._timers)
         transport = getattr(connection, "transport", None)
         # a worker's fresh connection: its entry owns the new connection's deliveries

@@ -40,12 +40,14 @@ from typing import TYPE_CHECKING, Any
 from .. import codec
 from ..errors import ConfigurationError
 from ..results import RedisResultStore
-from .redis_fast import WorkerPipeline, encode_frame, is_redis
+from . import is_redis
+from .frames import encode_frame
 
 if TYPE_CHECKING:
     from kombu import Producer
 
     from ..app import App
+    from .redis_fast import WorkerPipeline
 
 __all__ = ["MAX_IN_FLIGHT", "UNSENT_KEPT", "KombuOutbound", "Outbound", "RedisOutbound",
            "outbound_for"]
@@ -241,6 +243,8 @@ class RedisOutbound(Outbound):
     def connected(self, hub: Any) -> None:
         """Raises redis-py's connection errors when the first connection fails."""
         if self._pipeline is None:
+            from .redis_fast import WorkerPipeline
+
             self._pipeline = WorkerPipeline(self.app.broker_url, self._failed,
                                             self._answered,
                                             self.app.conf.broker_transport_options)

@@ -10,7 +10,7 @@ due onto their lists and rings their queues' bells, so two workers never move on
 twice and a task waits in exactly one place at a time.
 
 So a delayed task survives the death of every worker, costs an idle worker no memory, and
-``itask inspect scheduled`` can list it. It starts within :data:`DUE_INTERVAL` of its
+``itask inspect scheduled`` can list it. It starts within :data:`.upkeep.DUE_INTERVAL` of its
 ``eta`` plus the usual fetch (a message fetched a fraction of a second early is held by
 the worker until its ``eta``).
 """
@@ -18,14 +18,13 @@ the worker until its ``eta``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
+from .frames import describe_envelope
 from .redis_fetch import BELL_EXPIRES_MS, BELL_KEEP, BELL_SUFFIX
 from .redis_liveness import PRIORITY_SEP
+from .upkeep import ScheduledTask
 
-#: how often a worker moves due tasks onto their queues (seconds)
-DUE_INTERVAL = 0.25
 #: tasks moved by one run of the script at most (the next run takes the rest)
 DUE_BATCH = 500
 
@@ -86,16 +85,6 @@ def _split(member: bytes) -> tuple[str, str, bytes]:
     list_key, _, rest = member.partition(b"\x00")
     task_id, _, envelope = rest.partition(b"\x00")
     return list_key.decode(errors="replace"), task_id.decode(errors="replace"), envelope
-
-
-@dataclass(frozen=True)
-class ScheduledTask:
-    """One task waiting in the broker for its ``eta``."""
-
-    id: str | None
-    name: str | None
-    queue: str
-    eta: float
 
 
 class DelayedTasks:
@@ -165,21 +154,3 @@ class DelayedTasks:
             task_id, name = describe_envelope(raw)
             out.append(ScheduledTask(task_id, name, queue, float(score)))
         return out
-
-
-def describe_envelope(raw: bytes) -> tuple[str | None, str | None]:
-    """(task id, task name) of a task message in kombu's envelope; Nones when it is not
-    one this project can read."""
-    from .. import codec
-    from .redis_fast import kombu_body
-
-    try:
-        body, _ = kombu_body(raw)
-        wire = codec.loads(body)
-    except Exception:
-        return None, None
-    if not isinstance(wire, dict):
-        return None, None
-    task_id, name = wire.get("id"), wire.get("task")
-    return (task_id if isinstance(task_id, str) else None,
-            name if isinstance(name, str) else None)

@@ -12,23 +12,18 @@ when the socket turns readable (:class:`WorkerPipeline`).
 Every command here is packed by hand (:func:`pack_commands`) and sent as one packet: on
 this machine a cold pass through redis-py's pipeline object cost more than the round trip.
 
-Frame format: ``b"0" + msgpack`` unsigned, ``b"1" + hmac(32 bytes) + msgpack`` signed.
+The frames and kombu's envelope themselves are broker-neutral (:mod:`.frames`).
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from .. import codec
-from ..errors import ProtocolError
 from .redis_urls import (
-    is_redis,
     is_sentinel,
     primary_in_doubt,
     primary_moved,
@@ -38,97 +33,11 @@ from .redis_urls import (
 )
 
 __all__ = ["HubCommand", "InboxReader", "ListReader", "RespConnection", "TaskPublisher",
-           "WorkerPipeline", "control_frame", "decode_frame", "encode_frame", "is_redis",
-           "kombu_body", "kombu_envelope", "pack_commands", "read_replies", "send_packed"]
+           "WorkerPipeline", "pack_commands", "read_replies", "send_packed"]
 
 logger = logging.getLogger("interactive_tasks.worker")
 
 INBOX_EXPIRES_MS = 60_000
-
-
-def encode_frame(body: bytes, secret: bytes | None) -> bytes:
-    if secret is None:
-        return b"0" + body
-    return b"1" + hmac.new(secret, body, hashlib.sha256).digest() + body
-
-
-def decode_frame(raw: bytes, secret: bytes | None) -> bytes:
-    """The msgpack body of an inbox frame; raises ProtocolError for a bad or unsigned one."""
-    if raw[:1] == b"1":
-        body = raw[33:]
-        if secret is not None and not hmac.compare_digest(
-                hmac.new(secret, body, hashlib.sha256).digest(), raw[1:33]):
-            raise ProtocolError("inbox frame has a wrong signature")
-        return body
-    if raw[:1] == b"0":
-        if secret is not None:
-            raise ProtocolError("inbox frame is unsigned but the app has a secret")
-        return raw[1:]
-    raise ProtocolError("inbox frame has an unknown format")
-
-
-def control_frame(raw: bytes, secret: bytes | None) -> tuple[bytes, bool]:
-    """The body of an item of a worker's control list, and whether it is signed by
-    ``secret``: a raw frame (:func:`encode_frame`) or a message in kombu's envelope (a kombu
-    publisher). Raises ProtocolError for a frame that is bad or unsigned where ``secret``
-    wants a signature."""
-    if raw[:1] == b"{":
-        body, signature = kombu_body(raw)
-        return body, secret is not None and codec.verify(secret, body, signature)
-    return decode_frame(raw, secret), secret is not None
-
-
-def kombu_envelope(body: bytes, queue: str, content_type: str,
-                   headers: dict[str, Any], priority: int | None = None) -> bytes:
-    """A message exactly as kombu's Redis transport stores it, so kombu consumers read it."""
-    import base64
-    import json
-    import uuid
-
-    return json.dumps({
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": "binary",
-        "content-type": content_type,
-        "headers": headers,
-        "properties": {
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": priority or 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-            "delivery_mode": 2,
-        },
-    }).encode()
-
-
-def task_envelope(body: bytes, queue: str, secret: bytes | None,
-                  priority: int | None = None) -> bytes:
-    """A task message body in kombu's envelope, signed when there is a ``secret``."""
-    headers = {}
-    if secret is not None:
-        headers[codec.SIGNATURE_HEADER] = codec.sign(secret, body)
-    return kombu_envelope(body, queue, codec.CONTENT_TYPE, headers, priority)
-
-
-def kombu_body(raw: bytes) -> tuple[bytes, Any]:
-    """``(body, signature header)`` of a message in kombu's Redis envelope.
-
-    Raises ProtocolError for anything else.
-    """
-    import base64
-    import binascii
-    import json
-
-    try:
-        envelope = json.loads(raw)
-        body = envelope["body"]
-        if envelope.get("properties", {}).get("body_encoding") == "base64":
-            data = base64.b64decode(body)
-        else:
-            data = body.encode() if isinstance(body, str) else bytes(body)
-        headers = envelope.get("headers") or {}
-        return data, headers.get(codec.SIGNATURE_HEADER)
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-        raise ProtocolError(f"not a kombu message: {exc}") from exc
 
 
 class RespConnection:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from typing import Any
 
 from .redis_fetch import BELL_EXPIRES_MS, BELL_KEEP, BELL_SUFFIX
@@ -160,11 +159,6 @@ def workers_key(namespace: str) -> str:
 def redelivered_key(namespace: str) -> str:
     """Delivery tags of messages restored from a dead worker (read once by the fetch)."""
     return f"{namespace}.redelivered"
-
-
-def incarnation(worker: str) -> str:
-    """A name for one start of ``worker``: its hostname and a random suffix."""
-    return f"{worker}/{uuid.uuid4().hex[:8]}"
 
 
 def unacked_keys(namespace: str, incarnation: str) -> dict[str, str]:

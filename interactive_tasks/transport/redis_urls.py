@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError
+from . import is_redis
 
 if TYPE_CHECKING:
     import redis
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SENTINEL_SCHEME = "sentinel"
-REDIS_SCHEMES = frozenset({"redis", "rediss", SENTINEL_SCHEME})
 SENTINEL_PORT = 26379
 #: Seconds a sentinel may take to connect and to answer, unless ``sentinel_kwargs`` say.
 SENTINEL_TIMEOUT = 5.0
@@ -66,11 +66,6 @@ _MOVED_PREFIXES = ("READONLY ", "UNBLOCKED ")
 
 def scheme_of(url: str) -> str:
     return url.split("://", 1)[0].lower()
-
-
-def is_redis(url: str) -> bool:
-    """A Redis server or a Redis behind sentinels: the Redis fast path applies."""
-    return scheme_of(url) in REDIS_SCHEMES
 
 
 def is_sentinel(url: str) -> bool:

@@ -15,9 +15,8 @@ from ..results import (
     RedisResultStore,
     ResultStore,
 )
-from . import default_home, is_embedded, is_memory
+from . import default_home, is_embedded, is_memory, is_redis
 from .connections import beside_broker
-from .redis_urls import is_redis
 
 __all__ = ["check_result_backend", "result_store_for"]
 

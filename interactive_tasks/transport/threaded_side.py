@@ -31,11 +31,12 @@ from kombu import Queue
 
 from .. import codec
 from ..errors import ProtocolError
-from .redis_fast import INBOX_EXPIRES_MS, TaskPublisher, control_frame, encode_frame, is_redis
-from .redis_urls import redis_client
+from . import is_redis
+from .frames import control_frame, encode_frame
 
 if TYPE_CHECKING:
     from ..app import App
+    from .redis_fast import TaskPublisher
 
 __all__ = ["RedisThreadedSide", "ThreadedSide", "threaded_side_for"]
 
@@ -158,6 +159,8 @@ class RedisThreadedSide(ThreadedSide):
 
     def read_control_list(self, stop: threading.Event,
                           on_body: Callable[[bytes, bool], None]) -> None:
+        from .redis_urls import redis_client
+
         key = self.app.names.control_queue_name(self.hostname)
         secret = self.app.secret
         while not stop.is_set():
@@ -182,6 +185,8 @@ class RedisThreadedSide(ThreadedSide):
                 client.close()
 
     def _publish_inbox(self, inbox: str, body: bytes) -> None:
+        from .redis_fast import INBOX_EXPIRES_MS, TaskPublisher
+
         if self._publisher is None:
             self._publisher = TaskPublisher(self.app.broker_url,
                                             self.app.conf.broker_transport_options)

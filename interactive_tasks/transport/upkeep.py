@@ -20,20 +20,31 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import is_amqp, is_embedded, is_memory
-from .redis_fast import is_redis
+from . import is_amqp, is_embedded, is_memory, is_redis
 
 if TYPE_CHECKING:
     from ..app import App
-    from .redis_delay import ScheduledTask
 
 logger = logging.getLogger("interactive_tasks.worker")
 
 #: A task due later than this (seconds) waits in the broker where the broker can keep it;
 #: one due sooner goes to its queue and the worker that takes it holds it for the rest.
 SCHEDULE_AHEAD = 0.5
+#: how often a worker moves due tasks onto their queues (seconds)
+DUE_INTERVAL = 0.25
+
+
+@dataclass(frozen=True)
+class ScheduledTask:
+    """One task waiting in the broker for its ``eta``."""
+
+    id: str | None
+    name: str | None
+    queue: str
+    eta: float
 
 
 def cancel_timers(timers: list[Any]) -> None:
@@ -127,7 +138,6 @@ class RedisUpkeep(BrokerUpkeep):
         replies the loop reads when they arrive: a control message never waits behind
         them (a synchronous call every quarter second showed in the control round trip's
         p99)."""
-        from .redis_delay import DUE_INTERVAL
         from .redis_fast import HubCommand
 
         self._connect()
@@ -293,8 +303,6 @@ class EmbeddedUpkeep(StoreUpkeep):
         self._timer: Any = None
 
     def start(self, hub: Any, connection: Any = None) -> None:
-        from .redis_delay import DUE_INTERVAL
-
         self.close(clean=False)
         self._move_due_soft()
         self._timer = hub.call_repeatedly(DUE_INTERVAL, self._move_due_soft)

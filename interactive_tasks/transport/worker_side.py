@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Consumer
 
-from . import is_amqp
-from .redis_fast import ListReader, is_redis
-from .redis_fetch import TaskFetcher
-from .redis_liveness import redelivered_key
+from . import is_amqp, is_redis
 
 if TYPE_CHECKING:
     from ..app import App
+    from .redis_fast import ListReader
+    from .redis_fetch import TaskFetcher
 
 
 class WorkerIntake:
@@ -142,6 +141,10 @@ class RedisIntake(WorkerIntake):
 
     def _start_tasks(self, conn: Any, hub: Any, channel: Any, task_queues: list[Any],
                      prefetch: int, take_tasks: bool) -> None:
+        from .redis_fast import ListReader
+        from .redis_fetch import TaskFetcher
+        from .redis_liveness import redelivered_key
+
         # Our own fetch: kombu's BRPOP loses a message when the worker dies before
         # recording it unacked (see transport.redis_fetch).
         for queue in task_queues:
