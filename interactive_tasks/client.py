@@ -368,12 +368,19 @@ class Client:
         many: bool = False,
         until: Callable[[list[dict[str, Any]]], bool] | None = None,
         settle: float | None = None,
+        resend: float | None = None,
     ) -> list[dict[str, Any]]:
         """Send ``message`` and collect replies addressed to its request id.
 
         With ``many`` (broadcasts) it gathers replies until ``timeout`` or until
         ``until(replies)`` is true, or ``settle`` seconds after the first reply; otherwise
         it returns as soon as one reply arrives. Returns the replies, possibly none.
+
+        With ``resend`` the message goes out again after that many seconds, then after
+        twice as long, and so on, while no reply has come: a broadcast is not stored (on
+        Redis it is a PUBLISH), so a worker that was not listening at that moment — between
+        its start and its first subscription, or reconnecting — never sees it. Only for
+        messages a worker recognises when they come twice (task verbs, by ``cseq``).
         """
         self.ensure_started()
         rid = message.rid or self.new_rid()
@@ -386,6 +393,7 @@ class Client:
             self.send_control(message, worker)
             deadline = time.monotonic() + timeout
             first_reply = float("inf")
+            resend_at = time.monotonic() + resend if resend else float("inf")
             with waiter.cond:
                 while True:
                     if waiter.replies and not many:
@@ -394,9 +402,21 @@ class Client:
                         break
                     if settle is not None and waiter.replies:
                         deadline = min(deadline, first_reply + settle)
-                    remaining = deadline - time.monotonic()
+                    now = time.monotonic()
+                    remaining = deadline - now
                     if remaining <= 0:
                         break
+                    if resend and not waiter.replies:
+                        if now >= resend_at:
+                            waiter.cond.release()  # replies may come in meanwhile
+                            try:
+                                self.send_control(message, worker)
+                            finally:
+                                waiter.cond.acquire()
+                            resend *= 2
+                            resend_at = now + resend
+                            continue
+                        remaining = min(remaining, resend_at - now)
                     waiter.cond.wait(remaining)
                     if waiter.replies and first_reply == float("inf"):
                         first_reply = time.monotonic()

@@ -50,6 +50,9 @@ logger = logging.getLogger("interactive_tasks.handle")
 MAX_BUFFERED_EVENTS = 100_000
 #: After a gap in the stream, live events are held this long for the worker's snapshot.
 RESYNC_WAIT = 3.0
+#: A broadcast task verb no worker answered is sent again after this long, then after
+#: twice as long each time, until ``timeout`` (``Client.request``).
+BROADCAST_RESEND = 0.5
 
 _ERRORS_BY_TYPE: dict[str, type[ControlError]] = {
     "NotAuthorized": NotAuthorized,
@@ -717,8 +720,11 @@ class TaskHandle(ResultHandle[R]):
             verb=verb, task_id=self.id, data=data, sender=client.inbox.name,
             rid=client.new_rid(), cseq=client.next_cseq(self.id), token=self._token,
         )
+        # a broadcast no worker heard (one starting or reconnecting) goes out again; a
+        # worker that hears both copies applies the verb once (cseq)
         replies = client.request(message, worker, timeout, many=worker is None,
-                                 until=_has_owner, settle=0.3)
+                                 until=_has_owner, settle=0.3,
+                                 resend=BROADCAST_RESEND if worker is None else None)
         owner = [r for r in replies if r.get("ok") is not None and not r.get("pending")]
         if not replies:
             if worker is not None:

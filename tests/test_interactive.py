@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -280,6 +281,20 @@ def test_attach_from_second_process_snapshot_then_tail(tasks, start_worker, brok
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "hello Grace"
     assert handle.result(timeout=10) == "hello Grace"
+
+
+def test_a_verb_broadcast_before_any_worker_listens_reaches_the_task(tasks, start_worker):
+    """A broadcast is not stored: one sent while no worker listens (none started yet, one
+    starting or reconnecting) is lost, so the client sends it again until one answers."""
+    handle = tasks.steerable.start(50, 0.02)
+    sent: list[Any] = []
+    sender = threading.Thread(target=lambda: sent.append(handle.send("x", timeout=20)))
+    sender.start()
+    start_worker()
+    sender.join(25)
+    assert sent == [None]  # acknowledged, not ControlError
+    events = list(handle.events(timeout=20))
+    assert [e.data for e in events if e.kind == "message"] == [{"echo": "x"}]
 
 
 def test_many_watchers_each_get_the_full_stream(tasks, start_worker):
