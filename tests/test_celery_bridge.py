@@ -8,12 +8,14 @@ RabbitMQ with its own queue and interactive_tasks namespace, and drives its task
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -245,6 +247,40 @@ def test_the_relay_on_a_hub_reads_its_channels_again_after_a_reset() -> None:
         client.close()
         relay.stop()
         hub.close()
+
+
+@pytest.mark.parametrize("read_only_attach", [False, True])
+def test_a_renewal_extends_a_watch_and_starts_one_only_where_watching_is_open(
+        read_only_attach: bool) -> None:
+    """``subscribe`` with a ``renew`` list (what a client sends every 10 s) keeps its
+    watches alive; for a task it does not watch it starts one only when watching needs no
+    token (``read_only_attach``), as on the itask worker."""
+    import tempfile
+
+    from interactive_tasks import App
+    from interactive_tasks.celery.relay import Relay, _Task
+    from interactive_tasks.protocol import ControlMessage, Verb
+    from interactive_tasks.worker.records import Subscriber
+
+    require_broker("redis")
+    directory = tempfile.mkdtemp(prefix="itask-renew-")
+    relay = Relay(App("renewtest", broker=REDIS_URL, namespace=f"t{uuid.uuid4().hex[:8]}",
+                      read_only_attach=read_only_attach),
+                  "renew@test", os.path.join(directory, "relay.sock"),
+                  supports_hard_pause=True)
+    try:
+        task = _Task(id="t1", name="looper", conn=None, pid=None, token_digest="digest")
+        task.subscribers["watcher"] = Subscriber("watcher", time.monotonic() + 1, True)
+        relay.tasks[task.id] = task
+        renew = ControlMessage(verb=Verb.SUBSCRIBE, data={"renew": ["t1"]},
+                               sender="watcher")
+        relay.handle_read(renew, None, signed=False)
+        assert task.subscribers["watcher"].expires > time.monotonic() + 10
+        stranger = dataclasses.replace(renew, sender="stranger")
+        relay.handle_read(stranger, None, signed=False)
+        assert ("stranger" in task.subscribers) is read_only_attach
+    finally:
+        relay.stop()
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads", "gevent", "eventlet"])

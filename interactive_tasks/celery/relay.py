@@ -588,8 +588,17 @@ class Relay:
             if renew is not None:
                 for task_id in renew:
                     renewed = self.tasks.get(task_id)
-                    if renewed is not None:
-                        _watch(renewed.subscribers, sender, expires)
+                    if renewed is None or verbs.extend(renewed.subscribers, sender,
+                                                       expires) or \
+                            not self.app.conf.read_only_attach:
+                        continue  # a renewal extends a watch; it never starts one that
+                        # needs the task's token
+                    # Dropped while the client was away: take it back, with a snapshot so
+                    # the client learns what it missed (its handle skips what it has).
+                    renewed.subscribers[sender] = Subscriber(sender, expires, True)
+                    self.flush()
+                    self.publish_inbox(sender, verbs.snapshot_message(
+                        self.hostname, None, renewed.snapshot(self.hostname).to_wire()))
                 return
             if task is None:
                 verbs.watch_unknown(ctl, self.held_subscribers, expires, self.hostname)
