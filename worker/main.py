@@ -253,7 +253,7 @@ class Worker:
             logger.info("embedded broker files: %s", app.embedded_directory)
         # The pool forks before anything here touches the broker: a child starts as a copy
         # of this process, and the first connection imports the broker's client library
-        # (redis-py with its asyncio and cluster modules: ~6 MB per child) that a pool
+        # (redis-py, with its asyncio and cluster modules) that a pool
         # process needs only if its task publishes. Children that replace these later fork
         # from the full worker.
         release_free_memory()
