@@ -283,6 +283,39 @@ def test_a_renewal_extends_a_watch_and_starts_one_only_where_watching_is_open(
         relay.stop()
 
 
+def test_the_snapshot_keeps_messages_and_logs_however_much_progress_came() -> None:
+    """The relay's history holds what is not progress (the latest progress is kept on its
+    own), so an attach after 500 progress events still sees the task's message and log
+    line; a question pending when the task ends is gone from its final snapshot."""
+    import tempfile
+
+    from interactive_tasks import App
+    from interactive_tasks.celery.relay import Relay, _Task
+
+    require_broker("redis")
+    directory = tempfile.mkdtemp(prefix="itask-history-")
+    relay = Relay(App("historytest", broker=REDIS_URL, namespace=f"t{uuid.uuid4().hex[:8]}"),
+                  "history@test", os.path.join(directory, "relay.sock"),
+                  supports_hard_pause=True)
+    try:
+        task = _Task(id="t1", name="looper", conn=None, pid=None, token_digest=None)
+        relay.tasks[task.id] = task
+        relay.emit(task, EventKind.MESSAGE, {"data": "hello"})
+        relay.emit(task, EventKind.LOG, {"level": "info", "text": "a line"})
+        for i in range(500):
+            relay.emit(task, EventKind.PROGRESS, {"current": i + 1, "total": 500})
+        relay.emit(task, EventKind.QUESTION, {"qid": "q1", "prompt": "go on?"})
+        snapshot = task.snapshot(relay.hostname)
+        kinds = [e.kind for e in snapshot.events]
+        assert kinds == [EventKind.MESSAGE, EventKind.LOG, EventKind.QUESTION]
+        assert snapshot.progress is not None and snapshot.progress.fields["current"] == 500
+        assert snapshot.question is not None
+        relay.emit(task, EventKind.SUCCEEDED, {"result": 1})
+        assert relay.finished["t1"].snapshot(relay.hostname).question is None
+    finally:
+        relay.stop()
+
+
 @pytest.mark.parametrize("pool", ["prefork", "threads", "gevent", "eventlet"])
 def test_soft_pause_resume_then_cancel(proj: Any, start_celery: Any, pool: str) -> None:
     start_celery(pool=pool)

@@ -247,17 +247,21 @@ class Relay:
              ts: float | None = None) -> None:
         task.seq += 1
         event = Event(task.id, task.seq, kind, ts or time.time(), fields, task.run)
-        task.history.append(event)
         state = STATE_AFTER.get(kind)
         if state is not None:
             task.state = state
         if kind == EventKind.PROGRESS:
+            # the latest progress is kept on its own, as on the itask worker: in the
+            # history a progress-heavy task would push out its messages and log lines
             task.progress = event
-        elif kind == EventKind.QUESTION:
+        else:
+            task.history.append(event)
+        if kind == EventKind.QUESTION:
             task.question = dict(fields)
         elif kind == EventKind.ANSWERED:
             task.question = None
         if kind in FINAL_KINDS:
+            task.question = None
             task.finished = event.ts
             task.result = fields.get("result")
             task.error = fields.get("error")
