@@ -340,14 +340,16 @@ class Client:
         self.ensure_started()  # also: after a fork, this process's own inbox and publisher
         wire = control_wire(verb, task_id, data, self.inbox.name, None,
                             self.next_cseq(task_id), token, time.time())
-        self._send_control_wire(wire, worker)
+        self._send_control_wire(wire, worker, settle=False)
 
     def send_control(self, message: ControlMessage, worker: str | None) -> None:
         """Send to one worker's control queue, or to every worker when ``worker`` is None."""
         self._send_control_wire(message.to_wire(), worker)
 
-    def _send_control_wire(self, wire: dict[str, Any], worker: str | None) -> None:
-        """Raises PayloadTooLarge and TransportError."""
+    def _send_control_wire(self, wire: dict[str, Any], worker: str | None,
+                           settle: bool = True) -> None:
+        """Raises PayloadTooLarge and TransportError (with ``settle=False``, possibly for
+        an earlier unsettled message: see ``ClientSide.publish_control``)."""
         if worker is None:
             exchange = self.app.names.broadcast_exchange
             self.publish(wire, routing_key="", exchange=exchange, declare=[exchange])
@@ -357,7 +359,7 @@ class Client:
         if len(body) > limit:
             raise PayloadTooLarge(f"control message of {len(body)} bytes is over "
                                   f"max_message_size={limit}")
-        self._client_side().publish_control(worker, body)
+        self._client_side().publish_control(worker, body, settle)
 
     def request(
         self,

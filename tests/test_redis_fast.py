@@ -129,6 +129,31 @@ def test_publisher_push_packs_once_per_queue_and_survives_a_killed_connection(
     pub.close()
 
 
+def test_unsettled_pushes_keep_order_owe_a_bounded_number_of_replies_and_settle_on_close(
+        r: redis.Redis, ns: str) -> None:
+    pub = TaskPublisher(REDIS_URL)
+    n = 3 * redis_fast.PIPELINE_REPLIES + 7
+    for i in range(n):
+        pub.push(f"{ns}.ctl", b"%d" % i, 60_000, settle=False)
+        assert pub._owed < redis_fast.PIPELINE_REPLIES
+    assert pub._owed > 0  # the last ones were not waited for
+    pub.close()  # reads what is owed: Redis runs every push before the socket closes
+    assert r.lrange(f"{ns}.ctl", 0, -1) == [b"%d" % i for i in reversed(range(n))]
+    assert 50_000 < r.pttl(f"{ns}.ctl") <= 60_000
+
+
+def test_an_unsettled_push_refused_by_redis_is_raised_by_a_later_call(
+        r: redis.Redis, ns: str) -> None:
+    pub = TaskPublisher(REDIS_URL)
+    r.set(f"{ns}.str", b"not a list")
+    pub.push(f"{ns}.str", b"x", 60_000, settle=False)  # WRONGTYPE, not read yet
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        pub.push(f"{ns}.ctl", b"next", 60_000)  # reads what it owed first, sends nothing
+    pub.push(f"{ns}.ctl", b"after", 60_000)  # the connection stayed in step
+    assert r.lrange(f"{ns}.ctl", 0, -1) == [b"after"]
+    pub.close()
+
+
 def test_inbox_reader_reads_in_order_and_times_out(r: redis.Redis, ns: str) -> None:
     reader = InboxReader(REDIS_URL, f"{ns}.inbox")
     r.lpush(f"{ns}.inbox", b"1", b"2", b"3")

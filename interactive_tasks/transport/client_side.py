@@ -73,7 +73,10 @@ class ClientSide:
         self.kombu_publish(body, routing_key=queue.routing_key, exchange=queue.exchange,
                            declare=[queue], priority=priority)
 
-    def publish_control(self, worker: str, body: bytes) -> None:
+    def publish_control(self, worker: str, body: bytes, settle: bool = True) -> None:
+        """``settle=False`` (a stream of ``send(wait=False)``) lets a broker that can
+        return before the broker confirmed the message, raising a failure at a later
+        call; kombu here always waits for its publish."""
         queue = self.app.names.control_queue(worker)
         self.kombu_publish(body, routing_key=queue.routing_key, exchange=queue.exchange,
                            declare=[queue])
@@ -182,12 +185,13 @@ class RedisClientSide(ClientSide):
         envelope = task_envelope(body, queue.name, self.app.secret)
         self._send(lambda: self.publisher.publish(queue.name, envelope, bell=True))
 
-    def publish_control(self, worker: str, body: bytes) -> None:
+    def publish_control(self, worker: str, body: bytes, settle: bool = True) -> None:
         # x-expires as kombu would set it: the list of a worker gone for good
         # disappears instead of collecting control messages.
         frame = encode_frame(body, self.app.secret)
         name = self.app.names.control_queue_name(worker)
-        self._send(lambda: self.publisher.push(name, frame, CONTROL_QUEUE_EXPIRES_MS))
+        self._send(lambda: self.publisher.push(name, frame, CONTROL_QUEUE_EXPIRES_MS,
+                                               settle=settle))
 
     def _send(self, action: Callable[[], None]) -> None:
         try:

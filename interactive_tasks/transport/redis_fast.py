@@ -346,6 +346,16 @@ def send_packed(conn: RespConnection, packet: bytes, replies: int) -> Any:
     return last
 
 
+#: replies a stream of unsettled pushes may owe before one reads them (two per push)
+PIPELINE_REPLIES = 512
+
+
+def _settle_at_exit(ref: Any) -> None:
+    publisher = ref()
+    if publisher is not None:
+        publisher.close()
+
+
 class TaskPublisher:
     """The client side of publishing to task and control queues: one ``LPUSH`` (with the
     ``PEXPIRE`` of an expiring queue and a task queue's bell), sent as one packet; with
@@ -359,6 +369,9 @@ class TaskPublisher:
         self._lock = threading.Lock()
         #: (queue, expire_ms) -> (packed "LPUSH queue" up to the item, packed PEXPIRE)
         self._packed: dict[tuple[str, int], tuple[bytes, bytes]] = {}
+        #: replies due for pushes sent with ``settle=False`` and not read yet
+        self._owed = 0
+        self._settles_at_exit = False
 
     def publish(self, queue: str, envelope: bytes | None, expire_ms: int | None = None,
                 bell: bool = False) -> None:
@@ -382,9 +395,16 @@ class TaskPublisher:
             commands.append((b"WAIT", *wait))
         self._send(pack_commands(*commands), len(commands), wait)
 
-    def push(self, queue: str, item: bytes, expire_ms: int) -> None:
+    def push(self, queue: str, item: bytes, expire_ms: int, *, settle: bool = True) -> None:
         """``LPUSH`` one item and ``PEXPIRE`` the list: what :meth:`publish` sends for a
         control frame, from commands packed once per queue (the client's control path).
+
+        With ``settle=False`` (a stream of ``send(wait=False)``) it returns once the packet
+        is written, without waiting for Redis's replies: they are read before the next
+        packet that waits for its own, or once :data:`PIPELINE_REPLIES` are owed, which is
+        also where an error reply or a broken connection is raised — to a later call
+        (which then has not sent its own item), never more than ``PIPELINE_REPLIES / 2``
+        pushes late.
 
         Raises ``redis.RedisError``.
         """
@@ -394,7 +414,41 @@ class TaskPublisher:
             packed = self._packed[queue, expire_ms] = (
                 b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n" % (len(name), name),
                 pack_commands((b"PEXPIRE", queue, expire_ms)))
-        self._send(b"%s$%d\r\n%s\r\n%s" % (packed[0], len(item), item, packed[1]), 2)
+        packet = b"%s$%d\r\n%s\r\n%s" % (packed[0], len(item), item, packed[1])
+        if settle:
+            self._send(packet, 2)
+            return
+        with self._lock:
+            if not self._owed:
+                self._conn.drop_if_closed()  # as _send: never into a dead idle connection
+            try:
+                self._conn.send(packet)
+            except BaseException:
+                self._owed = 0  # the connection is dropped, and what it owed with it
+                raise
+            self._owed += 2
+            if not self._settles_at_exit:
+                # a script that streams and exits without closing its app: its last
+                # pushes are read out before the interpreter closes the socket
+                import atexit
+                import weakref
+
+                atexit.register(_settle_at_exit, weakref.ref(self))
+                self._settles_at_exit = True
+            if self._owed >= PIPELINE_REPLIES:
+                self._settle()
+
+    def _settle(self) -> None:
+        """Read the replies owed for unsettled pushes (caller holds the lock); raises the
+        first error reply among them, or the connection's error."""
+        owed, self._owed = self._owed, 0
+        try:
+            error, _ = read_replies(self._conn, owed)
+        except BaseException:
+            self._conn.disconnect()
+            raise
+        if error is not None:
+            raise error
 
     def _send(self, packet: bytes, replies: int, wait: tuple[int, int] | None = None) -> None:
         """Send ``packet``; with ``wait``, its last command is ``WAIT``. Raises
@@ -402,6 +456,8 @@ class TaskPublisher:
         import redis
 
         with self._lock:
+            if self._owed:
+                self._settle()
             # An idle connection the server dropped (a restart, a CLIENT KILL, a failover)
             # is replaced before sending. A packet sent and then cut off is not sent again:
             # it may have run, and a second LPUSH would queue the task twice.
@@ -423,6 +479,14 @@ class TaskPublisher:
             raise redis.ConnectionError("the primary kept moving while publishing")
 
     def close(self) -> None:
+        """Close the connection, first reading what unsettled pushes are owed: closing a
+        socket with unread replies resets it, and Redis may drop pushes it has not read."""
+        with self._lock:
+            if self._owed:
+                try:
+                    self._settle()
+                except Exception:
+                    pass  # closing anyway; a failed push was the sender's to see
         self._conn.close()
 
 
