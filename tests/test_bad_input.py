@@ -130,7 +130,7 @@ def test_garbage_and_kombu_envelopes_on_the_redis_control_list(tasks, start_work
         wait_for(lambda: "refused control message: inbox frame has an unknown format"
                  in w.log(), message="garbage refused")
 
-        def publish_as_kombu(worker: str, body: bytes) -> None:
+        def publish_as_kombu(worker: str, body: bytes, settle: bool = True) -> None:
             queue = app.names.control_queue_name(worker)
             r.lpush(queue, kombu_envelope(body, queue, codec.CONTENT_TYPE, {}))
 
