@@ -71,6 +71,27 @@ def holds_for(predicate: Callable[[], Any], duration: float, interval: float = 0
         time.sleep(interval)
 
 
+def redis_sockets() -> set[int]:
+    """Inodes of this process's open TCP sockets to the test Redis's port (Linux /proc):
+    a connection closed is gone from here at once, one merely unreferenced stays until the
+    garbage collector finds it."""
+    port = int(REDIS_URL.rsplit(":", 1)[1].split("/")[0])
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                mine.add(int(link[8:-1]))
+    found = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and int(fields[9]) in mine:
+                    found.add(int(fields[9]))
+    return found
+
+
 def isolated_env(home: Path) -> dict[str, str]:
     """This environment without ITASK_ settings, ITASK_HOME at ``home`` (so the default
     embedded broker is a private one) and the repository importable."""

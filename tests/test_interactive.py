@@ -124,6 +124,60 @@ def test_send_without_waiting_keeps_order(tasks, start_worker, pool):
     assert echoed == [{"i": i} for i in range(300)]
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_burst_sent_without_waiting_then_close_leaves_no_socket_and_loses_nothing(
+        tasks, start_worker):
+    # On Redis the last messages' replies are still unread when the app closes: close
+    # reads them, then closes every socket the app opened (none is left for the garbage
+    # collector to find, and warn about, in some later test).
+    import gc
+    import warnings
+
+    from .conftest import redis_sockets
+
+    start_worker()
+    before = redis_sockets()
+    n = 1000
+    handle = tasks.sink.start(n)
+    wait_for(lambda: handle.state is TaskState.RUNNING, message="the task to start")
+    for i in range(n):
+        handle.send({"i": i}, wait=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        tasks.app.close()
+        assert redis_sockets() <= before
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    out = tasks.app.attach(handle.id, handle.token).result(timeout=30)
+    assert out["got"] == n and out["disorder"] is None
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_script_that_streams_and_exits_without_closing_delivers_everything(
+        tasks, start_worker, broker):
+    start_worker()
+    n = 1000
+    handle = tasks.sink.start(n)
+    wait_for(lambda: handle.state is TaskState.RUNNING, message="the task to start")
+    script = (
+        "import tests.apps.tasks as t\n"
+        f"h = t.app.attach({handle.id!r}, {handle.token!r})\n"
+        "import time\n"
+        "deadline = time.monotonic() + 20\n"
+        "while h._worker is None and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        f"for i in range({n}):\n"
+        "    h.send({'i': i}, wait=False)\n"
+    )
+    out = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning",
+                          "-c", script], env=broker.env(), cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "ResourceWarning" not in out.stderr and "unclosed" not in out.stderr, out.stderr
+    result = handle.result(timeout=30)
+    assert result["got"] == n and result["disorder"] is None
+
+
 @pytest.mark.parametrize("pool", POOLS)
 def test_ask_and_answer(tasks, start_worker, broker, pool):
     start_worker(pool=pool)

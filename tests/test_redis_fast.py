@@ -3,8 +3,12 @@ Redis server (transport.redis_fast)."""
 
 from __future__ import annotations
 
+import atexit
+import gc
+import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +26,7 @@ from interactive_tasks.transport.redis_fast import (
     send_packed,
 )
 
-from .conftest import REDIS_URL, wait_for
+from .conftest import REDIS_URL, redis_sockets, wait_for
 
 pytestmark = pytest.mark.usefixtures("redis_available")
 
@@ -151,6 +155,53 @@ def test_an_unsettled_push_refused_by_redis_is_raised_by_a_later_call(
         pub.push(f"{ns}.ctl", b"next", 60_000)  # reads what it owed first, sends nothing
     pub.push(f"{ns}.ctl", b"after", 60_000)  # the connection stayed in step
     assert r.lrange(f"{ns}.ctl", 0, -1) == [b"after"]
+    pub.close()
+
+
+def test_unsettled_pushes_leave_no_socket_behind_closed_or_collected(
+        r: redis.Redis, ns: str) -> None:
+    before = redis_sockets()
+    pub = TaskPublisher(REDIS_URL)
+    for i in range(300):
+        pub.push(f"{ns}.ctl", b"%d" % i, 60_000, settle=False)
+    assert pub._owed and len(redis_sockets() - before) == 1
+    pub.close()
+    assert redis_sockets() <= before  # closed, not left for the collector
+
+    # Dropped without close (no reference cycle keeps it): the socket is closed as the
+    # object goes, never found unclosed by the collector later.
+    dropped = TaskPublisher(REDIS_URL)
+    for i in range(300):
+        dropped.push(f"{ns}.ctl2", b"%d" % i, 60_000, settle=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        del dropped
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert redis_sockets() <= before
+
+
+def test_a_forked_child_leaves_the_parents_unsettled_replies_alone(
+        r: redis.Redis, ns: str) -> None:
+    # The child inherits the publisher and its exit hook; reading the replies owed would
+    # take them from the parent, whose next read would then wait for replies never due.
+    pub = TaskPublisher(REDIS_URL)
+    for i in range(100):
+        pub.push(f"{ns}.ctl", b"%d" % i, 60_000, settle=False)
+    pid = os.fork()
+    if pid == 0:  # the child: what an ordinary exit runs, then out without pytest's own
+        code = 0
+        try:
+            atexit._run_exitfuncs()
+            pub.close()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    pub.push(f"{ns}.ctl", b"settled", 60_000)  # reads the 200 replies owed, then its own
+    assert r.lrange(f"{ns}.ctl", 0, -1) == [b"settled"] + [
+        b"%d" % i for i in reversed(range(100))]
     pub.close()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -352,7 +353,7 @@ PIPELINE_REPLIES = 512
 
 def _settle_at_exit(ref: Any) -> None:
     publisher = ref()
-    if publisher is not None:
+    if publisher is not None and publisher._pid == os.getpid():
         publisher.close()
 
 
@@ -372,6 +373,9 @@ class TaskPublisher:
         #: replies due for pushes sent with ``settle=False`` and not read yet
         self._owed = 0
         self._settles_at_exit = False
+        #: a forked child inherits this object (and its atexit hook) but not the replies
+        #: owed: reading them would take the parent's
+        self._pid = os.getpid()
 
     def publish(self, queue: str, envelope: bytes | None, expire_ms: int | None = None,
                 bell: bool = False) -> None:
@@ -482,11 +486,12 @@ class TaskPublisher:
         """Close the connection, first reading what unsettled pushes are owed: closing a
         socket with unread replies resets it, and Redis may drop pushes it has not read."""
         with self._lock:
-            if self._owed:
+            if self._owed and self._pid == os.getpid():
                 try:
                     self._settle()
                 except Exception:
                     pass  # closing anyway; a failed push was the sender's to see
+            self._owed = 0
         self._conn.close()
 
 

@@ -144,6 +144,28 @@ def echo_server(self: Any, count: int) -> list[Any]:
 
 
 @app.task(base=InteractiveTask)
+def sink(self: Any, count: int, delay: float = 0.0) -> dict[str, Any]:
+    """Takes ``count`` messages ``{"i": i}``, ``delay`` seconds apart at least; reports how
+    many came, the first out of order (None: none), and how long the reading took."""
+    got = 0
+    disorder = None
+    started = None
+    while got < count:
+        msg = self.receive(timeout=30)
+        if msg is None:
+            break
+        if started is None:
+            started = time.monotonic()
+        if disorder is None and msg.get("i") != got:
+            disorder = msg
+        got += 1
+        if delay:
+            time.sleep(delay)
+    return {"got": got, "disorder": disorder,
+            "took": time.monotonic() - started if started is not None else 0.0}
+
+
+@app.task(base=InteractiveTask)
 def spin(self: Any, seconds: float = 60) -> str:
     """CPU-bound and never checks: only forced cancel or hard pause can stop it."""
     record(self.request.id, "start")
