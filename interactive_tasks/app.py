@@ -87,6 +87,11 @@ class Settings:
     subscription_ttl: float = 30.0
     #: events kept per task for clients that attach later
     event_history: int = 200
+    #: messages a handle may have sent with ``send(wait=False)`` that its task has not
+    #: taken with ``self.receive()`` yet; one more blocks ``send`` until the task catches
+    #: up (every quarter of this many, a message asks the task's pool process for a
+    #: receipt, which travels back like a control reply)
+    send_window: int = 2048
     #: kombu transport options (e.g. {"socket_timeout": 15}; Redis' ``visibility_timeout``
     #: no longer applies: a dead worker is found by ``worker_lost_timeout``); a sentinel://
     #: broker's {"master_name": …}; {"fsync": True} on the embedded broker
@@ -131,6 +136,10 @@ def _check_settings(conf: Settings) -> None:
             f"worker_lost_timeout ({conf.worker_lost_timeout}s) must be more than twice "
             f"worker_heartbeat ({conf.worker_heartbeat}s), or a live worker that misses "
             "one beat is taken for dead")
+    window = conf.send_window
+    if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+        raise ConfigurationError(f"send_window must be a number of messages (1 or more), "
+                                 f"not {window!r}")
     hold = conf.worker_hold_after
     if hold is not None and not (isinstance(hold, (int, float)) and hold > 0):
         raise ConfigurationError(

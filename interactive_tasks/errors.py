@@ -143,6 +143,12 @@ class TaskFinished(ControlError):
     """The task already ended; it cannot be controlled any more."""
 
 
+class SendTimeout(ControlError, TimeoutError):
+    """``handle.send(data, wait=False)`` waited its ``timeout`` for the task to take
+    earlier messages: the handle had ``send_window`` of them outstanding (the task reads
+    slower than it is sent to, is paused, or its worker went away)."""
+
+
 class HardPauseUnsupported(ControlError):
     """Hard pause (SIGSTOP) is only possible in the prefork pool."""
 

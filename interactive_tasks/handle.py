@@ -22,6 +22,7 @@ from .errors import (
     ControlError,
     HardPauseUnsupported,
     NotAuthorized,
+    SendTimeout,
     TaskCancelled,
     TaskFailed,
     TaskFinished,
@@ -161,6 +162,12 @@ class TaskHandle(ResultHandle[R]):
         self._final_event: Event | None = None
         self.worker_lost = False
         self._listeners: list[Callable[[TaskHandle[Any]], None]] = []
+        # Back-pressure on send(wait=False), under _cond: messages sent, messages the task
+        # is known to have taken (from receipts), and cseq -> the sent count at each
+        # message that asked for a receipt.
+        self._stream_sent = 0
+        self._stream_taken = 0
+        self._receipt_marks: dict[int, int] = {}
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._watching = watch
         self._starter = starter
@@ -583,9 +590,16 @@ class TaskHandle(ResultHandle[R]):
         it is published to the task's worker (for streams of messages: order is kept,
         but a refusal, such as a wrong token, is only logged by the worker). Before the
         task started, its worker is not known and it waits anyway: the message is held
-        by every worker, and the next one must not overtake it. Raises :class:`NotAuthorized`
-        without a token (or operator secret), :class:`TaskFinished` when the task
-        already ended, :class:`ControlError` when no worker acknowledged in ``timeout``.
+        by every worker, and the next one must not overtake it.
+
+        Back-pressure: with ``wait=False`` at most ``send_window`` (app setting, 2048)
+        messages are outstanding, sent but not yet taken by the task; the next call
+        waits until the task catches up (:attr:`outstanding`), at most ``timeout``.
+
+        Raises :class:`NotAuthorized` without a token (or operator secret),
+        :class:`TaskFinished` when the task already ended, :class:`ControlError` when no
+        worker acknowledged in ``timeout``, :class:`SendTimeout` when a ``wait=False``
+        message waited ``timeout`` for room in the window.
         """
         if isinstance(data, str) and data in (Verb.PAUSE, Verb.RESUME, Verb.CANCEL):
             self._control(data, None, timeout=timeout, wait=wait)
@@ -694,6 +708,61 @@ class TaskHandle(ResultHandle[R]):
             raise NotAuthorized(f"no token to forget task {self.id}")
         self.app.results.forget(self.id)
 
+    @property
+    def outstanding(self) -> int:
+        """Messages this handle sent with ``send(wait=False)`` that the task is not yet
+        known to have taken with ``self.receive()`` (known from receipts, which come every
+        quarter of ``send_window`` messages, so this over-counts by up to that many). A
+        ``send(wait=False)`` that would take it past ``send_window`` waits first."""
+        with self._cond:
+            return self._stream_sent - self._stream_taken
+
+    def _admit_stream_message(self, timeout: float | None) -> int:
+        """Count one more ``send(wait=False)`` message, first waiting while ``send_window``
+        are outstanding; returns the count when this one is to ask for a receipt, else 0.
+
+        Raises :class:`TaskFinished` when the task ends meanwhile and
+        :class:`SendTimeout` after ``timeout`` seconds (None: no limit).
+        """
+        window = self.app.conf.send_window
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._stream_sent - self._stream_taken >= window:
+                if self._state.is_final:
+                    raise TaskFinished(f"task {self.id} already ended ({self._state.value})")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise SendTimeout(
+                        f"task {self.id} has not taken {window} messages sent with "
+                        f"wait=False (send_window) in {timeout}s: it reads slower than "
+                        "they are sent, is paused, or its worker went away")
+                self._cond.wait(1.0 if left is None else min(left, 1.0))
+            self._stream_sent += 1
+            sent = self._stream_sent
+            return sent if sent % max(1, window // 4) == 0 else 0
+
+    def _unadmit_stream_message(self) -> None:
+        """The message just admitted was not sent (its publish raised). A receipt it
+        asked for never comes; the next one that does clears it."""
+        with self._cond:
+            self._stream_sent -= 1
+
+    def _expect_receipt(self, cseq: int, count: int) -> None:
+        """Message ``cseq`` (this handle's ``count``-th streamed) asks for a receipt."""
+        with self._cond:
+            self._receipt_marks[cseq] = count
+
+    def _on_receipt(self, cseq: int) -> None:
+        """From the client's inbox thread: the task took message ``cseq``, and with it
+        every message this handle sent before it (one pool-process inbox, in order)."""
+        with self._cond:
+            taken = self._receipt_marks.pop(cseq, None)
+            if taken is not None and taken > self._stream_taken:
+                self._stream_taken = taken
+                for earlier in [c for c in self._receipt_marks if c < cseq]:
+                    del self._receipt_marks[earlier]
+                self._cond.notify_all()
+
     def _control(self, verb: str, data: Any, *, timeout: float, wait: bool = True) -> None:
         """Deliver one task verb and (with ``wait``) wait for the worker's acknowledgement.
 
@@ -711,20 +780,37 @@ class TaskHandle(ResultHandle[R]):
                 "(or --token), or set the app's operator secret (ITASK_SECRET)"
             )
         client = self.app.client
+        stream = verb == Verb.MESSAGE and not wait
+        receipt = self._admit_stream_message(timeout) if stream else 0
         worker = self._worker
         if not wait and worker is not None:
-            client.send_task_verb_nowait(self.id, verb, data, self._token, worker)
+            try:
+                client.send_task_verb_nowait(self.id, verb, data, self._token, worker,
+                                             (self, receipt) if receipt else None)
+            except BaseException:
+                if stream:
+                    self._unadmit_stream_message()
+                raise
             return
-        client.ensure_started()
-        message = ControlMessage(
-            verb=verb, task_id=self.id, data=data, sender=client.inbox.name,
-            rid=client.new_rid(), cseq=client.next_cseq(self.id), token=self._token,
-        )
-        # a broadcast no worker heard (one starting or reconnecting) goes out again; a
-        # worker that hears both copies applies the verb once (cseq)
-        replies = client.request(message, worker, timeout, many=worker is None,
-                                 until=_has_owner, settle=0.3,
-                                 resend=BROADCAST_RESEND if worker is None else None)
+        try:
+            client.ensure_started()
+            message = ControlMessage(
+                verb=verb, task_id=self.id, data=data, sender=client.inbox.name,
+                rid=client.new_rid(), cseq=client.next_cseq(self.id), token=self._token,
+                receipt=bool(receipt),
+            )
+            if receipt:
+                self._expect_receipt(message.cseq, receipt)
+                client.expect_receipt(self.id, message.cseq, self)
+            # a broadcast no worker heard (one starting or reconnecting) goes out again; a
+            # worker that hears both copies applies the verb once (cseq)
+            replies = client.request(message, worker, timeout, many=worker is None,
+                                     until=_has_owner, settle=0.3,
+                                     resend=BROADCAST_RESEND if worker is None else None)
+        except BaseException:
+            if stream:
+                self._unadmit_stream_message()
+            raise
         owner = [r for r in replies if r.get("ok") is not None and not r.get("pending")]
         if not replies:
             if worker is not None:

@@ -260,11 +260,16 @@ ALL_VERBS = TASK_VERBS | READ_VERBS | WORKER_VERBS
 
 
 def control_wire(verb: str, task_id: str | None, data: Any, sender: str | None,
-                 rid: str | None, cseq: int, token: str | None, ts: float) -> dict[str, Any]:
+                 rid: str | None, cseq: int, token: str | None, ts: float,
+                 receipt: bool = False) -> dict[str, Any]:
     """A control message as it goes on the wire (:meth:`ControlMessage.to_wire`); the
-    client's unacknowledged ``send`` builds it without the dataclass."""
-    return {"v": PROTOCOL_VERSION, "verb": verb, "task_id": task_id, "data": data,
+    client's unacknowledged ``send`` builds it without the dataclass. ``receipt`` (a
+    message only; key ``rc``): the sender wants to hear when the task has taken it."""
+    wire = {"v": PROTOCOL_VERSION, "verb": verb, "task_id": task_id, "data": data,
             "sender": sender, "rid": rid, "cseq": cseq, "token": token, "ts": ts}
+    if receipt:
+        wire["rc"] = True
+    return wire
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,9 @@ class ControlMessage:
 
     ``cseq`` numbers the task verbs one client sends to one task, so a worker applies them
     in the order sent even when one copy came by broadcast and the next by its own queue.
+    ``receipt`` (a message): once the task has taken it with ``self.receive()``, the pool
+    process says so, and the worker sends ``sender`` a reply naming the task and ``cseq``
+    (the back-pressure of ``handle.send(wait=False)``).
     """
 
     verb: str
@@ -283,10 +291,11 @@ class ControlMessage:
     cseq: int = 0
     token: str | None = None
     ts: float = field(default_factory=time.time)
+    receipt: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return control_wire(self.verb, self.task_id, self.data, self.sender, self.rid,
-                            self.cseq, self.token, self.ts)
+                            self.cseq, self.token, self.ts, self.receipt)
 
     @classmethod
     def from_wire(cls, d: object) -> ControlMessage:
@@ -310,6 +319,7 @@ class ControlMessage:
             cseq=int(_optional(d, "cseq", int, what) or 0),
             token=_optional(d, "token", str, what),
             ts=float(_optional(d, "ts", _NUMBER, what) or 0.0),
+            receipt=d.get("rc") is True,
         )
 
 
@@ -497,4 +507,13 @@ class Envelope:
     EVENTS = "events"  # {"t", "e": [event wire, ...]}
     SNAPSHOT = "snapshot"  # {"t", "rid", "snapshot": TaskSnapshot wire}
     REPLY = "reply"  # {"t", "rid", "ok", "worker", "data" | "error": {"type", "message"}}
+    # a receipt is a reply with no rid: {"t": "reply", "ok", "worker", "task_id", "receipt":
+    # cseq}, the task has taken that message (receipt_reply)
     HEARTBEAT = "heartbeat"  # {"t", "worker", "tasks": [task ids], "ts"}
+
+
+def receipt_reply(worker: str, task_id: str, cseq: Any) -> dict[str, Any]:
+    """The inbox reply saying that task ``task_id`` has taken the message ``cseq`` its
+    client sent with ``receipt`` (:class:`ControlMessage`)."""
+    return {"t": Envelope.REPLY, "rid": None, "ok": True, "worker": worker,
+            "task_id": task_id, "receipt": cseq}

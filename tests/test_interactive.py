@@ -23,6 +23,7 @@ from interactive_tasks import (
     ControlError,
     HardPauseUnsupported,
     NotAuthorized,
+    SendTimeout,
     TaskCancelled,
     TaskFinished,
     TaskState,
@@ -124,6 +125,60 @@ def test_send_without_waiting_keeps_order(tasks, start_worker, pool):
     assert echoed == [{"i": i} for i in range(300)]
 
 
+def _with_send_window(tasks: Any, window: int) -> None:
+    """The test app's client with another ``send_window`` (the fixture reloads the app)."""
+    import dataclasses
+
+    tasks.app.conf = dataclasses.replace(tasks.app.conf, send_window=window)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_sender_that_outruns_its_task_is_held_back_to_the_window(tasks, start_worker,
+                                                                   pool):
+    # A task that takes a message every 5 ms and a client that sends five windows' worth
+    # with wait=False: send blocks whenever `window` are outstanding, so the client never
+    # has more than that in flight (client, broker, worker, pool process) and cannot
+    # finish before the task has read all but the last window of them.
+    window, delay = 64, 0.005
+    _with_send_window(tasks, window)
+    start_worker(pool=pool)
+    n = 5 * window
+    handle = tasks.sink.start(n, delay)
+    wait_for(lambda: handle.state is TaskState.RUNNING, message="the task to start")
+    most = 0
+    t0 = time.monotonic()
+    for i in range(n):
+        handle.send({"i": i}, wait=False, timeout=30)
+        most = max(most, handle.outstanding)
+    sending = time.monotonic() - t0
+    out = handle.result(timeout=60)
+    assert out["got"] == n and out["disorder"] is None
+    assert most == window  # held at the window, never past it
+    # every message but the last window (less one receipt interval) was read before the
+    # last send returned, at `delay` apiece
+    assert sending >= (n - window - window // 4) * delay
+    wait_for(lambda: handle.outstanding < window // 4, message="the last receipts")
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_stream_well_past_the_window_arrives_whole_and_in_order(tasks, start_worker,
+                                                                    pool):
+    # The default window (2048): receipts every 512 messages keep a fast reader's stream
+    # flowing; a handle attached apart from the one that started the task streams too.
+    start_worker(pool=pool)
+    n = 6000
+    started = tasks.sink.start(n)
+    wait_for(lambda: started.state is TaskState.RUNNING, message="the task to start")
+    handle = tasks.app.attach(started.id, started.token)
+    wait_for(lambda: handle._worker is not None, message="the attached handle's worker")
+    for i in range(n):
+        handle.send({"i": i}, wait=False, timeout=30)
+        assert handle.outstanding <= tasks.app.conf.send_window
+    out = started.result(timeout=60)
+    assert out == {"got": n, "disorder": None, "took": out["took"]}
+    wait_for(lambda: handle.outstanding == n % 512, message="the last receipt")
+
+
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_a_burst_sent_without_waiting_then_close_leaves_no_socket_and_loses_nothing(
         tasks, start_worker):
@@ -176,6 +231,39 @@ def test_a_script_that_streams_and_exits_without_closing_delivers_everything(
     assert "ResourceWarning" not in out.stderr and "unclosed" not in out.stderr, out.stderr
     result = handle.result(timeout=30)
     assert result["got"] == n and result["disorder"] is None
+
+
+def test_a_sender_blocked_on_a_paused_task_times_out_then_continues(tasks, start_worker):
+    window = 32
+    _with_send_window(tasks, window)
+    start_worker()
+    handle = tasks.sink.start(3 * window)
+    wait_for(lambda: handle.state is TaskState.RUNNING, message="the task to start")
+    handle.pause(wait=True, timeout=10)
+    for i in range(window):
+        handle.send({"i": i}, wait=False)
+    t0 = time.monotonic()
+    with pytest.raises(SendTimeout, match="send_window"):
+        handle.send({"i": window}, wait=False, timeout=0.5)
+    assert time.monotonic() - t0 >= 0.5
+    assert handle.outstanding == window  # the refused one was not sent
+    handle.resume()
+    for i in range(window, 3 * window):
+        handle.send({"i": i}, wait=False, timeout=30)
+    assert handle.result(timeout=30)["got"] == 3 * window
+    assert handle.result(timeout=30)["disorder"] is None
+
+
+def test_a_sender_blocked_when_its_task_ends_gets_task_finished(tasks, start_worker):
+    window = 32
+    _with_send_window(tasks, window)
+    start_worker()
+    handle = tasks.sink.start(window // 2, 0.2)  # ends after reading half a window
+    wait_for(lambda: handle.state is TaskState.RUNNING, message="the task to start")
+    with pytest.raises(TaskFinished):
+        for i in range(2 * window):
+            handle.send({"i": i}, wait=False, timeout=30)
+    assert handle.result(timeout=10)["got"] == window // 2
 
 
 @pytest.mark.parametrize("pool", POOLS)

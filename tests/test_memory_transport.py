@@ -159,6 +159,44 @@ def test_the_inbox_carries_every_event_in_order(tasks):
         assert kinds[-1] == "succeeded" and progress, kinds
 
 
+def test_a_stream_sent_without_waiting_stops_at_the_window_until_the_task_reads():
+    made = Tasks(send_window=16)
+    gate = threading.Event()
+
+    @made.app.task(name="gated", base=InteractiveTask)
+    def gated(self: Any, n: int) -> list[Any]:
+        while not gate.wait(0.01):
+            self.checkpoint()
+        return [self.receive(timeout=5) for _ in range(n)]
+
+    sent: list[int] = []
+    failed: list[BaseException] = []
+
+    def stream(handle: Any) -> None:
+        try:
+            for i in range(80):
+                handle.send(i, wait=False, timeout=30)
+                sent.append(i)
+        except BaseException as exc:
+            failed.append(exc)
+
+    try:
+        with start_worker(made.app):
+            handle = gated.start(80)
+            wait_for(lambda: handle.state is TaskState.RUNNING, message="running")
+            sender = threading.Thread(target=stream, args=(handle,))
+            sender.start()
+            wait_for(lambda: len(sent) == 16, message="a window's worth sent")
+            holds_for(lambda: len(sent) == 16 and handle.outstanding == 16, 0.3,
+                      message="the sender held at the window")
+            gate.set()
+            sender.join(10)
+            assert not failed and len(sent) == 80
+            assert handle.result(timeout=5) == list(range(80))
+    finally:
+        made.app.close()
+
+
 def test_cancel_ends_a_running_task(tasks):
     with start_worker(tasks.app):
         handle = tasks.held.start("c")

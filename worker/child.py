@@ -7,9 +7,10 @@ job at a time and writes events back. The task only sees control at checkpoints
 (``progress``, ``checkpoint``, ``receive``, ``ask``, ``send``), which is what makes pause
 and cancel cooperative and safe; forced cancel and hard pause are the worker's business.
 
-Frames (lists): worker → slot ``["run", job]``, ``["ctl", task_id, verb, data]``,
-``["stop"]``; slot → worker ``["ready", pid]``, ``["ev", task_id, kind, fields, ts]``,
-``["done", task_id, kind, fields, ts]``.
+Frames (lists): worker → slot ``["run", job]``, ``["ctl", task_id, verb, data]`` (a
+message that wants a receipt: ``[..., data, receipt]``), ``["stop"]``; slot → worker
+``["ready", pid]``, ``["ev", task_id, kind, fields, ts]``, ``["rc", task_id, receipt]``
+(the task took that message), ``["done", task_id, kind, fields, ts]``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class SlotRuntime:
         self._cond = threading.Condition()
         self._paused = paused
         self._cancelled = False
-        self._inbox: collections.deque[Any] = collections.deque()
+        #: (message, receipt or None) in the order they came
+        self._inbox: collections.deque[tuple[Any, Any]] = collections.deque()
         self._answers: dict[str, Any] = {}
         self._pending_qid: str | None = None
         self._started = time.monotonic()
@@ -71,7 +73,9 @@ class SlotRuntime:
         self._continued = False
 
     # -- from the reader thread ----------
-    def control(self, verb: str, data: Any) -> None:
+    def control(self, verb: str, data: Any, receipt: Any = None) -> None:
+        """Apply a control frame; a message's ``receipt`` (its sender wants to know when
+        the task takes it) goes back from :meth:`receive`."""
         with self._cond:
             if verb == "pause":
                 self._paused = True
@@ -83,7 +87,7 @@ class SlotRuntime:
             elif verb == "cancel":
                 self._cancelled = True
             elif verb == "message":
-                self._inbox.append(data)
+                self._inbox.append((data, receipt))
             elif verb == "answer":
                 qid = data.get("qid") if isinstance(data, dict) else None
                 value = data.get("value") if isinstance(data, dict) else data
@@ -212,11 +216,16 @@ class SlotRuntime:
             while True:
                 self._check_locked()
                 if self._inbox:
-                    return self._inbox.popleft()
+                    data, receipt = self._inbox.popleft()
+                    break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
                 self._cond.wait(remaining)
+        if receipt is not None:
+            # the sender holds back its next messages until this reaches it
+            self.channel.send(["rc", self.task_id, receipt])
+        return data
 
     def ask(self, prompt: str, timeout: float | None, choices: list[str] | None) -> Any:
         qid = uuid.uuid4().hex[:12]
@@ -359,7 +368,7 @@ class Slot:
         self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.current: SlotRuntime | None = None
         self._current_lock = threading.Lock()
-        self._early: dict[str, list[tuple[str, Any]]] = {}
+        self._early: dict[str, list[tuple[str, Any, Any]]] = {}
 
     def serve(self) -> None:
         """Run until the worker says stop or the channel closes."""
@@ -381,14 +390,16 @@ class Slot:
                 if op == "run":
                     self.jobs.put(frame[1])
                 elif op == "ctl":
-                    _, task_id, verb, data = frame
+                    task_id, verb, data = frame[1], frame[2], frame[3]
+                    receipt = frame[4] if len(frame) > 4 else None
                     with self._current_lock:
                         runtime = self.current
                         if runtime is not None and runtime.task_id == task_id:
-                            runtime.control(verb, data)
+                            runtime.control(verb, data, receipt)
                         else:
                             # The job frame may still be queued behind this one.
-                            self._early.setdefault(task_id, []).append((verb, data))
+                            self._early.setdefault(task_id, []).append(
+                                (verb, data, receipt))
                 elif op == "stop":
                     self.jobs.put(None)
                     return
@@ -407,8 +418,8 @@ class Slot:
                               soft_time_limit=job.get("soft_time_limit"))
         with self._current_lock:
             self.current = runtime
-            for verb, data in self._early.pop(request.id, []):
-                runtime.control(verb, data)
+            for verb, data, receipt in self._early.pop(request.id, []):
+                runtime.control(verb, data, receipt)
             self._early.clear()
         token = set_runtime(runtime)
         _local.runtime = runtime

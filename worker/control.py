@@ -57,14 +57,14 @@ logger = logging.getLogger("interactive_tasks.worker")
 class ControlRouter:
     """Applies control messages to the worker's tasks; one per worker.
 
-    ``send_ctl(record, verb, data)`` writes a control frame to the pool slot running
-    ``record`` (``Worker.send_ctl``); ``drain_slot(slot)`` acts on every frame the slot
+    ``send_ctl(record, verb, data, receipt=None)`` writes a control frame to the pool slot
+    running ``record`` (``Worker.send_ctl``); ``drain_slot(slot)`` acts on every frame the slot
     has written so far (``Worker.drain_slot``).
     """
 
     def __init__(self, state: WorkerState, *, relay: Relay, outcomes: Outcomes,
                  workflows: Workflows, upkeep: BrokerUpkeep,
-                 send_ctl: Callable[[TaskRecord, str, Any], None],
+                 send_ctl: Callable[..., None],
                  drain_slot: Callable[[PoolSlot], None]) -> None:
         self.state = state
         self.relay = relay
@@ -239,10 +239,11 @@ class ControlRouter:
         elif verb == Verb.CANCEL:
             self.cancel(record, data)
         elif verb == Verb.MESSAGE:
+            receipt = verbs.receipt_of(held)
             if started:
-                self.send_ctl(record, Verb.MESSAGE, data)
+                self.send_ctl(record, Verb.MESSAGE, data, receipt)
             else:
-                record.early_messages.append((Verb.MESSAGE, data))
+                record.early_messages.append((Verb.MESSAGE, data, receipt))
         elif verb == Verb.ANSWER:
             self.send_ctl(record, Verb.ANSWER, verbs.answer(record.id, record.question, data))
 
@@ -422,3 +423,4 @@ def addressed_to(data: Any, hostname: str) -> bool:
     (Celery's ``destination=``: the others stay silent)."""
     destination = data.get("destination") if isinstance(data, dict) else None
     return not isinstance(destination, list) or hostname in destination
+

@@ -25,6 +25,15 @@ class ChannelClosed(EOFError):
     """The other end of the channel went away."""
 
 
+def ctl_frame(task_id: str, verb: str, data: Any, receipt: Any = None) -> list[Any]:
+    """``["ctl", task_id, verb, data]`` for a slot; a message whose sender wants a receipt
+    carries it as a fifth element, which the slot hands back as ``["rc", task_id,
+    receipt]`` once the task has taken the message."""
+    if receipt is None:
+        return ["ctl", task_id, verb, data]
+    return ["ctl", task_id, verb, data, receipt]
+
+
 def encode_frame(obj: Any) -> bytes:
     body = codec.dumps(obj)
     return _HEADER.pack(len(body)) + body

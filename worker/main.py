@@ -33,6 +33,7 @@ from interactive_tasks.protocol import (
     TaskMessage,
     TaskState,
     Verb,
+    receipt_reply,
 )
 from interactive_tasks.task import parse_rate
 from interactive_tasks.transport import incarnation
@@ -43,10 +44,10 @@ from interactive_tasks.transport.worker_side import intake_for
 from .canvas import Workflows, after_finish
 from .control import ControlRouter
 from .inbound import decode_body, signed_by
-from .ipc import ChannelClosed
+from .ipc import ChannelClosed, ctl_frame
 from .outcomes import Outcomes, error_fields
 from .pools.base import Pool, PoolSlot, release_free_memory, resident_kb
-from .records import Subscriber, TaskRecord
+from .records import Receipt, Subscriber, TaskRecord
 from .relay import Relay
 from .remote import WorkerControl
 from .state import WorkerState
@@ -729,8 +730,8 @@ class Worker:
         record.run_started_mono = time.monotonic()
         try:
             slot.writer.write(["run", job])
-            for verb, data in record.early_messages:
-                slot.writer.write(["ctl", record.id, verb, data])
+            for verb, data, receipt in record.early_messages:
+                slot.writer.write(ctl_frame(record.id, verb, data, receipt))
             record.early_messages.clear()
         except ChannelClosed:
             pass  # noticed by the reader; the slot's death handling takes over
@@ -754,14 +755,16 @@ class Worker:
         if done and self.hub is not None:
             self.hub.remove_writer(slot.sock)
 
-    def send_ctl(self, record: TaskRecord, verb: str, data: Any) -> None:
-        """Write ``["ctl", task id, verb, data]`` to the slot running ``record`` (nothing
-        when it runs nowhere or its channel closed)."""
+    def send_ctl(self, record: TaskRecord, verb: str, data: Any,
+                 receipt: Receipt | None = None) -> None:
+        """Write ``["ctl", task id, verb, data]`` (a message that wants a receipt: with
+        ``receipt`` after it) to the slot running ``record`` (nothing when it runs nowhere
+        or its channel closed)."""
         slot = record.slot
         if slot is None:
             return
         try:
-            slot.writer.write(["ctl", record.id, verb, data])
+            slot.writer.write(ctl_frame(record.id, verb, data, receipt))
         except ChannelClosed:
             return
         self._watch_writer(slot)
@@ -815,6 +818,12 @@ class Worker:
                     self.outcomes.finish(record, kind, fields, ts)
             self._maybe_recycle(slot)
             self._dispatch()
+        elif op == "rc":
+            # The task took a message whose sender asked to hear of it (back-pressure
+            # on handle.send(wait=False)); the slot only echoes what send_ctl gave it.
+            _, task_id, receipt = frame
+            self.relay.publish_inbox(receipt[0], receipt_reply(self.hostname, task_id,
+                                                               receipt[1]))
         elif op == "ready":
             slot.ready = True
             slot.pid = int(frame[1])

@@ -24,6 +24,9 @@ from interactive_tasks.protocol import (
     TaskState,
 )
 
+#: ``[sender's inbox, cseq]``: where to say that the task has taken a message
+Receipt = list[Any]
+
 
 @dataclass
 class Subscriber:
@@ -44,6 +47,8 @@ class HeldControl:
     token: str | None
     signed: bool
     expires: float
+    #: a message whose sender wants a receipt once the task has taken it
+    receipt: bool = False
 
 
 @dataclass(eq=False)
@@ -69,7 +74,7 @@ class TaskRecord:
     finished: float | None = None
     subscribers: dict[str, Subscriber] = field(default_factory=dict)
     start_paused: bool = False
-    early_messages: list[tuple[str, Any]] = field(default_factory=list)
+    early_messages: list[tuple[str, Any, Receipt | None]] = field(default_factory=list)
     cancel_requested: bool = False
     cancel_stage: int = 0
     kill_reason: str | None = None

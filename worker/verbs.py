@@ -19,7 +19,7 @@ from typing import Any
 from interactive_tasks import codec
 from interactive_tasks.protocol import ControlMessage, Envelope, TaskState, Verb
 
-from .records import HeldControl, Subscriber
+from .records import HeldControl, Receipt, Subscriber
 
 #: control held for a task this worker does not have yet is dropped after this long
 HELD_CONTROL_TTL = 300.0
@@ -59,7 +59,17 @@ def held_control(ctl: ControlMessage, signed: bool) -> HeldControl:
     """A task verb as it waits to be applied: at once when its task is here, else when
     the task arrives (within :data:`HELD_CONTROL_TTL`)."""
     return HeldControl(ctl.verb, ctl.data, ctl.sender, ctl.rid, ctl.cseq, ctl.token, signed,
-                       time.monotonic() + HELD_CONTROL_TTL)
+                       time.monotonic() + HELD_CONTROL_TTL, ctl.receipt)
+
+
+def receipt_of(held: HeldControl) -> Receipt | None:
+    """``[sender's inbox, cseq]`` of a message whose sender asked for a receipt: the pool
+    process hands it back (``["rc", task_id, receipt]``) once the task has taken the
+    message, and the worker passes it on to that inbox (back-pressure on
+    ``handle.send(wait=False)``)."""
+    if held.receipt and held.sender:
+        return [held.sender, held.cseq]
+    return None
 
 
 def hold(held: dict[str, list[HeldControl]], task_id: str, control: HeldControl) -> str | None:

@@ -5,8 +5,9 @@ solo pools the tasks run in the main process, which connects on its first intera
 task. The channel is the itask worker's slot framing (``worker.ipc``) over a Unix socket;
 a reader thread hands each control frame to the runtime of the task it names. Frames
 (lists): process → relay ``["ready", pid]``, ``["begin", task_id, info]``,
-``["ev", task_id, kind, fields, ts]``, ``["done", task_id, kind, fields, ts]``;
-relay → process ``["ctl", task_id, verb, data]``.
+``["ev", task_id, kind, fields, ts]``, ``["rc", task_id, receipt]``, ``["done", task_id,
+kind, fields, ts]``; relay → process ``["ctl", task_id, verb, data]`` (``[..., receipt]``
+for a message whose sender wants a receipt: ``worker.ipc.ctl_frame``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ProcessChannel:
         self.channel: BlockingChannel = BlockingChannel(sock)
         self._lock = threading.Lock()
         self._running: dict[str, SlotRuntime] = {}
-        self._early: dict[str, list[tuple[float, str, Any]]] = {}
+        self._early: dict[str, list[tuple[float, str, Any, Any]]] = {}
         self.closed = False
         self.channel.send(["ready", self.pid])
         threading.Thread(target=self._read_loop, name="itask-celery-ctl",
@@ -57,15 +58,16 @@ class ProcessChannel:
                 frame = self.channel.recv()
                 if not isinstance(frame, list) or not frame or frame[0] != "ctl":
                     continue
-                _, task_id, verb, data = frame
+                task_id, verb, data = frame[1], frame[2], frame[3]
+                receipt = frame[4] if len(frame) > 4 else None
                 with self._lock:
                     runtime = self._running.get(task_id)
                     if runtime is None:
                         # The relay may answer a "begin" before the task registered here.
                         self._early.setdefault(task_id, []).append(
-                            (time.monotonic(), verb, data))
+                            (time.monotonic(), verb, data, receipt))
                         continue
-                runtime.control(verb, data)
+                runtime.control(verb, data, receipt)
         except ChannelClosed:
             self.closed = True
 
@@ -77,8 +79,8 @@ class ProcessChannel:
             for key in [k for k, v in self._early.items()
                         if v and now - v[-1][0] > EARLY_CONTROL_TTL]:
                 del self._early[key]
-        for _, verb, data in early:
-            runtime.control(verb, data)
+        for _, verb, data, receipt in early:
+            runtime.control(verb, data, receipt)
 
     def unregister(self, task_id: str) -> None:
         with self._lock:

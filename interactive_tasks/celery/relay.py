@@ -49,10 +49,11 @@ from interactive_tasks.protocol import (
     TaskSnapshot,
     TaskState,
     Verb,
+    receipt_reply,
 )
 from interactive_tasks.transport.threaded_side import threaded_side_for
 from interactive_tasks.worker import verbs
-from interactive_tasks.worker.ipc import ChannelClosed, FrameReader, FrameWriter
+from interactive_tasks.worker.ipc import ChannelClosed, FrameReader, FrameWriter, ctl_frame
 from interactive_tasks.worker.pools.base import stop_process
 from interactive_tasks.worker.records import HeldControl, Subscriber, expire
 from interactive_tasks.worker.relay import heartbeats, queue_event
@@ -404,6 +405,9 @@ class Relay:
             conn.pid = int(frame[1])
         elif op == "begin":
             self._on_begin(conn, str(frame[1]), frame[2])
+        elif op == "rc":  # the task took a message whose sender wants to know
+            _, task_id, receipt = frame
+            self.publish_inbox(receipt[0], receipt_reply(self.hostname, task_id, receipt[1]))
         elif op in ("ev", "done"):
             _, task_id, kind, fields, ts = frame
             task = self.tasks.get(task_id)
@@ -463,12 +467,12 @@ class Relay:
                         "message": f"pool process {conn.pid} exited while running the task",
                         "traceback": ""}})
 
-    def send_ctl(self, task: _Task, verb: str, data: Any) -> None:
+    def send_ctl(self, task: _Task, verb: str, data: Any, receipt: Any = None) -> None:
         conn = task.conn
         if conn is None or conn.writer is None:
             return
         try:
-            conn.writer.write(["ctl", task.id, verb, data])
+            conn.writer.write(ctl_frame(task.id, verb, data, receipt))
         except ChannelClosed:
             pass
 
@@ -564,7 +568,7 @@ class Relay:
             if self._can_signal(task):
                 task.force_at = time.monotonic() + grace
         elif verb == Verb.MESSAGE:
-            self.send_ctl(task, Verb.MESSAGE, data)
+            self.send_ctl(task, Verb.MESSAGE, data, verbs.receipt_of(held))
         elif verb == Verb.ANSWER:
             self.send_ctl(task, Verb.ANSWER, verbs.answer(task.id, task.question, data))
 
