@@ -213,6 +213,33 @@ def test_progress_stream_messages_and_result(proj: Any, start_celery: Any,
     assert proj.add.delay(2, 3).get(timeout=10) == 5
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_stream_into_a_slow_task_is_held_back_to_the_send_window(proj: Any, start_celery: Any,
+                                                                   pool: str) -> None:
+    # The relay hands the task's receipts back as the itask worker does: the sender
+    # stops at the window and goes on at the task's pace.
+    import dataclasses
+
+    from interactive_tasks.celery import bridge_app
+
+    itask_app = bridge_app(proj.app)
+    window, delay = 32, 0.005
+    itask_app.conf = dataclasses.replace(itask_app.conf, send_window=window)
+    start_celery(pool=pool)
+    n = 5 * window
+    handle = proj.sink.start(n, delay)
+    wait_for(lambda: handle.state is TaskState.RUNNING, 20, message="task to start")
+    most = 0
+    t0 = time.monotonic()
+    for i in range(n):
+        handle.send({"i": i}, wait=False, timeout=30)
+        most = max(most, handle.outstanding)
+    sending = time.monotonic() - t0
+    assert handle.result(timeout=30) == {"got": n, "disorder": None}
+    assert most == window
+    assert sending >= (n - window - window // 4) * delay
+
+
 def test_the_relay_on_a_hub_reads_its_channels_again_after_a_reset() -> None:
     """Celery resets its hub when it loses the broker connection, which drops every
     reader; the relay's upkeep timer puts the pool channels back on it."""

@@ -48,6 +48,22 @@ def train(self, epochs, expect=0):
 
 
 @app.task(base=InteractiveTask, bind=True)
+def sink(self, count, delay=0.0):
+    """Takes ``count`` messages ``{"i": i}``, ``delay`` seconds apart at least; returns
+    how many came and the first out of order (None: none)."""
+    got, disorder = 0, None
+    while got < count:
+        msg = self.receive(timeout=30)
+        if msg is None:
+            break
+        if disorder is None and msg.get("i") != got:
+            disorder = msg
+        got += 1
+        time.sleep(delay)
+    return {"got": got, "disorder": disorder}
+
+
+@app.task(base=InteractiveTask, bind=True)
 def looper(self, steps, delay=0.05):
     """A loop with a checkpoint (progress) per step: pause and cancel act here."""
     for i in range(steps):
