@@ -71,6 +71,17 @@ def holds_for(predicate: Callable[[], Any], duration: float, interval: float = 0
         time.sleep(interval)
 
 
+def stream_into(handle: Any, n: int) -> tuple[int, float]:
+    """``send(wait=False)`` ``{"i": 0}`` … ``{"i": n - 1}`` to ``handle``'s task; returns
+    the most messages it had outstanding at once and the seconds the sending took."""
+    most = 0
+    started = time.monotonic()
+    for i in range(n):
+        handle.send({"i": i}, wait=False, timeout=30)
+        most = max(most, handle.outstanding)
+    return most, time.monotonic() - started
+
+
 def redis_sockets() -> set[int]:
     """Inodes of this process's open TCP sockets to the test Redis's port (Linux /proc):
     a connection closed is gone from here at once, one merely unreferenced stays until the

@@ -31,6 +31,7 @@ from tests.conftest import (
     ROOT,
     holds_for,
     require_broker,
+    stream_into,
     wait_for,
 )
 
@@ -229,12 +230,7 @@ def test_a_stream_into_a_slow_task_is_held_back_to_the_send_window(proj: Any, st
     n = 5 * window
     handle = proj.sink.start(n, delay)
     wait_for(lambda: handle.state is TaskState.RUNNING, 20, message="task to start")
-    most = 0
-    t0 = time.monotonic()
-    for i in range(n):
-        handle.send({"i": i}, wait=False, timeout=30)
-        most = max(most, handle.outstanding)
-    sending = time.monotonic() - t0
+    most, sending = stream_into(handle, n)
     assert handle.result(timeout=30) == {"got": n, "disorder": None}
     assert most == window
     assert sending >= (n - window - window // 4) * delay

@@ -30,7 +30,7 @@ from interactive_tasks import (
 )
 from interactive_tasks.errors import TransportError
 
-from .conftest import POOLS, ROOT, holds_for, wait_for
+from .conftest import POOLS, ROOT, holds_for, stream_into, wait_for
 from .doc_blocks import documented
 
 
@@ -145,12 +145,7 @@ def test_a_sender_that_outruns_its_task_is_held_back_to_the_window(tasks, start_
     n = 5 * window
     handle = tasks.sink.start(n, delay)
     wait_for(lambda: handle.state is TaskState.RUNNING, message="the task to start")
-    most = 0
-    t0 = time.monotonic()
-    for i in range(n):
-        handle.send({"i": i}, wait=False, timeout=30)
-        most = max(most, handle.outstanding)
-    sending = time.monotonic() - t0
+    most, sending = stream_into(handle, n)
     out = handle.result(timeout=60)
     assert out["got"] == n and out["disorder"] is None
     assert most == window  # held at the window, never past it
