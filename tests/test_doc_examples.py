@@ -372,10 +372,11 @@ def doc_worker(doc_env: dict[str, str],
         _stop(proc)
 
 
-def run_demo(name: str, env: dict[str, str]) -> str:
+def run_demo(name: str, env: dict[str, str], worker_log: Path | None = None) -> str:
     out = subprocess.run([sys.executable, "-m", f"examples.{name}"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
+    worker = f"\n--- worker log ---\n{worker_log.read_text()[-6000:]}" if worker_log else ""
+    assert out.returncode == 0, out.stdout + out.stderr + worker
     assert "Traceback" not in out.stderr, out.stderr
     return out.stdout
 
@@ -473,7 +474,7 @@ def test_demo(name, doc_worker, doc_env):
     assert lines[0] == "itask worker " + " ".join(WORKER_ARGS), commands
     assert lines[1] == f"python -m examples.{name}", commands
     assert set(lines[2:]) <= set(OTHER_COMMANDS), commands
-    out = run_demo(name, doc_env)
+    out = run_demo(name, doc_env, doc_worker)
     DEMO_CHECKS[name](out)
     match_output(output[0].text, out, ordered=output[1].ordered)
 
