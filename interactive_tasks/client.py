@@ -340,8 +340,11 @@ class Client:
             self._cseq[task_id] = value
             return value
 
-    def expect_receipt(self, task_id: str, cseq: int, watcher: Watcher) -> None:
-        """Pass the receipt for message ``cseq`` to ``watcher._on_receipt`` when it comes."""
+    def expect_receipt(self, task_id: str, cseq: int, watcher: Watcher, count: int) -> None:
+        """Message ``cseq``, the ``count``-th ``watcher`` streamed, is about to ask for a
+        receipt: tell the watcher, and pass the receipt to ``watcher._on_receipt`` when it
+        comes."""
+        watcher._expect_receipt(cseq, count)
         with self._lock:
             self._receipts[task_id, cseq] = watcher
 
@@ -363,8 +366,7 @@ class Client:
         self.ensure_started()  # also: after a fork, this process's own inbox and publisher
         cseq = self.next_cseq(task_id)
         if receipt is not None:
-            receipt[0]._expect_receipt(cseq, receipt[1])
-            self.expect_receipt(task_id, cseq, receipt[0])
+            self.expect_receipt(task_id, cseq, *receipt)
         wire = control_wire(verb, task_id, data, self.inbox.name, None, cseq, token,
                             time.time(), receipt is not None)
         self._send_control_wire(wire, worker, settle=False)

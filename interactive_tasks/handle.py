@@ -800,8 +800,7 @@ class TaskHandle(ResultHandle[R]):
                 receipt=bool(receipt),
             )
             if receipt:
-                self._expect_receipt(message.cseq, receipt)
-                client.expect_receipt(self.id, message.cseq, self)
+                client.expect_receipt(self.id, message.cseq, self, receipt)
             # a broadcast no worker heard (one starting or reconnecting) goes out again; a
             # worker that hears both copies applies the verb once (cseq)
             replies = client.request(message, worker, timeout, many=worker is None,
