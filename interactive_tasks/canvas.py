@@ -101,6 +101,8 @@ def _message(step: dict[str, Any], reply_to: str, headers: dict[str, Any]) -> Ta
 
 
 def _handles(app: App, steps: list[dict[str, Any]]) -> list[TaskHandle[Any]]:
+    """Handles that watch ``steps``; made before the first step is published, since the
+    inbox drops an event of a task nobody watches yet."""
     return [TaskHandle(app, s["id"], name=s["task"], token=s["_token"], starter=True,
                        streaming=s["watch"] == "all")
             for s in steps]
@@ -148,8 +150,9 @@ class chain:
         client = app.client
         client.ensure_started()
         steps = self._steps(app, args)
+        handles = _handles(app, steps)  # watching before the first step can send an event
         self._send(app, steps, None)
-        return ChainHandle(app, _handles(app, steps))
+        return ChainHandle(app, handles)
 
     def _steps(self, app: App, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return [_step(sig, app, tuple(args) if i == 0 else ()) for i, sig in
@@ -213,8 +216,8 @@ def _send_member(app: App, item: Member, chord_info: dict[str, Any] | None
                  ) -> TaskHandle[Any] | ChainHandle:
     """Publish one group member (a signature or a chain); returns its handle."""
     steps = item._steps(app) if isinstance(item, chain) else [_step(item, app)]
+    handles = _handles(app, steps)  # watching before the first step can send an event
     chain._send(app, steps, chord_info)
-    handles = _handles(app, steps)
     return ChainHandle(app, handles) if isinstance(item, chain) else handles[0]
 
 
