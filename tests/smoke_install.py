@@ -145,7 +145,7 @@ def check(broker: str, pool: str, workdir: Path) -> None:
         handle.pause(wait=True, timeout=20)
         assert handle.state is TaskState.PAUSED, handle.state
         held = handle.progress.current
-        time.sleep(0.3)
+        time.sleep(0.3)  # a window in which a paused task must not move (no condition to poll)
         assert handle.progress.current == held, "progress moved while paused"
         handle.resume(wait=True, timeout=20)
         assert handle.cancel(grace=0) is True

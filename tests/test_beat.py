@@ -323,7 +323,7 @@ def test_file_lock_is_exclusive(tmp_path: Path):
     # a process that dies holding it frees it
     code = ("import sys, time; from interactive_tasks.worker.beat import FileLock; "
             f"assert FileLock({str(tmp_path / 'beat.lock')!r}).acquire(); print('held', "
-            "flush=True); time.sleep(60)")
+            "flush=True); time.sleep(60)")  # holds the lock until killed
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             cwd=ROOT)
     try:

@@ -281,7 +281,7 @@ def test_a_countdown_outlives_the_worker_that_was_running_when_it_was_sent(tasks
     handle = tasks.add.apply_async((1, 1), countdown=0.8)
     first.kill()
     tasks.broker.declare_dead("short-lived@memory")
-    time.sleep(0)  # nothing left anywhere but the broker's delayed set
+    # nothing left anywhere but the broker's delayed set
     assert len(tasks.broker.scheduled()) == 1
     with start_worker(tasks.app):
         assert handle.get(timeout=5) == 2

@@ -623,7 +623,7 @@ def test_watcher_that_never_reads_cannot_block_the_task_or_grow_the_worker(
     while not handle.ready():
         peak = max(peak, rss_kb(w.pid))
         assert time.monotonic() - started < 15, "the chatty task was held up"
-        time.sleep(0.05)
+        time.sleep(0.05)  # the RSS sampling period while the task runs
     emitted = handle.result(0)
     assert emitted > 3000  # it really was chatty
     assert handle.progress.current == emitted  # the last progress always arrives
