@@ -230,6 +230,44 @@ def test_a_killed_workers_task_comes_back_when_the_liveness_check_finds_it_dead(
         made.app.close()
 
 
+class SlowToNoticeAKill(InProcessWorker):
+    """A worker whose loop goes on after :meth:`kill` until it has no task left (or for
+    ``lag`` seconds at most), as a loop that gets no CPU for a while notices the kill late:
+    whatever the kill itself makes a task do reaches the loop first."""
+
+    lag = 1.0
+    _killed_at: float | None = None
+
+    @property  # type: ignore[override]
+    def _terminate(self) -> bool:
+        if self._killed_at is None:
+            return False
+        return not self.records or time.monotonic() - self._killed_at > self.lag
+
+    @_terminate.setter
+    def _terminate(self, value: bool) -> None:
+        if value and self._killed_at is None:
+            self._killed_at = time.monotonic()
+
+
+def test_a_killed_worker_stores_no_end_for_the_task_it_was_running(tasks):
+    # A SIGKILLed process reports nothing. Had the kill's cancel of the running task
+    # reached the result store as "cancelled", the worker the task comes back to would
+    # take it for finished and drop it: it would never run again.
+    first = SlowToNoticeAKill(tasks.app, hostname="late@memory")
+    first.start()
+    handle = tasks.held.delay("s")
+    wait_for(lambda: tasks.runs, message="started")
+    first.kill()
+    stored = tasks.app.results.get(handle.id)
+    assert stored is None or not TaskState(stored["state"]).is_final, stored
+    assert tasks.broker.declare_dead("late@memory") == 1
+    tasks.release.set()
+    with start_worker(tasks.app):
+        assert handle.get(timeout=5) == "s"
+    assert tasks.runs == [("s", 1), ("s", 2)]
+
+
 def test_declare_dead_returns_a_workers_unacknowledged_tasks_at_once(tasks):
     first = InProcessWorker(tasks.app, hostname="gone@memory")
     first.start()

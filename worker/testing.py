@@ -105,19 +105,26 @@ class InProcessWorker(Worker):
         sends and acknowledges nothing, and its unacknowledged tasks stay with the broker
         until the liveness check of another worker (after ``worker_lost_timeout``) or
         :meth:`~interactive_tasks.transport.memory.MemoryBroker.declare_dead` returns
-        them. Tasks running on its threads are cancelled."""
+        them. Tasks running on its threads are cancelled once its loop has ended, so their
+        ends reach nothing, as a killed process reports none."""
         # In this order: the loop stops before it could take the cut connection for a
-        # broken one and reconnect, and the cancelled tasks' ends find it cut.
+        # broken one and reconnect; and the tasks are cancelled only after it has ended.
+        # A task cancelled while the loop still runs (a loop that gets no CPU for a while
+        # notices _terminate late) ends as "cancelled", and the loop stores that in the
+        # result store (no connection needed on memory://): the worker the task is
+        # delivered to next takes it for finished and drops it.
         self._terminate = True
         conn = self.connection
         transport = getattr(conn, "transport", None) if conn is not None else None
         if isinstance(transport, memory.Transport):
             memory.kill_connection(transport)
-        for slot in list(self.slots):  # what SIGKILL does to the tasks of a process
-            if slot.task_id is not None and not slot.closed:
-                self.pool.force_stop(slot, 1)
         self._wake()
-        self._finish(timeout)
+        try:
+            self._finish(timeout)
+        finally:
+            for slot in list(self.slots):  # what SIGKILL does to the tasks of a process
+                if slot.task_id is not None:  # closed by now: the process's exit
+                    self.pool.force_stop(slot, 1)
 
     def _finish(self, timeout: float) -> None:
         thread = self._thread
