@@ -168,6 +168,23 @@ def make_broker_env(name: str, tmp_path: Path) -> BrokerEnv:
                      result_backend=f"file://{tmp_path / 'results'}")
 
 
+def queue_depth(url: str, name: str) -> int | None:
+    """Messages ready in queue ``name`` (None: it does not exist)."""
+    import amqp
+
+    host = url.split("@", 1)[1].split("/", 1)[0]
+    conn = amqp.Connection(host, userid="guest", password="guest", heartbeat=0)
+    conn.connect()
+    try:
+        channel = conn.channel()
+        try:
+            return channel.queue_declare(name, passive=True).message_count
+        except amqp.exceptions.NotFound:
+            return None
+    finally:
+        conn.close()
+
+
 def delete_amqp_namespace(url: str, namespace: str,
                           task_queues: tuple[str, ...] = ("default",)) -> None:
     """Delete the durable queues and exchanges a test namespace leaves on the shared

@@ -30,7 +30,14 @@ from typing import Any
 
 import pytest
 
-from .conftest import BrokerEnv, delete_amqp_namespace, holds_for, make_broker_env, wait_for
+from .conftest import (
+    BrokerEnv,
+    delete_amqp_namespace,
+    holds_for,
+    make_broker_env,
+    queue_depth,
+    wait_for,
+)
 
 #: one process at a time on this machine may change the shared server's global settings
 GLOBAL_SETTINGS_LOCK = Path("/tmp/itask-test-rabbitmq-global-settings.lock")
@@ -175,23 +182,6 @@ def held_queue_of(worker: Any, task_id: str) -> str:
     log = wait_for(lambda: mark in worker.log() and worker.log(), 20,
                    message=f"{worker.name} to hand task {task_id} over")
     return log.split(mark, 1)[1].split("handed over to ", 1)[1].split()[0]
-
-
-def queue_depth(url: str, name: str) -> int | None:
-    """Messages ready in queue ``name`` (None: it does not exist)."""
-    import amqp
-
-    host = url.split("@", 1)[1].split("/", 1)[0]
-    conn = amqp.Connection(host, userid="guest", password="guest", heartbeat=0)
-    conn.connect()
-    try:
-        channel = conn.channel()
-        try:
-            return channel.queue_declare(name, passive=True).message_count
-        except amqp.exceptions.NotFound:
-            return None
-    finally:
-        conn.close()
 
 
 def task_starts(marker: Path) -> list[list[str]]:
