@@ -506,23 +506,42 @@ class TaskHandle(ResultHandle[R]):
         Continues where this handle's previous iteration stopped. Raises
         :class:`TaskTimeout` (a ``TimeoutError``) when ``timeout`` seconds pass with no
         new event.
+
+        While no event comes it asks the result store, as :meth:`wait` does and on the
+        same schedule for a watched handle: a final event lost on its way (a dropped
+        inbox connection) ends the iteration from the stored record instead of in
+        ``TaskTimeout``.
         """
+        durable = self.app.results.durable
+        if durable and self._watching and self._next_store_poll is None:
+            self._next_store_poll = time.monotonic() + 0.5
         while True:
             with self._cond:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while not self._buffer:
                     if self._state.is_final and self._final_event is not None:
                         return
-                    remaining = None if deadline is None else deadline - time.monotonic()
+                    now = time.monotonic()
+                    remaining = None if deadline is None else deadline - now
                     if remaining is not None and remaining <= 0:
                         raise TaskTimeout(f"no event from task {self.id} in {timeout}s")
-                    self._cond.wait(1.0 if remaining is None else min(remaining, 1.0))
-                    if not self._buffer and self.app.results.durable and not self._watching:
-                        self._cond.release()
-                        try:
-                            self._poll_result_store()
-                        finally:
-                            self._cond.acquire()
+                    limits = [1.0] if remaining is None else [remaining, 1.0]
+                    if durable and self._watching and self._next_store_poll is not None:
+                        limits.append(max(0.0, self._next_store_poll - now))
+                    self._cond.wait(min(limits))
+                    if self._buffer or not durable:
+                        continue
+                    if self._watching:
+                        due = self._next_store_poll
+                        if due is None or time.monotonic() < due:
+                            continue
+                        self._store_poll_every = min(self._store_poll_every * 1.5, 5.0)
+                        self._next_store_poll = time.monotonic() + self._store_poll_every
+                    self._cond.release()
+                    try:
+                        self._poll_result_store()
+                    finally:
+                        self._cond.acquire()
                 event = self._buffer.popleft()
             yield event
             if event.is_final:

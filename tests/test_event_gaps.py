@@ -206,3 +206,34 @@ def test_a_handle_collected_while_the_client_lock_is_held_does_not_deadlock() ->
     with client._lock:
         client._prune_unwatched()
     assert "t-collected" not in client._watchers
+
+
+class WatchingClient(RecordingClient):
+    """A client whose inbox delivers only what a test hands the handle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: list[TaskHandle[Any]] = []
+
+    def watch(self, handle: TaskHandle[Any]) -> None:
+        self.watched.append(handle)
+
+
+def test_events_of_a_watched_handle_end_from_the_result_store_when_the_final_event_is_lost(
+        tmp_path) -> None:
+    app = App("gaps-events-store", broker="embedded:///nonexistent-gaps-events-store",
+              result_backend=f"file://{tmp_path}")
+    client = WatchingClient()
+    app._client = client  # type: ignore[assignment]
+    h: TaskHandle[Any] = TaskHandle(app, "t1", name="job", token="tok")
+    assert client.watched == [h]
+    h._on_event(ev(1, EventKind.STARTED, worker="w1", pid=7))
+    # the task ends; its final event never reaches the inbox, its record is stored
+    app.results.put("t1", TaskSnapshot(
+        task_id="t1", name="job", state=TaskState.SUCCEEDED, seq=2, run=1, worker="w1",
+        result="k1", events=(ev(1, EventKind.STARTED, worker="w1", pid=7),
+                             ev(2, EventKind.SUCCEEDED, result="k1")),
+    ).to_wire())
+    events = list(h.events(timeout=5))  # no event at all for 5 s: TaskTimeout
+    assert [(e.seq, e.kind) for e in events] == [(1, "started"), (2, "succeeded")]
+    assert h.result(0) == "k1"
