@@ -206,7 +206,8 @@ def test_priority_orders_waiting_tasks(tasks, start_worker, broker):
         # (rabbit_amqqueue_process: prioritise_cast puts acks above deliveries). Answered
         # now, the blocker's ack could free the worker's one reservation while only p6 is
         # queued, and p6 would run first. All four in the queue, and none taken (prefetch
-        # 1, held by the blocker), before the blocker ends:
+        # 1, held by the blocker), before the blocker ends (benchmarks/amqp_priority_race.py
+        # shows both: results/amqp_priority_race.json):
         queue = tasks.app.names.task_queue_name("default")
         wait_for(lambda: queue_depth(broker.url, queue) == 4, 20,
                  message="the four marks queued, none reserved by the busy worker")
