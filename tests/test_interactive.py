@@ -379,11 +379,36 @@ def test_no_progress_between_a_hard_pause_and_its_resume(tasks, start_worker):
     handle.cancel(grace=0)
     with pytest.raises(TaskCancelled):
         handle.result(timeout=10)
-    kinds = [e.kind for e in handle.events(timeout=10)]
+    events = list(handle.events(timeout=10))
+    kinds = [e.kind for e in events]
     pauses = [i for i, kind in enumerate(kinds) if kind == "paused"]
     assert len(pauses) == 10
     for i in pauses:
         assert kinds[i + 1] == "resumed", kinds[i - 2:i + 3]
+        # nor later: progress the child made before it stopped, held back in the slot
+        # while the worker was behind (BlockingChannel.send_progress), is dropped
+        stale = [e for e in events[i:] if e.kind == "progress" and e.ts < events[i].ts]
+        assert not stale, (events[i], stale[:3])
+
+
+def test_progress_held_in_the_slot_at_a_hard_pause_never_follows_paused(
+        tasks, start_worker, tmp_path: Path):
+    """A progress event the slot held back (the worker was behind) when the hard pause
+    stopped it was made before ``paused``: it is dropped, not delivered after it."""
+    start_worker(pool="prefork", concurrency=1)
+    beat = tmp_path / "beat"
+    handle = tasks.holds_progress.start(str(beat))
+    wait_for(lambda: beat.exists() and beat.read_text() == "held", message="progress held")
+    handle.pause(hard=True, wait=True, timeout=10)
+    handle.resume(wait=True, timeout=10)
+    handle.send("go")
+    assert handle.result(timeout=10) == "done"
+    events = list(handle.events(timeout=10))
+    kinds = [e.kind for e in events]
+    paused = kinds.index("paused")
+    assert kinds[paused:] == ["paused", "resumed", "message", "succeeded"], kinds
+    assert [e.current for e in events if e.kind == "progress"] == [1]
+    assert handle.progress.current == 1
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])

@@ -203,7 +203,9 @@ class SlotRuntime:
         fields: dict[str, Any] = {"current": current, "total": total}
         if message is not None:
             fields["message"] = message
-        self.emit(EventKind.PROGRESS, fields)
+        # Latest wins while the worker is behind (see BlockingChannel.send_progress).
+        self.channel.send_progress(["ev", self.task_id, EventKind.PROGRESS, fields,
+                                    time.time()])
 
     def send(self, data: Any) -> None:
         with self._cond:

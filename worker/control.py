@@ -222,6 +222,9 @@ class ControlRouter:
                     if record.is_final:  # it ended in what was drained
                         w.pool.hard_resume(slot)
                         raise verbs.ended(record.id, record.state)
+                    # Progress it made before it stopped but had not written (held
+                    # back while the worker was behind) must not follow "paused".
+                    slot.stale_progress_before = time.time()
                     self.relay.emit(record, EventKind.PAUSED, {"hard": True})
             else:
                 self.send_ctl(record, Verb.PAUSE, None)

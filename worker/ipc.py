@@ -9,9 +9,13 @@ the worker.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import struct
+import termios
 import threading
+import time
 from typing import Any
 
 from interactive_tasks import codec
@@ -92,8 +96,26 @@ class FrameWriter:
         return True
 
 
+#: Progress is held back while this many bytes sent on a slot channel are still unread by
+#: the worker (it is behind); below it every progress event goes out at once.
+BEHIND_BYTES = 4096
+#: A held-back progress event goes out at the latest this long after it was first held.
+HOLD_S = 0.05
+
+#: SIOCOUTQ: bytes sent on a socket that the peer has not read yet (Linux); None elsewhere
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+
+
 class BlockingChannel:
-    """The slot side: blocking frame I/O, writes serialised by a lock."""
+    """The slot side: blocking frame I/O, writes serialised by a lock.
+
+    Progress adapts to load: while the worker has not yet read what this slot sent before
+    (``BEHIND_BYTES``), a task's progress event replaces the one of the same task held
+    back instead of queueing behind it — the latest wins, as in the worker's own batching.
+    Held events go out before any later frame on the channel (so before a task's next
+    event, ``paused``, its end, a receipt), or at the latest ``HOLD_S`` after they were
+    first held. Held back per task: the Celery bridge runs several tasks over one channel.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -101,14 +123,66 @@ class BlockingChannel:
         self._reader = FrameReader()
         self._frames: list[Any] = []
         self._write_lock = threading.Lock()
+        #: task id -> its held progress frame (encoded), in the order first held
+        self._held: dict[Any, bytes] = {}
+        self._outq: int | None = _OUTQ
 
     def send(self, obj: Any) -> None:
         data = encode_frame(obj)
         with self._write_lock:
-            try:
-                self.sock.sendall(data)
-            except OSError as exc:
-                raise ChannelClosed(str(exc)) from exc
+            if self._held:
+                data = self._take_held() + data
+            self._sendall(data)
+
+    def send_progress(self, obj: Any) -> None:
+        """Send a progress frame (``["ev", task_id, "progress", ...]``) now, or hold it,
+        replacing the task's held one, while the worker is behind on this channel."""
+        data = encode_frame(obj)
+        task_id = obj[1]
+        with self._write_lock:
+            if self._behind():
+                if not self._held:
+                    _flusher.hold(self)
+                self._held.pop(task_id, None)  # keep the order in which tasks were held
+                self._held[task_id] = data
+                return
+            self._held.pop(task_id, None)  # this one is newer
+            if self._held:
+                data = self._take_held() + data
+            self._sendall(data)
+
+    def flush_held(self) -> None:
+        """Send the held progress frames, if any."""
+        with self._write_lock:
+            if self._held:
+                self._sendall(self._take_held())
+
+    @property
+    def holding(self) -> int:
+        """How many progress frames are held back."""
+        return len(self._held)
+
+    def _take_held(self) -> bytes:
+        data = b"".join(self._held.values())
+        self._held.clear()
+        return data
+
+    def _behind(self) -> bool:
+        if self._outq is None:
+            return False
+        try:
+            unread = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), self._outq,
+                                                    b"\0\0\0\0"))[0]
+        except OSError:
+            self._outq = None  # not supported here: never hold
+            return False
+        return bool(unread >= BEHIND_BYTES)
+
+    def _sendall(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from exc
 
     def recv(self) -> Any:
         while not self._frames:
@@ -120,3 +194,50 @@ class BlockingChannel:
                 raise ChannelClosed("worker closed the channel")
             self._frames.extend(self._reader.feed(data))
         return self._frames.pop(0)
+
+
+class _Flusher:
+    """Sends held progress frames ``HOLD_S`` after they were first held (one thread per
+    process, started on first use; a greenlet under gevent/eventlet patching)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, BlockingChannel]] = []
+        self._pid = 0
+
+    def forked(self) -> None:
+        """In a forked child: the parent's thread is not here, and it may have held the
+        condition's lock when the process forked."""
+        self._cond = threading.Condition()
+        self._due = []
+        self._pid = 0
+
+    def hold(self, channel: BlockingChannel) -> None:
+        with self._cond:
+            self._due.append((time.monotonic() + HOLD_S, channel))
+            if self._pid != os.getpid():  # not started yet, or started before a fork
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="itask-progress-flush",
+                                 daemon=True).start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due:
+                    self._cond.wait()
+                due, channel = self._due[0]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                self._due.pop(0)
+            try:
+                channel.flush_held()
+            except ChannelClosed:
+                pass
+
+
+_flusher = _Flusher()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_flusher.forked)

@@ -804,6 +804,8 @@ class Worker:
             _, task_id, kind, fields, ts = frame
             record = self.records.get(task_id)
             if record is not None and record.slot is slot:
+                if kind == EventKind.PROGRESS and ts < slot.stale_progress_before:
+                    return  # made before a hard pause stopped the slot: not after "paused"
                 self.relay.emit(record, kind, fields, ts)
         elif op == "done":
             _, task_id, kind, fields, ts = frame

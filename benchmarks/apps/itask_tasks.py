@@ -92,6 +92,34 @@ def make_app(ns: str, broker_url: str, result_backend: str | None = None) -> Sim
             self.progress(ticks)
         return ticks
 
+    @app.task(base=InteractiveTask, name="bench.ticking")
+    def ticking(self: Any, rate: float, seconds: float) -> int:
+        """Progress ``rate`` times a second for ``seconds`` (or until ``"stop"``), echoing
+        every message it receives; returns the number of progress events."""
+        n = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.progress(n)
+            n += 1
+            msg = self.receive(timeout=1.0 / rate)
+            if msg == "stop":
+                break
+            if msg is not None:
+                self.send(msg)
+        return n
+
+    @app.task(base=InteractiveTask, name="bench.burn")
+    def burn(self: Any, seconds: float) -> int:
+        """CPU-bound: progress as fast as it can for ``seconds`` (or until ``"stop"``)."""
+        n = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.progress(n)
+            n += 1
+            if n % 256 == 0 and self.receive(timeout=0) == "stop":
+                break
+        return n
+
     @app.task(base=InteractiveTask, name="bench.busy")
     def busy(self: Any, work_s: float) -> int:
         """CPU-bound work in slices of ``work_s`` seconds, a checkpoint after each, until
@@ -116,4 +144,5 @@ def make_app(ns: str, broker_url: str, result_backend: str | None = None) -> Sim
 
     return SimpleNamespace(app=app, noop=noop, ctl_sink=ctl_sink, echo=echo,
                            stream_sink=stream_sink, chatty=chatty,
-                           ticker=ticker, hum=hum, busy=busy, spin=spin)
+                           ticker=ticker, hum=hum, busy=busy, spin=spin,
+                           ticking=ticking, burn=burn)

@@ -100,6 +100,9 @@ class _Task:
     finished: float | None = None
     last_cseq: dict[str, int] = field(default_factory=dict)
     hard_paused: bool = False
+    #: wall time a hard pause was announced at: progress made before it (held back in the
+    #: pool process, ``BlockingChannel.send_progress``) and read only after is stale
+    stale_progress_before: float = 0.0
     cancel_requested: bool = False
     force_at: float | None = None
     kill_at: float | None = None
@@ -415,6 +418,8 @@ class Relay:
                 return
             if kind == EventKind.PAUSED and task.hard_paused:
                 return
+            if kind == EventKind.PROGRESS and ts < task.stale_progress_before:
+                return  # made before a hard pause stopped the process: not after "paused"
             if kind == EventKind.RETRY:
                 self.emit(task, kind, fields, ts)
                 task.conn = None
@@ -550,6 +555,9 @@ class Relay:
                     if task.is_final:  # it ended in what was drained
                         self._continue(task)
                         raise verbs.ended(task.id, task.state)
+                    # Progress it made before it stopped but had not written (held
+                    # back while the relay was behind) must not follow "paused".
+                    task.stale_progress_before = time.time()
                     self.emit(task, EventKind.PAUSED, {"hard": True})
             else:
                 self.send_ctl(task, Verb.PAUSE, None)

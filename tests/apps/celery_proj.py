@@ -73,6 +73,29 @@ def looper(self, steps, delay=0.05):
 
 
 @app.task(base=InteractiveTask, bind=True)
+def holds_progress(self, path):
+    """Progress 1, then 2 held back in the pool process as if the relay were behind
+    (``BlockingChannel.send_progress``) and kept there (no ``HOLD_S`` flush); writes
+    ``path`` and waits for a message, then sends one, which lets the held progress out."""
+    from interactive_tasks.celery.process import process_channel
+    from interactive_tasks.worker import ipc
+
+    self.progress(1, 2)
+    channel = process_channel().channel
+    ipc.HOLD_S = 3600.0
+    channel._behind = lambda: True
+    self.progress(2, 2)
+    del channel._behind
+    assert channel.holding == 1
+    with open(path, "w") as fh:
+        fh.write("held")
+    while self.receive(timeout=0.05) is None:
+        pass
+    self.send("bye")
+    return "done"
+
+
+@app.task(base=InteractiveTask, bind=True)
 def spin(self, seconds):
     """CPU-bound without checkpoints after the first: only a forced cancel ends it."""
     self.progress(0, None, "spinning")

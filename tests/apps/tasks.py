@@ -295,6 +295,29 @@ def chatty_for(self: Any, seconds: float) -> int:
     return i
 
 
+@app.task(base=InteractiveTask)
+def holds_progress(self: Any, path: str) -> str:
+    """Reports progress 1, then 2 held back in the slot as if the worker were behind
+    (``BlockingChannel.send_progress``) and kept there (no ``HOLD_S`` flush); writes
+    ``path`` and waits for a message, then sends one, which lets the held progress out."""
+    from interactive_tasks.context import current_runtime
+    from interactive_tasks.worker import ipc
+
+    self.progress(1, 2)
+    channel = current_runtime().channel  # type: ignore[attr-defined]
+    ipc.HOLD_S = 3600.0
+    channel._behind = lambda: True
+    self.progress(2, 2)
+    del channel._behind
+    assert channel.holding == 1
+    with open(path, "w") as fh:
+        fh.write("held")
+    while self.receive(timeout=0.05) is None:
+        pass
+    self.send("bye")
+    return "done"
+
+
 @app.task(base=InteractiveTask, soft_time_limit=0.8)
 def soft_limited(self: Any, seconds: float) -> dict[str, Any]:
     """Checkpoints every 5 ms for ``seconds``; reports when the soft limit interrupted it."""

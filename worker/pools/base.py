@@ -47,6 +47,9 @@ class PoolSlot:
     retiring: bool = False
     hard_paused: bool = False
     hard_paused_at: float = 0.0
+    #: wall time a hard pause was announced at: progress the slot made before it (held
+    #: back in the slot, ``BlockingChannel.send_progress``) and read only after is stale
+    stale_progress_before: float = 0.0
     closed: bool = False
     spawned: float = field(default_factory=time.monotonic)
 
