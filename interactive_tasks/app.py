@@ -18,19 +18,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
-from kombu import Connection
-
 from .errors import ConfigurationError, UnknownTask
 from .handle import TaskHandle, unknown_task
 from .protocol import ControlMessage, TaskSnapshot, Verb
 from .results import ResultStore
 from .task import InteractiveTask, Signature, Task, _class_tasks, build_message
-from .transport import Names, resolve_broker_url
+from .transport import OWN_SCHEMES, Names, kombu_transports, resolve_broker_url
 from .transport.connections import broker_directory, broker_secret, connection_for
 from .transport.result_stores import check_result_backend, result_store_for
 
 if TYPE_CHECKING:
     from datetime import timedelta
+
+    # kombu is imported where a connection is made (connection_for), not here: a worker's
+    # pool processes fork after the app module is imported and, running tasks, never
+    # connect (tests/test_imports.py).
+    from kombu import Connection
 
     from .client import Client
     from .control import Control
@@ -184,13 +187,14 @@ def check_broker_url(url: str) -> str:
     Checked when the app is made, so a typo is one clear line instead of an error deep in
     a connection thread.
     """
-    from kombu.transport import TRANSPORT_ALIASES
-
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme:
         raise ConfigurationError(f"broker URL {mask_password(url)!r} is not a URL "
                                  f"(scheme://host…); {BROKER_URL_HINT}")
-    if scheme.split("+", 1)[0] not in TRANSPORT_ALIASES:
+    base = scheme.split("+", 1)[0]
+    # Only another broker's scheme is looked up in kombu: importing kombu here would put
+    # it in every pool process of a worker (kombu_transports).
+    if base not in OWN_SCHEMES and base not in kombu_transports():
         raise ConfigurationError(f"unknown broker URL scheme {scheme!r} in "
                                  f"{mask_password(url)!r}; {BROKER_URL_HINT}")
     return url

@@ -9,7 +9,6 @@ scripts; ``await handle`` and ``aevents()`` are their asyncio forms.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import sys
@@ -41,6 +40,8 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .app import App
 
 R = TypeVar("R")
@@ -555,7 +556,12 @@ class TaskHandle(ResultHandle[R]):
             return out
 
     # -- asyncio ----------
+    # asyncio is imported in the coroutines, where a loop already runs (so it is loaded):
+    # with asyncio (and the ssl it imports) at the top every process importing the
+    # package, a worker's pool processes too, would carry some 9 MB for it.
     async def _wait_change(self, timeout: float | None) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         entry = (loop, fut)
@@ -567,6 +573,8 @@ class TaskHandle(ResultHandle[R]):
 
     async def wait_async(self, timeout: float | None = None) -> TaskState:
         """``await``-able :meth:`wait`; does not block the event loop."""
+        import asyncio
+
         deadline = None if timeout is None else time.monotonic() + timeout
         polls = 0
         while not self._state.is_final:
@@ -584,6 +592,8 @@ class TaskHandle(ResultHandle[R]):
 
     async def aevents(self, timeout: float | None = None) -> AsyncIterator[Event]:
         """Async form of :meth:`events`."""
+        import asyncio
+
         while True:
             with self._cond:
                 event = self._buffer.popleft() if self._buffer else None

@@ -5,6 +5,11 @@ run, so the broker modules of ``interactive_tasks/transport/`` (``redis_*``, ``a
 ``embedded*``, ``memory*``) are imported only on their own broker's branch, and what they
 share lives in broker-neutral modules (``transport/frames.py``, ``transport/__init__.py``).
 Each case runs in a fresh interpreter and connects to nothing.
+
+The package itself imports no broker client: kombu (with py-amqp), redis-py and asyncio
+are imported on the way to a connection or where used, so the pool processes of a prefork
+worker, forked after the app is imported but before the worker connects, carry none of
+them (transport.kombu_transports).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
 
 #: the start of the module names of each broker's code in interactive_tasks.transport
 BROKER_PREFIXES = {"redis": "redis_", "amqp": "amqp_", "embedded": "embedded",
@@ -85,3 +90,29 @@ def test_the_full_command_line_still_lists_every_command():
     assert out.returncode == 0, out.stderr
     for command in ("worker", "inspect", "control", "status", "call", "multi", "beat"):
         assert command in out.stdout
+
+
+#: what a pool process running plain tasks does not need: the broker clients (kombu with
+#: py-amqp, redis-py), asyncio (with ssl; an ``async def`` task imports it), and the
+#: terminal UI's libraries
+NOT_IN_A_POOL_PROCESS = ["kombu", "amqp", "redis", "asyncio", "ssl", "rich", "prompt_toolkit"]
+
+
+def test_the_package_imports_no_broker_client():
+    code = ("import json, sys, interactive_tasks; "
+            "from interactive_tasks import App, InteractiveTask, shared_task; "
+            f"print(json.dumps([m for m in {NOT_IN_A_POOL_PROCESS!r} if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp", "embedded"], indirect=True)
+def test_prefork_pool_processes_start_without_broker_clients(tasks, start_worker):
+    """A real ``itask worker``: its pool processes fork before it connects, from a process
+    that has imported the app and the worker's code but none of the broker's client."""
+    w = start_worker(pool="prefork", concurrency=1)
+    wait_for(lambda: " ready" in w.log(), 20, message="the worker to be ready")
+    handle = tasks.loaded_modules.delay(NOT_IN_A_POOL_PROCESS)
+    assert handle.result(timeout=20) == []

@@ -15,7 +15,6 @@ message that wants a receipt: ``[..., data, receipt]``), ``["stop"]``; slot → 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import inspect
 import io
@@ -436,6 +435,8 @@ class Slot:
             runtime.checkpoint()  # starts paused / never runs when cancelled early
             result = task.run(*request.args, **request.kwargs)
             if inspect.isawaitable(result):  # an ``async def`` task: its own event loop
+                import asyncio  # here: with ssl, some 9 MB a pool process needs only now
+
                 result = asyncio.run(_awaited(result))
             fields = {"result": result}
         except Cancelled as exc:

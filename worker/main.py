@@ -20,9 +20,6 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from kombu import Producer
-from kombu.asynchronous import Hub
-
 from interactive_tasks import codec, signals
 from interactive_tasks.app import App
 from interactive_tasks.errors import ConfigurationError, ProtocolError, TransportError
@@ -53,6 +50,9 @@ from .remote import WorkerControl
 from .state import WorkerState
 
 if TYPE_CHECKING:
+    from kombu import Producer
+    from kombu.asynchronous import Hub
+
     from .autoscale import Autoscaler
 
 logger = logging.getLogger("interactive_tasks.worker")
@@ -322,6 +322,11 @@ class Worker:
             self.hub.call_soon(self._check_stop)
 
     def _serve_connected(self) -> None:
+        # kombu is imported on the first connection, after the pool has forked: the pool
+        # processes need none of it (transport.kombu_transports).
+        from kombu import Producer
+        from kombu.asynchronous import Hub
+
         app = self.app
         names = app.names
         self.hub = hub = Hub()

@@ -13,21 +13,42 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kombu import Exchange, Queue
-from kombu.transport import TRANSPORT_ALIASES
+if TYPE_CHECKING:
+    from kombu import Exchange, Queue
 
 EMBEDDED_SCHEME = "embedded"
-TRANSPORT_ALIASES.setdefault(
-    EMBEDDED_SCHEME, "interactive_tasks.transport.embedded:Transport"
-)
 #: one Redis server (``redis``, ``rediss``) or a Redis behind sentinels (``sentinel``,
 #: transport/redis_urls.py)
 REDIS_SCHEMES = frozenset({"redis", "rediss", "sentinel"})
 MEMORY_SCHEME = "memory"
-# kombu's memory transport with a loop wake-up, liveness and no shared queues with kombu's
-# own (transport/memory.py); plain kombu use of memory:// works on it unchanged.
-TRANSPORT_ALIASES[MEMORY_SCHEME] = "interactive_tasks.transport.memory:Transport"
+#: the schemes of the brokers this package has its own code for (``kombu_transports``
+#: knows them all): a URL with one of them is checked without importing kombu
+OWN_SCHEMES = frozenset({EMBEDDED_SCHEME, MEMORY_SCHEME, "amqp", "amqps", "pyamqp",
+                         *REDIS_SCHEMES})
+
+
+def kombu_transports() -> dict[str, str]:
+    """kombu's table of transports by URL scheme, with ``embedded://`` and ``memory://``
+    (kombu's memory transport with a loop wake-up, liveness and no queues shared with
+    kombu's own, transport/memory.py; plain kombu use of memory:// works on it unchanged)
+    entered in it.
+
+    kombu (with py-amqp under it, some 13 MB of a process's memory) is imported here, on
+    the way to a connection, and not with this package: a worker's pool processes fork
+    after the app is imported but before the worker connects, and carry only what was
+    imported by then (tests/test_imports.py). Everything that makes a kombu connection
+    calls this first.
+    """
+    from kombu.transport import TRANSPORT_ALIASES
+
+    TRANSPORT_ALIASES.setdefault(
+        EMBEDDED_SCHEME, "interactive_tasks.transport.embedded:Transport"
+    )
+    TRANSPORT_ALIASES[MEMORY_SCHEME] = "interactive_tasks.transport.memory:Transport"
+    return TRANSPORT_ALIASES
+
 
 #: How long an unused client inbox lives on the broker.
 INBOX_EXPIRES = 60.0
@@ -115,14 +136,19 @@ class Names:
     def dead_letter_name(self) -> str:
         return f"{self.namespace}.dead"
 
+    # kombu's entities are imported when made (see kombu_transports for why).
     @property
     def broadcast_exchange(self) -> Exchange:
+        from kombu import Exchange
+
         return Exchange(f"{self.namespace}.bcast", type="fanout", durable=False,
                         auto_delete=False, delivery_mode=1)
 
     @property
     def events_exchange(self) -> Exchange:
         """Monitoring stream: worker heartbeats and task events (Celery's ``-E``)."""
+        from kombu import Exchange
+
         return Exchange(f"{self.namespace}.events", type="fanout", durable=False,
                         auto_delete=False, delivery_mode=1)
 
@@ -130,18 +156,26 @@ class Names:
         name = self.task_queue_name(queue)
         # RabbitMQ honours priority only on queues declared with a maximum (0-9 here,
         # higher first); Redis uses kombu's priority lists; the embedded broker is FIFO.
+        from kombu import Queue
+
         return Queue(name, routing_key=name, durable=True, max_priority=9)
 
     def control_queue(self, worker: str) -> Queue:
         name = self.control_queue_name(worker)
+        from kombu import Queue
+
         return Queue(name, routing_key=name, durable=False, expires=CONTROL_QUEUE_EXPIRES)
 
     def broadcast_queue(self, worker: str) -> Queue:
+        from kombu import Queue
+
         return Queue(f"{self.namespace}.bcast.{worker}", self.broadcast_exchange,
                      durable=False, auto_delete=True, expires=INBOX_EXPIRES)
 
     def inbox_queue(self, client_id: str) -> Queue:
         name = self.inbox_name(client_id)
+        from kombu import Queue
+
         return Queue(name, routing_key=name, durable=False, expires=INBOX_EXPIRES,
                      auto_delete=False)
 
@@ -155,4 +189,6 @@ class Names:
     @property
     def dead_letter_queue(self) -> Queue:
         name = self.dead_letter_name
+        from kombu import Queue
+
         return Queue(name, routing_key=name, durable=True)

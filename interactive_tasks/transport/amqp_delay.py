@@ -33,8 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import amqp
-
 from .. import codec
 
 #: delay levels: the longest delay is ``2**LEVELS - 1`` seconds (8.5 years)
@@ -107,6 +105,8 @@ class DelayedPublisher:
         """The exchanges, queues and bindings of every level, unless the marker exchange
         declared after them exists (the first delayed publish of a namespace declares
         about 110 objects: 0.3 s here; later connections look once)."""
+        import amqp  # see publish
+
         ch, ns = self.channel, self.namespace
         probe = self.connection.channel()
         try:
@@ -157,6 +157,10 @@ class DelayedPublisher:
         if priority is not None:
             props["priority"] = priority
         # confirmed: the task is stored (persistent, in a durable queue) on return
+        # py-amqp here, not at the top: the worker imports this module before its pool
+        # processes fork, and they need no broker client (transport.kombu_transports).
+        import amqp
+
         self.channel.basic_publish_confirm(amqp.Message(body, **props),
                                            exchange=level_name(self.namespace, LEVELS - 1),
                                            routing_key=key)
@@ -168,6 +172,8 @@ def level_counts(channel: Any, namespace: str) -> dict[int, int]:
     A channel error (a level not declared yet) closes ``channel``; use a fresh channel
     for each call. Raises the channel's connection errors.
     """
+    import amqp  # see DelayedPublisher.publish
+
     counts: dict[int, int] = {}
     for level in range(LEVELS):
         try:

@@ -42,8 +42,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import amqp
-
 from . import held_prefix
 
 logger = logging.getLogger("interactive_tasks.worker")
@@ -362,6 +360,10 @@ class TaskHold:
                         time.time() - record.received, state.name)
 
     def _publish(self, routing_key: str, copy: HeldCopy) -> None:
+        # py-amqp here, not at the top: the worker imports this module before its pool
+        # processes fork, and they need no broker client (transport.kombu_transports).
+        import amqp
+
         self.channel.basic_publish(amqp.Message(copy.body, **copy.properties), exchange="",
                                    routing_key=routing_key)
 

@@ -11,11 +11,12 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kombu import Connection
+from . import default_home, embedded_directory, is_embedded, is_redis, kombu_transports
 
-from . import default_home, embedded_directory, is_embedded, is_redis
+if TYPE_CHECKING:
+    from kombu import Connection
 
 __all__ = ["beside_broker", "broker_directory", "broker_secret", "connection_for"]
 
@@ -33,6 +34,9 @@ def connection_for(url: str, options: Mapping[str, Any], *, namespace: str,
 
     Raises ConfigurationError for a sentinel:// URL without its ``master_name``.
     """
+    kombu_transports()  # kombu is imported on the way to a connection, not before
+    from kombu import Connection
+
     options = dict(options)
     if is_embedded(url):
         options.setdefault("polling_interval", EMBEDDED_POLLING_INTERVAL)

@@ -35,8 +35,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kombu.transport import virtual
-
 from .redis_fast import HubCommand
 from .redis_urls import primary_in_doubt, redis_client, replica_wait, stays_written
 
@@ -241,6 +239,10 @@ class TaskFetcher:
 
     def fetch(self, count: int) -> int:
         """Take up to ``count`` messages (recorded unacked on the server) and deliver them."""
+        # kombu here, not at the top: the worker imports this module before its pool
+        # processes fork, and they need no kombu (transport.kombu_transports).
+        from kombu.transport import virtual
+
         qos = self.qos
         flat = self._run_script(keys=[qos.unacked_key, qos.unacked_index_key,
                                       self.redelivered_key, *self.keys],

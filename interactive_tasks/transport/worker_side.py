@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kombu import Consumer
-
 from . import is_amqp, is_redis
 
 if TYPE_CHECKING:
+    from kombu import Consumer
+
     from ..app import App
     from .redis_fast import ListReader
     from .redis_fetch import TaskFetcher
@@ -55,6 +55,10 @@ class WorkerIntake:
               take_tasks: bool) -> None:
         """Begin on a connected kombu connection registered on ``hub``; raises the
         broker's connection errors."""
+        # kombu here, not at the top: the worker imports this module before its pool
+        # processes fork, and they need no kombu (transport.kombu_transports).
+        from kombu import Consumer
+
         names = self.app.names
         task_channel = conn.channel()
         task_queues = [names.task_queue(q) for q in queues]
@@ -65,6 +69,8 @@ class WorkerIntake:
 
     def _start_tasks(self, conn: Any, hub: Any, channel: Any, task_queues: list[Any],
                      prefetch: int, take_tasks: bool) -> None:
+        from kombu import Consumer
+
         self.task_consumer = Consumer(channel, queues=task_queues,
                                       on_message=self.on_task, accept=None,
                                       prefetch_count=prefetch)
