@@ -9,11 +9,15 @@ for dead letters.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
+import sys
+import types
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kombu import Exchange, Queue
@@ -48,6 +52,35 @@ def kombu_transports() -> dict[str, str]:
     )
     TRANSPORT_ALIASES[MEMORY_SCHEME] = "interactive_tasks.transport.memory:Transport"
     return TRANSPORT_ALIASES
+
+
+class _EnterOnKombuImport(importlib.abc.MetaPathFinder):
+    """Calls :func:`kombu_transports` once ``kombu.transport`` is imported, by whoever
+    imports it: plain kombu (or Celery) connections in a process that imported this
+    package find ``embedded://`` and ``memory://`` as before, when this module imported
+    kombu itself. Until then it only compares each imported module's name."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "kombu.transport":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            run(module)
+            kombu_transports()
+
+        setattr(spec.loader, "exec_module", exec_module)  # noqa: B010 (a method, per spec)
+        return spec
+
+
+if "kombu.transport" in sys.modules:
+    kombu_transports()
+elif not any(isinstance(f, _EnterOnKombuImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _EnterOnKombuImport())
 
 
 #: How long an unused client inbox lives on the broker.

@@ -208,10 +208,6 @@ class AmqpLock(BeatLock):
     def _connection(self) -> Any:
         from kombu import Connection
 
-        from . import kombu_transports
-
-        kombu_transports()  # the broker may be embedded:// or memory://
-
         if self._conn is None:
             conn = Connection(self.url, heartbeat=self.heartbeat, connect_timeout=5,
                               transport_options=dict(self.transport_options))
