@@ -151,7 +151,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              budget=180),
     Workload("idle_memory", "idle worker RSS, main + children (sum of VmRSS)",
              lifecycle.idle_memory, ALL,
-             (Metric("rss_mb", "RSS sum", "MB", False, at_most(100, "MB")),
+             (Metric("rss_mb", "RSS sum", "MB", False, at_most(80, "MB")),
               Metric("pss_mb", "PSS sum", "MB", False)),
              budget=120),
 )}
