@@ -11,7 +11,12 @@ from typing import Any
 
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-import interactive_tasks.transport  # noqa: F401  (registers the embedded:// alias)
+from interactive_tasks.transport import kombu_transports
+
+# These tests make plain kombu connections to embedded://; the package enters the scheme
+# in kombu's table only on its own way to a connection. Spawned children import this
+# module by name, so they get it too.
+kombu_transports()
 
 
 def task_queue(name: str, **kwargs: Any) -> Queue:

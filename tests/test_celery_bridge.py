@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -561,6 +562,39 @@ def test_start_needs_enable() -> None:
 
     with pytest.raises(ConfigurationError, match="enable"):
         job.start()
+
+
+#: a module that makes a Celery app on the broker URL in argv[1] and enables the bridge,
+#: then sends a plain Celery task and reads it back over Celery's own kombu connection;
+#: prints the module of the kombu transport that carried it
+PLAIN_CELERY_ON = """
+import json, sys
+from celery import Celery
+from interactive_tasks.celery import enable
+app = Celery("plain", broker=sys.argv[1], set_as_current=False)
+app.conf.task_default_queue = "plainq"
+enable(app)
+app.send_task("proj.nothing", args=(1,))
+with app.connection_for_read() as conn:
+    message = conn.SimpleQueue("plainq").get(timeout=10)
+    message.ack()
+    print(json.dumps([type(conn.transport).__module__, message.headers["task"]]))
+"""
+
+
+@pytest.mark.parametrize("scheme", ["embedded", "memory"])
+def test_a_celery_app_on_this_packages_schemes_connects_once_the_bridge_is_imported(
+        scheme: str, tmp_path: Path) -> None:
+    """The package enters embedded:// and memory:// in kombu's table only on its own way
+    to a connection; Celery's connections are kombu's own, so importing the bridge enters
+    them (a fresh interpreter: this one has done it already)."""
+    url = f"embedded://{tmp_path / 'broker'}" if scheme == "embedded" else "memory://"
+    out = subprocess.run([sys.executable, "-c", PLAIN_CELERY_ON, url], cwd=ROOT,
+                         env={**os.environ, "ITASK_HOME": str(tmp_path / "home")},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    transport, task = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (transport, task) == (f"interactive_tasks.transport.{scheme}", "proj.nothing")
 
 
 def itask(env: CeleryEnv, *args: str) -> subprocess.CompletedProcess[str]:

@@ -108,6 +108,38 @@ def test_the_package_imports_no_broker_client():
     assert json.loads(out.stdout) == []
 
 
+#: imports the package and then kombu's transports, as a program making its own kombu
+#: connections does; prints whether embedded:// is known and what memory:// is, before and
+#: after ``kombu_transports()``, and what connecting to embedded:// said before
+PLAIN_KOMBU = """
+import json, interactive_tasks, kombu
+from kombu.transport import TRANSPORT_ALIASES
+before = ["embedded" in TRANSPORT_ALIASES, TRANSPORT_ALIASES["memory"]]
+try:
+    kombu.Connection("embedded:///nonexistent/itask").connect()
+    refused = ""
+except KeyError as exc:
+    refused = str(exc)
+from interactive_tasks.transport import kombu_transports
+kombu_transports()
+after = ["embedded" in TRANSPORT_ALIASES, TRANSPORT_ALIASES["memory"]]
+print(json.dumps([before, refused, after]))
+"""
+
+
+def test_importing_the_package_enters_nothing_in_kombus_transport_table():
+    """No import-time side effect on kombu: a plain kombu connection to embedded:// in a
+    process that never went through the package's connections gets kombu's own error;
+    ``kombu_transports()`` enters the schemes."""
+    out = subprocess.run([sys.executable, "-c", PLAIN_KOMBU], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    before, refused, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before == [False, "kombu.transport.memory:Transport"]
+    assert "No such transport: embedded" in refused
+    assert after == [True, "interactive_tasks.transport.memory:Transport"]
+
+
 @pytest.mark.parametrize("broker", ["redis", "amqp", "embedded"], indirect=True)
 def test_prefork_pool_processes_start_without_broker_clients(tasks, start_worker):
     """A real ``itask worker``: its pool processes fork before it connects, from a process

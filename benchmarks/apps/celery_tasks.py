@@ -14,6 +14,12 @@ from typing import Any
 from celery import Celery
 from kombu import Connection
 
+from interactive_tasks.transport import kombu_transports
+
+# Celery's connections and the tasks' own are plain kombu ones: embedded:// and memory://
+# are entered in kombu's table here (the package does so only on its own way to one).
+kombu_transports()
+
 
 def make_app(ns: str, broker_url: str, backend_url: str) -> SimpleNamespace:
     app = Celery(f"bench-{ns}", broker=broker_url, backend=backend_url, set_as_current=False)

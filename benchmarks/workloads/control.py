@@ -18,6 +18,8 @@ from typing import Any
 
 from kombu import Connection
 
+from interactive_tasks.transport import kombu_transports
+
 from ..harness import latency_summary, percentile
 from ..systems import CelerySystem, System
 from .common import CONTROL_GAP, size, wait_itask_started
@@ -56,6 +58,7 @@ def _itask_oneway(system: System, total: int, wait: bool) -> list[float]:
 
 def _celery_oneway(system: CelerySystem, total: int) -> list[float]:
     ctl, reply = system.control_queue("ctl"), system.control_queue("reply")
+    kombu_transports()  # a plain kombu connection to the Celery app's broker
     with system.worker(), Connection(system.broker_url) as conn:
         inq = conn.SimpleQueue(ctl, no_ack=True)
         outq = conn.SimpleQueue(reply, no_ack=True)
@@ -112,6 +115,7 @@ def _itask_roundtrip(system: System, total: int, wait: bool) -> list[float]:
 def _celery_roundtrip(system: CelerySystem, total: int) -> list[float]:
     samples: list[float] = []
     ctl, reply = system.control_queue("ctl"), system.control_queue("reply")
+    kombu_transports()  # a plain kombu connection to the Celery app's broker
     with system.worker(), Connection(system.broker_url) as conn:
         inq = conn.SimpleQueue(ctl, no_ack=True)
         outq = conn.SimpleQueue(reply, no_ack=True)

@@ -10,6 +10,12 @@ from celery.signals import worker_process_init
 
 from ..app import App
 from ..errors import ConfigurationError
+from ..transport import kombu_transports
+
+# A Celery app on embedded:// or memory:// makes its own kombu connections (to send a
+# task, in its worker): the bridge enters those schemes in kombu's table when imported.
+# Celery imports kombu anyway; the library itself leaves it to the connection.
+kombu_transports()
 
 #: the attribute of a Celery app that holds its bridge settings and interactive_tasks App
 _ATTRIBUTE = "_itask_bridge"

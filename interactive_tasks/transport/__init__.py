@@ -9,14 +9,11 @@ for dead letters.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-import types
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kombu import Exchange, Queue
@@ -41,8 +38,12 @@ def kombu_transports() -> dict[str, str]:
     kombu (with py-amqp under it, some 13 MB of a process's memory) is imported here, on
     the way to a connection, and not with this package: a worker's pool processes fork
     after the app is imported but before the worker connects, and carry only what was
-    imported by then (tests/test_imports.py). Everything that makes a kombu connection
-    calls this first.
+    imported by then (tests/test_imports.py). Everything of this package that makes a
+    kombu connection calls this first (``connection_for``), and so does the Celery bridge
+    when imported; importing the package enters nothing in kombu's table. A program that
+    makes its own kombu connections to ``embedded://`` or ``memory://`` calls this first
+    (before that, kombu's own memory transport answers ``memory://`` and kombu refuses
+    ``embedded://`` as an unknown transport).
     """
     from kombu.transport import TRANSPORT_ALIASES
 
@@ -51,37 +52,6 @@ def kombu_transports() -> dict[str, str]:
     )
     TRANSPORT_ALIASES[MEMORY_SCHEME] = "interactive_tasks.transport.memory:Transport"
     return TRANSPORT_ALIASES
-
-
-class _EnterOnKombuImport:
-    """Calls :func:`kombu_transports` once ``kombu.transport`` is imported, by whoever
-    imports it: plain kombu (or Celery) connections in a process that imported this
-    package find ``embedded://`` and ``memory://`` as before, when this module imported
-    kombu itself. Until then it only compares each imported module's name. (A finder on
-    ``sys.meta_path`` needs only ``find_spec``; ``importlib.abc`` would import
-    ``importlib.resources``, some 0.7 MB in every pool process.)"""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "kombu.transport":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module: types.ModuleType) -> None:
-            run(module)
-            kombu_transports()
-
-        setattr(spec.loader, "exec_module", exec_module)  # noqa: B010 (a method, per spec)
-        return spec
-
-
-if "kombu.transport" in sys.modules:
-    kombu_transports()
-elif not any(isinstance(f, _EnterOnKombuImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _EnterOnKombuImport())
 
 
 #: How long an unused client inbox lives on the broker.

@@ -206,6 +206,8 @@ class AmqpLock(BeatLock):
         self._channel: Any = None
 
     def _connection(self) -> Any:
+        # a plain kombu connection, not connection_for: RabbitMQ only (``is_amqp``), whose
+        # transport is kombu's own, with its own heartbeat
         from kombu import Connection
 
         if self._conn is None:
