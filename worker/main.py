@@ -42,6 +42,7 @@ from .canvas import Workflows, after_finish
 from .control import ControlRouter
 from .inbound import decode_body, signed_by
 from .ipc import ChannelClosed, ctl_frame
+from .order import ControlFirstHub
 from .outcomes import Outcomes, error_fields
 from .pools.base import Pool, PoolSlot, release_free_memory, resident_kb
 from .records import Receipt, Subscriber, TaskRecord
@@ -60,6 +61,10 @@ logger = logging.getLogger("interactive_tasks.worker")
 #: a connection that served this long (seconds) before it broke starts the reconnect
 #: delays over from the shortest
 RECONNECT_RESET = 30.0
+#: bytes read from one pool slot's channel per turn of the loop: a slot that floods the
+#: worker with progress is read in this many bytes at a time, with control handled
+#: between (docs/architecture.md, "The path of an event")
+SLOT_READ_BYTES = 1 << 14
 
 
 def make_pool(name: str, app: App, concurrency: int, hostname: str,
@@ -204,6 +209,8 @@ class Worker:
                                     lambda: (self.soft_time_limit, self.time_limit),
                                     self.resize_pool)
         self.control.remote = self.remote
+        #: slots that may be free, oldest first (checked when taken: see _free_slot)
+        self._maybe_free: dict[PoolSlot, None] = {}
         self._exit_code = 0
         self._rate_timer = False
         self._spawn_failures = 0
@@ -329,7 +336,7 @@ class Worker:
 
         app = self.app
         names = app.names
-        self.hub = hub = Hub()
+        self.hub = hub = ControlFirstHub(self.intake.is_control, self._is_slot_reader)
         conn = app.connection(self.upkeep.transport_options, heartbeat=True)
         try:
             conn.ensure_connection(max_retries=1, timeout=10)
@@ -566,9 +573,15 @@ class Worker:
 
     # -- dispatch to the pool ----------
     def _free_slot(self) -> PoolSlot | None:
-        for slot in self.slots:
+        """The free slot that has waited longest, or None. Slots that turn free (ready,
+        done) are noted in ``_maybe_free``; one that no longer is gets dropped here, so
+        finding one costs nothing per idle or busy slot of the pool."""
+        maybe = self._maybe_free
+        while maybe:
+            slot = next(iter(maybe))
             if slot.ready and slot.task_id is None and not slot.closed and not slot.retiring:
                 return slot
+            del maybe[slot]
         return None
 
     def _dispatch(self) -> None:
@@ -775,11 +788,15 @@ class Worker:
         self._watch_writer(slot)
 
     # -- pool input ----------
+    def _is_slot_reader(self, callback: Any) -> bool:
+        """Whether ``callback`` (a reader callback on the loop) reads a pool slot."""
+        return bool(callback == self._on_slot_readable)
+
     def _on_slot_readable(self, slot: PoolSlot) -> bool:
-        """Read what ``slot`` sent and act on its frames; True if frames came (more may
-        be waiting)."""
+        """Read what ``slot`` sent (up to ``SLOT_READ_BYTES``) and act on its frames;
+        True if frames came (more may be waiting)."""
         try:
-            data = slot.sock.recv(1 << 18)
+            data = slot.sock.recv(SLOT_READ_BYTES)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -793,7 +810,10 @@ class Worker:
             logger.error("pool slot %d sent garbage (%s); replacing it", slot.index, exc)
             self.pool.force_stop(slot, 2)
             return False
-        for frame in frames:
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            if i < last and _superseded(frame, frames[i + 1]):
+                continue
             self._on_frame(slot, frame)
         return True
 
@@ -817,6 +837,7 @@ class Worker:
             record = self.records.get(task_id)
             slot.task_id = None
             slot.tasks_run += 1
+            self._maybe_free[slot] = None
             if record is not None and record.slot is slot:
                 record.slot = None
                 if kind == EventKind.RETRY and not record.cancel_requested:
@@ -834,6 +855,7 @@ class Worker:
         elif op == "ready":
             slot.ready = True
             slot.pid = int(frame[1])
+            self._maybe_free[slot] = None
             self._dispatch()
 
     def _maybe_recycle(self, slot: PoolSlot) -> None:
@@ -865,6 +887,7 @@ class Worker:
         if slot.closed:
             return
         slot.closed = True
+        self._maybe_free.pop(slot, None)
         if self.hub is not None:
             self.hub.remove(slot.sock)
         how = self.pool.reap(slot)
@@ -947,3 +970,12 @@ class Worker:
                 else:
                     self.control.force(record, 1)
 
+
+def _superseded(frame: list[Any], following: list[Any]) -> bool:
+    """Whether ``frame`` is a progress event that the very next frame of the same slot
+    replaces: progress of the same task. The latest wins, as in the relay's batches
+    (``queue_event``), but here before the event is numbered or stored, so a slot that
+    sends progress faster than the worker relays it costs one event per read, not one
+    per frame."""
+    return (frame[0] == "ev" and following[0] == "ev" and frame[2] == EventKind.PROGRESS
+            and following[2] == EventKind.PROGRESS and frame[1] == following[1])

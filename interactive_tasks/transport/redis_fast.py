@@ -291,6 +291,10 @@ class ListReader:
             if not self._command.closed:
                 self._send()
 
+    def owns(self, callback: Any) -> bool:
+        """Whether ``callback`` (a reader callback on the loop) is this list's reads."""
+        return getattr(callback, "__self__", None) is self._command
+
     def close(self) -> None:
         self._command.close()
 

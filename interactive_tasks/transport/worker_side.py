@@ -5,6 +5,8 @@ The worker holds one :class:`WorkerIntake` and never asks which broker it talks 
 :meth:`WorkerIntake.start` declares the task queues and starts taking tasks (at most
 ``prefetch`` unacknowledged) and control (the worker's own control queue and the broadcast
 queue); :meth:`WorkerIntake.pump` runs once per turn of the worker's loop;
+:meth:`WorkerIntake.is_control` tells the loop which reader reads control only, to handle
+it first in each step;
 :meth:`WorkerIntake.stop_tasks` stops taking tasks (warm shutdown; control keeps coming);
 :meth:`WorkerIntake.ring_for` wakes idle workers after the worker itself published a task;
 :meth:`WorkerIntake.close` drops what the connection used.
@@ -86,6 +88,12 @@ class WorkerIntake:
 
     def pump(self) -> None:
         """Once per turn of the loop; raises the broker's connection errors."""
+
+    def is_control(self, callback: Any) -> bool:
+        """Whether ``callback``, a reader callback on the worker's loop, reads control
+        only (the loop handles those first in each step); kombu's consumers share the
+        connection with task intake, so none here."""
+        return False
 
     def stop_tasks(self) -> None:
         """Take no more tasks (warm shutdown); control keeps coming."""
@@ -178,6 +186,10 @@ class RedisIntake(WorkerIntake):
     def pump(self) -> None:
         if self.fetcher is not None:
             self.fetcher.pump()
+
+    def is_control(self, callback: Any) -> bool:
+        reader = self.control_reader
+        return reader is not None and reader.owns(callback)
 
     def stop_tasks(self) -> None:
         self.stopped = True
