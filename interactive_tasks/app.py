@@ -112,6 +112,14 @@ class Settings:
     #: pause, cancel or message for such a task (Python's 5 ms default: pause → paused
     #: took 3.3 ms at the median here, 1.5–1.7 ms with 0.5 ms). None keeps Python's default.
     worker_switch_interval: float | None = 0.0005
+    #: how much lower than the worker's the scheduling priority of the threads that run
+    #: tasks is (Linux ``nice``, per thread): prefork children's task threads and the
+    #: threads pool's; their control readers and the worker's loop keep the worker's. When
+    #: CPU-bound tasks use every core, the loop and the readers then get the CPU first, so
+    #: a pause, a message or its reply is not queued behind the tasks' time slices (the
+    #: gevent and eventlet pools run tasks on the loop's own thread: not applied there).
+    #: 0 or None: tasks run at the worker's priority.
+    worker_task_nice: int | None = 5
     #: RabbitMQ: seconds after which a worker hands the delivery of a running task over to
     #: its held queue and acknowledges it (and gives one that has not started back to the
     #: end of its queue), so the server's ``consumer_timeout`` (30 min by default) never
@@ -156,6 +164,11 @@ def _check_settings(conf: Settings) -> None:
         if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
             raise ConfigurationError(f"{name} must be a positive number of seconds or "
                                      f"None, not {limit!r}")
+    nice = conf.worker_task_nice
+    if nice is not None and not (isinstance(nice, int) and not isinstance(nice, bool)
+                                 and 0 <= nice <= 19):
+        raise ConfigurationError(
+            f"worker_task_nice must be a number from 0 to 19 or None, not {nice!r}")
     interval = conf.worker_switch_interval
     if interval is not None and not (isinstance(interval, (int, float)) and interval > 0):
         raise ConfigurationError(

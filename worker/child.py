@@ -362,10 +362,14 @@ def _flush_partial_lines(runtime: SlotRuntime) -> None:
 class Slot:
     """Serves one channel: runs jobs one after another, relays control to the current one."""
 
-    def __init__(self, app: App, channel: BlockingChannel, hostname: str) -> None:
+    def __init__(self, app: App, channel: BlockingChannel, hostname: str,
+                 nice: int | None = None) -> None:
         self.app = app
         self.channel = channel
         self.hostname = hostname
+        #: how much to lower the priority of the thread that runs jobs (``serve``'s),
+        #: after the reader thread has started at the caller's
+        self.nice = nice
         self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.current: SlotRuntime | None = None
         self._current_lock = threading.Lock()
@@ -376,6 +380,8 @@ class Slot:
         install_capture()
         reader = threading.Thread(target=self._read_loop, name="itask-slot-reader", daemon=True)
         reader.start()
+        if self.nice:
+            lower_thread_priority(self.nice)
         self.channel.send(["ready", os.getpid()])
         while True:
             job = self.jobs.get()
@@ -467,6 +473,17 @@ class Slot:
                       "traceback": ""}
             self.channel.send(["done", request.id, EventKind.FAILED, {"error": unsent},
                                time.time()])
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's nice value (on Linux the value is per thread:
+    threads started before keep theirs; threads and processes started after inherit it).
+    Nothing where that cannot be done."""
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, current + nice))
+    except (OSError, AttributeError):
+        pass
 
 
 async def _awaited(awaitable: Any) -> Any:

@@ -51,7 +51,7 @@ def _child_main(app: App, sock: socket.socket, parent_sock_fd: int, hostname: st
         pass
     use_switch_interval(app)
     signals.worker_process_init.send(sender=None)
-    Slot(app, BlockingChannel(sock), hostname).serve()
+    Slot(app, BlockingChannel(sock), hostname, nice=app.conf.worker_task_nice).serve()
     signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     os._exit(0)
 

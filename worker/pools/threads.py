@@ -43,7 +43,8 @@ class ThreadsPool(Pool):
 
     def spawn(self, index: int) -> PoolSlot:
         parent, child = self._socketpair()
-        slot_runner = Slot(self.app, BlockingChannel(child), self.hostname)
+        slot_runner = Slot(self.app, BlockingChannel(child), self.hostname,
+                           nice=self.app.conf.worker_task_nice)
 
         def serve() -> None:
             try:
