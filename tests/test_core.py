@@ -147,3 +147,8 @@ def test_settings_refuse_unknown_names_and_impossible_values():
     with pytest.raises(ConfigurationError, match="worker_switch_interval must be"):
         app.configure(worker_switch_interval=0)
     assert app.conf.worker_switch_interval is None  # the refused change left nothing behind
+    for bad in (-1, 20, 2.5, True, "low"):
+        with pytest.raises(ConfigurationError, match="worker_task_nice must be"):
+            App("bad", worker_task_nice=bad)
+    assert App("ok", worker_task_nice=None).conf.worker_task_nice is None
+    assert App("ok").conf.worker_task_nice == 5
