@@ -13,6 +13,7 @@ Flow of a task: message → validated (else dead letter) → :class:`TaskRecord`
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -268,6 +269,11 @@ class Worker:
         first = self.autoscaler.min if self.autoscaler is not None else self.concurrency
         for index in range(first):
             self.slots.append(self.pool.spawn(index))
+        # What start-up made lives as long as the worker (the app, its modules, every
+        # slot: with a green pool thousands of greenlets and their channels): out of the
+        # garbage collector's full passes, which otherwise walk all of it every few
+        # seconds while events are relayed, stopping the loop for each pass.
+        gc.freeze()
         try:
             self.revoked.update(app.results.revoked())
         except Exception as exc:
