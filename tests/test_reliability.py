@@ -221,9 +221,12 @@ def test_acks_late_false_task_is_lost_with_its_worker(broker, start_worker, monk
     early = tasks.early_ack.apply_async((60,), watch="all")
     late = tasks.marked_steps.start(str(marker), 10, 0.1, "late")
     # A worker flushes the acks of a step before its events: an early-acked task seen
-    # running has been acked by the broker.
+    # running has been acked by the broker. `started` comes from the worker as it hands the
+    # task to a pool process: its body records its start later (much later on a loaded
+    # machine), and a kill before that would leave nothing to count below.
     wait_for(lambda: early.state is TaskState.RUNNING and late.state is TaskState.RUNNING,
              message="both running")
+    wait_for(lambda: broker.records(early.id), message="the early-acked task's body to start")
     w1.kill()
     start_worker(concurrency=2)
     assert late.result(timeout=30) == "late"  # the broker gave the unacked task back
