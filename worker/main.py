@@ -43,7 +43,6 @@ from .canvas import Workflows, after_finish
 from .control import ControlRouter
 from .inbound import decode_body, signed_by
 from .ipc import ChannelClosed, ctl_frame
-from .order import ControlFirstHub
 from .outcomes import Outcomes, error_fields
 from .pools.base import Pool, PoolSlot, release_free_memory, resident_kb
 from .records import Receipt, Subscriber, TaskRecord
@@ -338,7 +337,8 @@ class Worker:
         # kombu is imported on the first connection, after the pool has forked: the pool
         # processes need none of it (transport.kombu_transports).
         from kombu import Producer
-        from kombu.asynchronous import Hub
+
+        from .order import ControlFirstHub  # a kombu Hub
 
         app = self.app
         names = app.names
