@@ -28,10 +28,10 @@ from typing import Any
 from interactive_tasks.errors import Cancelled
 
 from .base import PoolSlot
-from .green import GreenPool
+from .green import CooperativeEpoll, GreenPool
 
 
-class GreenEpoll:
+class GreenEpoll(CooperativeEpoll):
     """kombu's poller interface (``register``, ``unregister``, ``poll``, ``close``) on a
     real epoll that is waited on cooperatively (see the module doc)."""
 
@@ -40,24 +40,6 @@ class GreenEpoll:
 
         select = patcher.original("select")
         self._epoll = select.epoll()
-
-    def register(self, fd: Any, events: int) -> int:
-        from kombu.utils import fileno
-
-        fd = fileno(fd)
-        try:
-            self._epoll.register(fd, events)
-        except FileExistsError:
-            self._epoll.modify(fd, events)
-        return fd
-
-    def unregister(self, fd: Any) -> None:
-        from kombu.utils import fileno
-
-        try:
-            self._epoll.unregister(fileno(fd))
-        except (OSError, ValueError, KeyError):
-            pass  # closed already: the kernel dropped it from the set
 
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
         from eventlet.hubs import trampoline
@@ -75,9 +57,6 @@ class GreenEpoll:
                 return []
             raise
         return self._epoll.poll(0)
-
-    def close(self) -> None:
-        self._epoll.close()
 
 
 class EventletPool(GreenPool):

@@ -27,10 +27,10 @@ from typing import Any
 from interactive_tasks.errors import Cancelled
 
 from .base import PoolSlot
-from .green import GreenPool
+from .green import CooperativeEpoll, GreenPool
 
 
-class GeventEpoll:
+class GeventEpoll(CooperativeEpoll):
     """kombu's poller interface (``register``, ``unregister``, ``poll``, ``close``) on a
     real epoll whose descriptor is waited on cooperatively by one gevent watcher (see the
     module doc). The watcher has the loop's highest priority: when it and task greenlets
@@ -47,24 +47,6 @@ class GeventEpoll:
         self._watcher = loop.io(self._epoll.fileno(), 1)  # 1: readable
         self._watcher.priority = loop.MAXPRI
 
-    def register(self, fd: Any, events: int) -> int:
-        from kombu.utils import fileno
-
-        fd = fileno(fd)
-        try:
-            self._epoll.register(fd, events)
-        except FileExistsError:
-            self._epoll.modify(fd, events)
-        return fd
-
-    def unregister(self, fd: Any) -> None:
-        from kombu.utils import fileno
-
-        try:
-            self._epoll.unregister(fileno(fd))
-        except (OSError, ValueError, KeyError):
-            pass  # closed already: the kernel dropped it from the set
-
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
         from gevent import Timeout
 
@@ -77,7 +59,7 @@ class GeventEpoll:
 
     def close(self) -> None:
         self._watcher.close()
-        self._epoll.close()
+        super().close()
 
 
 class GeventPool(GreenPool):

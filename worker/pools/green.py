@@ -15,6 +15,35 @@ from ..ipc import BlockingChannel
 from .base import Pool, PoolSlot
 
 
+class CooperativeEpoll:
+    """The part of kombu's poller interface (``register``, ``unregister``, ``close``)
+    that the green pools' pollers share: a real epoll (``self._epoll``, the unpatched
+    one) whose own descriptor each subclass's ``poll`` waits on through its green hub."""
+
+    _epoll: Any
+
+    def register(self, fd: Any, events: int) -> int:
+        from kombu.utils import fileno
+
+        fd = fileno(fd)
+        try:
+            self._epoll.register(fd, events)
+        except FileExistsError:
+            self._epoll.modify(fd, events)
+        return fd
+
+    def unregister(self, fd: Any) -> None:
+        from kombu.utils import fileno
+
+        try:
+            self._epoll.unregister(fileno(fd))
+        except (OSError, ValueError, KeyError):
+            pass  # closed already: the kernel dropped it from the set
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
 class GreenPool(Pool):
     """A pool of green-thread slots; subclasses say how a green thread is started."""
 
