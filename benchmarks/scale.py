@@ -103,16 +103,22 @@ def _ints(value: str, parser: argparse.ArgumentParser) -> list[int]:
 
 # -- the worker's CPU time ----------
 def _cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
+    """CPU time of the threads of ``pids``, from each thread's ``schedstat`` (nanoseconds).
+    ``/proc/<pid>/stat`` counts clock ticks (10 ms): a lean worker over the short window of
+    ``--quick`` could read as 0 % there."""
+    nanoseconds = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as fh:
-                stat = fh.read()
+            threads = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        for tid in threads:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                    nanoseconds += int(fh.read().split()[0])  # time on a CPU
+            except (OSError, ValueError, IndexError):
+                continue  # the thread ended in between
+    return nanoseconds / 1e9
 
 
 class CpuMeter:
