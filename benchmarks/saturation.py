@@ -41,7 +41,7 @@ from typing import Any
 
 from .harness import BROKER_URLS, latency_summary, python
 from .systems import Itask
-from .workloads.common import CONTROL_GAP, wait_itask_started
+from .workloads.common import CONTROL_GAP, echo_round_trip, wait_itask_started
 
 
 class _Worker(Itask):
@@ -59,14 +59,7 @@ def _roundtrips(handle: Any, total: int) -> list[float]:
     samples: list[float] = []
     events = handle.events(timeout=30)
     for i in range(total):
-        start = time.perf_counter()
-        handle.send({"i": i})
-        for event in events:
-            if event.kind == "message" and event.data == {"i": i}:
-                break
-            if event.is_final:
-                raise RuntimeError(f"echo task ended early: {event!r}")
-        samples.append((time.perf_counter() - start) * 1000.0)
+        samples.append(echo_round_trip(handle, events, i))
         time.sleep(CONTROL_GAP)
     return samples
 

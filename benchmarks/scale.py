@@ -50,11 +50,10 @@ from .harness import (
     tree_memory_mb,
     wait_until,
 )
+from .workloads.common import CONTROL_GAP, echo_round_trip
 
 #: Seconds between two background progress events of one task (4 a second).
 HUM_INTERVAL = 0.25
-#: Pause between two control messages (as in the control workloads).
-CONTROL_GAP = 0.002
 WARMUP = 10
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "scale"
 AXES = ("gevent", "prefork", "watchers")
@@ -196,14 +195,7 @@ def measure_point(axis: str, n: int, broker: str, samples: int, seconds: float,
         for i in range(samples + WARMUP):
             if time.monotonic() > deadline and i > WARMUP:
                 break
-            begun = time.perf_counter()
-            probe.send({"i": i})
-            for event in events:
-                if event.kind == "message" and event.data == {"i": i}:
-                    break
-                if event.is_final:
-                    raise RuntimeError(f"the probe ended early: {event!r}")
-            round_trips.append((time.perf_counter() - begun) * 1000.0)
+            round_trips.append(echo_round_trip(probe, events, i))
             time.sleep(CONTROL_GAP)
         cpu = meter.stop()
         memory = tree_memory_mb(worker.pid)

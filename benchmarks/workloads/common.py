@@ -39,3 +39,17 @@ def wait_itask_started(handle: Any, timeout: float = 30.0) -> None:
         if event.is_final:
             raise RuntimeError(f"task ended before it started: {event!r}")
     raise RuntimeError("event stream ended without a started event")
+
+
+def echo_round_trip(handle: Any, events: Any, i: int, wait: bool = True) -> float:
+    """One control round trip to an echo task (``bench.echo``, ``bench.hum``): send
+    ``{"i": i}``, read ``events`` (the handle's ``events()`` iterator) up to the echo; the
+    time in ms. Raises ``RuntimeError`` when the task ends first."""
+    start = time.perf_counter()
+    handle.send({"i": i}, wait=wait)
+    for event in events:
+        if event.kind == "message" and event.data == {"i": i}:
+            break
+        if event.is_final:
+            raise RuntimeError(f"echo task ended early: {event!r}")
+    return (time.perf_counter() - start) * 1000.0

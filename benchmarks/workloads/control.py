@@ -22,7 +22,7 @@ from interactive_tasks.transport import kombu_transports
 
 from ..harness import latency_summary, percentile
 from ..systems import CelerySystem, System
-from .common import CONTROL_GAP, size, wait_itask_started
+from .common import CONTROL_GAP, echo_round_trip, size, wait_itask_started
 
 
 def control_oneway(system: System, quick: bool, wait: bool = True) -> dict[str, Any]:
@@ -99,14 +99,7 @@ def _itask_roundtrip(system: System, total: int, wait: bool) -> list[float]:
         wait_itask_started(handle)
         events = handle.events(timeout=10)
         for i in range(total):
-            start = time.perf_counter()
-            handle.send({"i": i}, wait=wait)
-            for event in events:
-                if event.kind == "message" and event.data == {"i": i}:
-                    break
-                if event.is_final:
-                    raise RuntimeError(f"echo task ended early: {event!r}")
-            samples.append((time.perf_counter() - start) * 1000.0)
+            samples.append(echo_round_trip(handle, events, i, wait))
             time.sleep(CONTROL_GAP)
         handle.result(30)
     return samples
