@@ -447,6 +447,12 @@ class TaskHandle(ResultHandle[R]):
         self._on_snapshot(snapshot)
         return self._state.is_final
 
+    def _postpone_store_poll(self) -> None:
+        """The next result-store poll of :meth:`wait` and :meth:`events`, backing off 1.5×
+        per poll up to every 5 s."""
+        self._store_poll_every = min(self._store_poll_every * 1.5, 5.0)
+        self._next_store_poll = time.monotonic() + self._store_poll_every
+
     def wait(self, timeout: float | None = None) -> TaskState:
         """Block until the task reaches a final state; returns that state.
 
@@ -476,8 +482,7 @@ class TaskHandle(ResultHandle[R]):
                         self._cond.acquire()
                     if done:
                         break
-                    self._store_poll_every = min(self._store_poll_every * 1.5, 5.0)
-                    self._next_store_poll = time.monotonic() + self._store_poll_every
+                    self._postpone_store_poll()
                     continue
                 limits = [next_poll - now] if durable else [1.0]
                 if deadline is not None:
@@ -536,8 +541,7 @@ class TaskHandle(ResultHandle[R]):
                         due = self._next_store_poll
                         if due is None or time.monotonic() < due:
                             continue
-                        self._store_poll_every = min(self._store_poll_every * 1.5, 5.0)
-                        self._next_store_poll = time.monotonic() + self._store_poll_every
+                        self._postpone_store_poll()
                     self._cond.release()
                     try:
                         self._poll_result_store()
