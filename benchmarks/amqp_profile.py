@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -547,10 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freq", type=int, default=4000, help="perf samples/s of CPU")
     parser.add_argument("--reanalyze", type=Path, default=None,
                         help="re-read the py-spy stacks kept in this directory into --out")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="only print the breakdown of an earlier run's JSON")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "amqp_profile.json")
+    add_output_args(parser, "amqp_profile.json")
     args = parser.parse_args(argv)
     if args.reanalyze is not None:
         kept = json.loads(args.out.read_text())
@@ -568,11 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     systems = args.systems.split(",")
     log_dir = Path("/tmp") / "amqp_profile_logs"
-    data: dict[str, Any] = {
-        "command": "python -m benchmarks.amqp_profile " + " ".join(argv or sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "loadavg_start": os.getloadavg(), "rounds": {s: [] for s in systems}}
+    data = run_header("benchmarks.amqp_profile", argv)
+    data["rounds"] = {s: [] for s in systems}
     for r in range(args.rounds):
         order = systems if r % 2 == 0 else systems[::-1]
         for name in order:
@@ -605,12 +600,34 @@ def main(argv: list[str] | None = None) -> int:
         data["perf"] = {f"{s} {w}": perf_profile(s, w, n, args.freq, perf_dir)
                         for w, n in (("roundtrip", args.spy_n), ("throughput", args.tp))
                         for s in systems}
-    data["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    print(report(data))
-    print(f"wrote {args.out}")
+    write_result(args.out, data, report)
     return 0
+
+
+def add_output_args(parser: argparse.ArgumentParser, result: str) -> None:
+    """``--report`` (reprint an earlier result) and ``--out`` (default
+    ``benchmarks/results/<result>``), as every profile takes them."""
+    parser.add_argument("--report", type=Path, default=None,
+                        help="only print the breakdown of an earlier run's JSON")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / result)
+
+
+def run_header(module: str, argv: list[str] | None) -> dict[str, Any]:
+    """The first keys of a profile's result: its command, the machine, start and load."""
+    return {"command": f"python -m {module} " + " ".join(argv or sys.argv[1:]),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "loadavg_start": os.getloadavg()}
+
+
+def write_result(out: Path, data: dict[str, Any],
+                 report: Callable[[dict[str, Any]], str]) -> None:
+    """Note the load at the end, write ``data`` to ``out`` and print its ``report``."""
+    data["loadavg_end"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    print(report(data))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -160,3 +160,26 @@ def test_scale_reports_every_point(tmp_path: Path) -> None:
     # the two extra watchers each saw the probe's echoes and progress
     assert all(n > 0 for n in points[("watchers", 3)]["runs"][0]["watcher_events"])
     assert "| gevent worker, concurrent tasks (`-c`) | 10 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.timeout(150)
+def test_redis_control_profile_times_every_leg(tmp_path: Path) -> None:
+    """``python -m benchmarks.redis_control_profile``: every probe of the control path
+    stamps each message (a renamed method would leave its probe empty and no legs)."""
+    _require_redis()
+    from benchmarks.redis_control_profile import LEGS, SIDE_LEGS
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "profile.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.redis_control_profile", "--rounds", "1", "--n",
+         "30", "--floor-samples", "30", "--out", str(out)],
+        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=140,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    probed = json.loads(out.read_text())["rounds"][0]["probed"]
+    assert "error" not in probed, probed
+    assert probed["messages_aligned"] >= 15
+    assert set(probed["legs_us"]) == {leg for leg, _, _ in (*LEGS, *SIDE_LEGS)}
+    assert math.isfinite(probed["one_way_p50_us"]) and probed["one_way_p50_us"] > 0
