@@ -2,8 +2,9 @@
 
 ::
 
-    python -m benchmarks.redis_control_profile --rounds 3
-    python -m benchmarks.redis_control_profile --report results/redis_control_profile.json
+    python -m benchmarks.redis_control_profile --rounds 3           # send() as the workload
+    python -m benchmarks.redis_control_profile --rounds 3 --nowait  # send(wait=False)
+    python -m benchmarks.redis_control_profile --report FILE        # reprint a result
 
 ``control_oneway`` (benchmarks/workloads/control.py) times ``handle.send({"t": time.time()})``
 to the task's ``self.receive()`` returning it: client → Redis → the worker's loop → the
@@ -22,7 +23,10 @@ Each round, in an order alternated between rounds:
   per message of the worker's processes, the client and Redis (the
   ``benchmarks.amqp_profile`` accounting).
 * **itask** and **celery** — the ``control_oneway`` workload itself (no probes), for the
-  figure the probed legs must add up to and for Celery's workaround beside it.
+  figure the probed legs must add up to and for Celery's workaround beside it
+  (``control_oneway_nowait`` with ``--nowait``; Celery's side is the same code).
+* **decoding** — one step of the worker's path (decoding a control body) timed back to
+  back and ``CONTROL_GAP`` apart: what the pace alone does to the cost of the same code.
 * **floors** — ``benchmarks.floor``'s bare chains of the same topologies:
   ``redis→proc`` (Celery's workaround's shape), ``redis→proc→thread``,
   ``redis→proc→proc``, ``redis→proc→proc→thread`` (ours). Their differences price one
@@ -70,7 +74,12 @@ LEGS = (
     ("→ Redis → worker loop's poll returned", "push", "loop woke"),
     ("worker: loop step → control reader called", "loop woke", "control read"),
     ("worker: read BLMPOP reply (hiredis)", "control read", "frames parsed"),
-    ("worker: verify, decode, route, authorize", "frames parsed", "send_ctl"),
+    ("worker: cut the body out of the frame (control_frame)", "frames parsed",
+     "frame checked"),
+    ("worker: decode (codec.loads, ControlMessage.from_wire)", "frame checked", "decoded"),
+    ("worker: route the verb, build the HeldControl", "decoded", "held"),
+    ("worker: check the token, note the sequence number", "held", "authorized"),
+    ("worker: apply the verb → send_ctl", "authorized", "send_ctl"),
     ("worker: encode frame", "send_ctl", "sending"),
     ("→ send() on socketpair → pool process's reader thread", "sending", "child recv"),
     ("reader thread: decode frame", "child recv", "child frame"),
@@ -119,6 +128,7 @@ def _client_pushes() -> tuple[list[float], list[float]]:
 #: probes stamped together (one per control reply, per send_ctl, per decoded frame): the
 #: first of each group finds a message's stamp, the others share its index
 GROUPS = (("push", "pushed"), ("control read", "loop woke", "frames parsed", "control done"),
+          ("frame checked",), ("decoded",), ("held",), ("authorized",),
           ("send_ctl", "sending", "written"), ("child recv",), ("child frame", "notified"))
 
 
@@ -195,11 +205,12 @@ def probed_run(n: int, warm: int, wait: bool, log_dir: Path) -> dict[str, Any]:
     return out
 
 
-def workload_p50(name: str, log_dir: Path) -> float:
-    """``control_oneway``'s p50 (ms) for system ``name`` on Redis, one run."""
+def workload_p50(name: str, wait: bool, log_dir: Path) -> float:
+    """``control_oneway``'s p50 (ms) for system ``name`` on Redis, one run (``wait``
+    False: ``control_oneway_nowait``, which for Celery is the same code)."""
     system = make_system(name, "redis", new_namespace("ctlprof", name), log_dir)
     try:
-        return float(control_oneway(system, quick=False)["p50_ms"])
+        return float(control_oneway(system, quick=False, wait=wait)["p50_ms"])
     finally:
         system.close()
         system.cleanup()
@@ -215,6 +226,30 @@ def floors(samples: int) -> dict[str, float]:
         out["redis→proc→proc"] - base, 4)
     out["thread hand-off (redis→proc→thread − redis→proc)"] = round(
         out["redis→proc→thread"] - base, 4)
+    return out
+
+
+def pace_cost(samples: int = 200) -> dict[str, float]:
+    """µs (median) of one step of the worker's path, decoding a control message's body
+    (``codec.loads`` and ``ControlMessage.from_wire``), run back to back and run
+    ``CONTROL_GAP`` apart as the workload's messages come: what the same code costs on
+    a CPU that idled in between."""
+    from interactive_tasks import codec
+    from interactive_tasks.protocol import ControlMessage, Verb
+
+    body = codec.dumps(ControlMessage(
+        verb=Verb.MESSAGE, task_id="0" * 32, data={"t": time.time()}, sender="ns.inbox.x",
+        rid="0" * 12, cseq=1, token="0" * 43).to_wire())
+    out = {}
+    for name, gap in (("back to back", 0.0), (f"{CONTROL_GAP * 1000:g} ms apart", CONTROL_GAP)):
+        took = []
+        for _ in range(samples):
+            if gap:
+                time.sleep(gap)
+            start = time.perf_counter()
+            ControlMessage.from_wire(codec.loads(body))
+            took.append(time.perf_counter() - start)
+        out[name] = round(1e6 * statistics.median(took), 1)
     return out
 
 
@@ -242,6 +277,9 @@ def report(data: dict[str, Any]) -> str:
     out.append("floors (benchmarks.floor chains), p50 µs:")
     for chain in rounds[0]["floors"]:
         out.append(f"  {spread([1000 * r['floors'][chain] for r in rounds]):>16}  {chain}")
+    out.append("one step, decoding a control body, in this process, µs:")
+    for pace in rounds[0].get("decode_us", {}):
+        out.append(f"  {spread([r['decode_us'][pace] for r in rounds], '{:.1f}'):>16}  {pace}")
     out.append("CPU µs / wake-ups per message (probed stream):")
     for role in probed[0]["per_message"] if probed else ():
         cpu = [p["per_message"][role]["cpu_us"] for p in probed]
@@ -255,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=300, help="probed messages per round")
     parser.add_argument("--floor-samples", type=int, default=300)
+    parser.add_argument("--nowait", action="store_true",
+                        help="send(wait=False): no acknowledgement from the worker")
     add_output_args(parser, "redis_control_profile.json")
     args = parser.parse_args(argv)
     if args.report is not None:
@@ -269,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         got: dict[str, Any] = {}
         for step in steps if r % 2 == 0 else steps[::-1]:
             if step == "probed":
-                got["probed"] = probed_run(args.n, 20, True, log_dir)
+                got["probed"] = probed_run(args.n, 20, not args.nowait, log_dir)
             elif step == "floors":
                 got["floors"] = floors(args.floor_samples)
+                got["decode_us"] = pace_cost()
             else:
-                got[f"{step}_p50_ms"] = round(workload_p50(step, log_dir), 4)
+                got[f"{step}_p50_ms"] = round(workload_p50(step, not args.nowait, log_dir), 4)
         got["loadavg"] = os.getloadavg()[0]
         data["rounds"].append(got)
         print(f"round {r + 1}: itask {got['itask_p50_ms']} ms, celery "

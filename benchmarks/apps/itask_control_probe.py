@@ -29,7 +29,11 @@ PROBES = {
     "loop woke": "the worker loop's poll returned, in the step that read the control list",
     "control read": "HubCommand._on_readable entered (the control list's BLMPOP reply)",
     "frames parsed": "ControlRouter.on_frames entered (reply parsed by hiredis)",
-    "send_ctl": "Worker.send_ctl entered (frame checked, decoded, routed, authorized)",
+    "frame checked": "ControlRouter._on_control entered (control_frame: the body cut out)",
+    "decoded": "ControlRouter.handle entered (codec.loads, ControlMessage.from_wire)",
+    "held": "ControlRouter.apply_task_control entered (verb routed, HeldControl built)",
+    "authorized": "ControlRouter._apply entered (token checked, sequence number noted)",
+    "send_ctl": "Worker.send_ctl entered (verb applied: the slot frame next)",
     "sending": "FrameWriter.flush entered from send_ctl (frame encoded, send() next)",
     "written": "Worker.send_ctl returned (frame sent on the slot's socketpair)",
     "control done": "ControlRouter.on_frames returned (the sender's reply queued)",
@@ -55,6 +59,10 @@ def stamp(row: int, when: float | None = None) -> None:
         struct.pack_into("d", _table, base + 8 + 8 * count,
                          time.time() if when is None else when)
         struct.pack_into("q", _table, base, count + 1)
+
+
+def _stamp_row(row: int, *_: Any) -> None:
+    stamp(row)
 
 
 def table() -> dict[str, list[float]]:
@@ -130,6 +138,9 @@ def install() -> None:
 
     _wrap(main.Worker, "send_ctl", before=send_ctl, after=lambda *_: stamp(row["written"]))
     _wrap(ipc.FrameWriter, "flush", before=sending)
+    for method, probe in (("_on_control", "frame checked"), ("handle", "decoded"),
+                          ("apply_task_control", "held"), ("_apply", "authorized")):
+        _wrap(ControlRouter, method, before=functools.partial(_stamp_row, row[probe]))
     _wrap(ipc.FrameReader, "feed", before=fed)
     _wrap(ipc.BlockingChannel, "recv", after=got_frame)
     _wrap(child.SlotRuntime, "control", after=lambda *_: stamp(row["notified"]))
