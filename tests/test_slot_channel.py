@@ -97,3 +97,54 @@ def test_held_per_task_on_a_shared_channel(pair: tuple[BlockingChannel, socket.s
     for task in ("t1", "t2"):
         currents = [abs(f[3]["current"]) for f in frames if f[0] == "ev" and f[1] == task]
         assert currents == sorted(currents)
+
+
+def test_a_channel_that_holds_again_and_again_keeps_one_flusher_entry(
+        pair: tuple[BlockingChannel, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker reads a little, the slot sends and holds again, over and over (a
+    saturated prefork worker): the flush thread keeps one entry for the channel, so it
+    wakes once per ``HOLD_S`` at most, not once per hold (each wake takes the
+    interpreter lock from the task's thread)."""
+    channel, worker_end = pair
+    flusher = ipc._Flusher()
+    monkeypatch.setattr(ipc, "_flusher", flusher)
+    monkeypatch.setattr(ipc, "HOLD_S", 3600.0)  # nothing falls due during the test
+    reader = FrameReader()
+    i = 0
+    for _ in range(20):
+        while not channel.holding:  # send until the worker is behind
+            channel.send_progress(_progress(i))
+            i += 1
+        _drain(worker_end, reader)  # the worker catches up:
+        channel.send_progress(_progress(i))  # the held event goes out with the next one
+        i += 1
+        assert channel.holding == 0
+    assert len(flusher._due) == 1
+
+
+def test_held_progress_goes_out_on_its_own_after_holding_again(
+        pair: tuple[BlockingChannel, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held, sent with a later frame, held again: the last hold still goes out on its
+    own, ``HOLD_S`` after it began (the flush thread, woken for the first hold, looks
+    again)."""
+    channel, worker_end = pair
+    monkeypatch.setattr(ipc, "_flusher", ipc._Flusher())
+    monkeypatch.setattr(ipc, "HOLD_S", 0.2)
+    reader = FrameReader()
+    frames: list[Any] = []
+    i = 0
+    for _ in range(5):
+        while not channel.holding:
+            channel.send_progress(_progress(i))
+            i += 1
+        frames.extend(_drain(worker_end, reader))
+        channel.send_progress(_progress(i))  # sends what was held
+        i += 1
+    while not channel.holding:  # held once more, and left there
+        channel.send_progress(_progress(i))
+        i += 1
+    last = i - 1
+    wait_for(lambda: frames.extend(_drain(worker_end, reader)) or (
+        frames and frames[-1][3]["current"] == last), timeout=5,
+        message="the last held progress event")
+    assert channel.holding == 0

@@ -125,6 +125,8 @@ class BlockingChannel:
         self._write_lock = threading.Lock()
         #: task id -> its held progress frame (encoded), in the order first held
         self._held: dict[Any, bytes] = {}
+        #: when the oldest of ``_held`` was held (``time.monotonic()``), None: nothing is
+        self._held_since: float | None = None
         self._outq: int | None = _OUTQ
 
     def send(self, obj: Any) -> None:
@@ -142,7 +144,8 @@ class BlockingChannel:
         with self._write_lock:
             if self._behind():
                 if not self._held:
-                    _flusher.hold(self)
+                    self._held_since = time.monotonic()
+                    _flusher.hold(self, self._held_since + HOLD_S)
                 self._held.pop(task_id, None)  # keep the order in which tasks were held
                 self._held[task_id] = data
                 return
@@ -151,11 +154,18 @@ class BlockingChannel:
                 data = self._take_held() + data
             self._sendall(data)
 
-    def flush_held(self) -> None:
-        """Send the held progress frames, if any."""
+    def flush_due(self, now: float) -> float | None:
+        """Send the held progress frames if they were first held ``HOLD_S`` before
+        ``now``; else when they will be (None: nothing is held). Raises
+        :class:`ChannelClosed`."""
         with self._write_lock:
-            if self._held:
-                self._sendall(self._take_held())
+            if self._held_since is None:
+                return None
+            due = self._held_since + HOLD_S
+            if due > now:
+                return due
+            self._sendall(self._take_held())
+            return None
 
     @property
     def holding(self) -> int:
@@ -165,6 +175,7 @@ class BlockingChannel:
     def _take_held(self) -> bytes:
         data = b"".join(self._held.values())
         self._held.clear()
+        self._held_since = None
         return data
 
     def _behind(self) -> bool:
@@ -198,44 +209,62 @@ class BlockingChannel:
 
 class _Flusher:
     """Sends held progress frames ``HOLD_S`` after they were first held (one thread per
-    process, started on first use; a greenlet under gevent/eventlet patching)."""
+    process, started on first use; a greenlet under gevent/eventlet patching).
+
+    One entry per channel, with the time its held frames fall due: a channel that holds
+    again after its task thread sent what it held keeps its entry, and the thread, woken
+    then, looks at the channel's current hold instead. A saturated worker makes a busy
+    channel hold, send and hold again hundreds of times a second; an entry and a wake-up
+    for each (as before) woke this thread as often, each time taking the interpreter
+    lock from the task's thread (benchmarks/HISTORY.md, "A stall of control round trips
+    on a saturated prefork worker").
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._due: list[tuple[float, BlockingChannel]] = []
+        #: channel -> when its held frames fall due (``time.monotonic()``)
+        self._due: dict[BlockingChannel, float] = {}
         self._pid = 0
 
     def forked(self) -> None:
         """In a forked child: the parent's thread is not here, and it may have held the
         condition's lock when the process forked."""
         self._cond = threading.Condition()
-        self._due = []
+        self._due = {}
         self._pid = 0
 
-    def hold(self, channel: BlockingChannel) -> None:
+    def hold(self, channel: BlockingChannel, due: float) -> None:
+        """``channel`` holds frames that fall due at ``due``."""
         with self._cond:
-            self._due.append((time.monotonic() + HOLD_S, channel))
+            known = self._due.get(channel)
+            if known is not None and known <= due:
+                return  # the thread wakes for it by then and looks at its current hold
+            wake = not self._due or due < min(self._due.values())
+            self._due[channel] = due
             if self._pid != os.getpid():  # not started yet, or started before a fork
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="itask-progress-flush",
                                  daemon=True).start()
-            self._cond.notify()
+            elif wake:  # it sleeps longer than that
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._due:
                     self._cond.wait()
-                due, channel = self._due[0]
-                wait = due - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
+                channel, due = min(self._due.items(), key=lambda item: item[1])
+                now = time.monotonic()
+                if due > now:
+                    self._cond.wait(due - now)
                     continue
-                self._due.pop(0)
+                del self._due[channel]
             try:
-                channel.flush_held()
+                later = channel.flush_due(now)
             except ChannelClosed:
-                pass
+                continue
+            if later is not None:  # sent and held again since it was registered
+                self.hold(channel, later)
 
 
 _flusher = _Flusher()
