@@ -183,3 +183,18 @@ def test_redis_control_profile_times_every_leg(tmp_path: Path) -> None:
     assert probed["messages_aligned"] >= 15
     assert set(probed["legs_us"]) == {leg for leg, _, _ in (*LEGS, *SIDE_LEGS)}
     assert math.isfinite(probed["one_way_p50_us"]) and probed["one_way_p50_us"] > 0
+
+
+def test_slot_wakeups_reports_the_flush_thread(tmp_path: Path) -> None:
+    """``python -m benchmarks.slot_wakeups --only channel``: the flush thread's and the
+    task thread's context switches, and the last progress event reached the reader."""
+    out = tmp_path / "wakeups.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.slot_wakeups", "--only", "channel", "--rounds",
+         "1", "--seconds", "0.5", "--out", str(out)],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["channel"]["this"]["runs"]
+    assert run["last_progress_arrived"], run
+    assert run["progress_per_s"] > 0 and run["flush_thread_switches_per_s"] >= 0
