@@ -215,9 +215,9 @@ class _Flusher:
     again after its task thread sent what it held keeps its entry, and the thread, woken
     then, looks at the channel's current hold instead. A saturated worker makes a busy
     channel hold, send and hold again hundreds of times a second; an entry and a wake-up
-    for each (as before) woke this thread as often, each time taking the interpreter
-    lock from the task's thread (benchmarks/HISTORY.md, "A stall of control round trips
-    on a saturated prefork worker").
+    for each would wake this thread as often, each time taking the interpreter lock from
+    the task's thread (benchmarks/HISTORY.md, "A stall of control round trips on a
+    saturated prefork worker").
     """
 
     def __init__(self) -> None:
