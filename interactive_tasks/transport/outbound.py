@@ -22,8 +22,9 @@ Two implementations:
 
 * :class:`KombuOutbound` (RabbitMQ, embedded, SQS …): results through the app's result
   store, acks through kombu, inbox messages published by the worker's kombu producer as
-  they come; one that fails while the connection is down is kept, in order, and sent after
-  the reconnect.
+  they come (on RabbitMQ past the producer, on its channel: :mod:`.amqp_fast`, after
+  the first to each inbox, which declares it); one that fails while the connection is
+  down is kept, in order, and sent after the reconnect.
 * :class:`RedisOutbound`: results (when the result store is the broker's own Redis), acks
   and inbox frames in one packet per loop step (:class:`.redis_fast.WorkerPipeline`),
   whose answer the loop reads when it arrives; at most :data:`MAX_IN_FLIGHT` packets wait
@@ -40,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 from .. import codec
 from ..errors import ConfigurationError
 from ..results import RedisResultStore
-from . import is_redis
+from . import is_amqp, is_redis
+from .amqp_fast import FastPublisher
 from .frames import encode_frame
 
 if TYPE_CHECKING:
@@ -152,6 +154,9 @@ class KombuOutbound(Outbound):
     def __init__(self, app: App, producer: Callable[[], Producer | None],
                  wake: Callable[[float], None]) -> None:
         super().__init__(app, producer, wake)
+        #: RabbitMQ: inbox messages past kombu's producer (amqp_fast.py)
+        self._fast: FastPublisher | None = FastPublisher() if is_amqp(app.broker_url) \
+            else None
         self._declared: set[str] = set()
         #: inbox messages that failed while the broker connection went down
         self._unsent: collections.deque[InboxMessage] = collections.deque(maxlen=UNSENT_KEPT)
@@ -208,6 +213,10 @@ class KombuOutbound(Outbound):
                 declare = [queue]
             self._declared.add(inbox)
         try:
+            if self._fast is not None and not declare:
+                self._fast.publish(producer.channel, inbox, body,
+                                   headers.get(codec.SIGNATURE_HEADER))
+                return
             producer.publish(body, routing_key=inbox, exchange="",
                              content_type=codec.CONTENT_TYPE, content_encoding="binary",
                              headers=headers, declare=declare)
