@@ -152,3 +152,32 @@ def test_the_client_publishes_fast_and_sends_again_after_its_connection_dropped(
         client.close()
         with Connection(AMQP_URL) as conn:
             conn.default_channel.queue_delete(queue.name)
+
+
+def test_the_inbox_read_on_py_amqps_channel_keeps_signed_messages_only() -> None:
+    from kombu import Connection
+
+    from interactive_tasks import App
+    from interactive_tasks.transport.client_side import AmqpInbox, client_side_for
+
+    require_broker("amqp")
+    app = App("fast", broker=AMQP_URL, namespace=f"itf{uuid.uuid4().hex[:8]}",
+              secret="s3cret")
+    assert app.secret is not None
+    inbox_queue = app.names.inbox_queue(uuid.uuid4().hex[:16])
+    inbox = client_side_for(app, lambda *a, **k: None).open_inbox(inbox_queue)
+    assert isinstance(inbox, AmqpInbox)
+    try:
+        with Connection(AMQP_URL) as conn:
+            channel = conn.default_channel
+            publisher = FastPublisher()
+            publisher.publish(channel, inbox_queue.name, b"unsigned", None)
+            publisher.publish(channel, inbox_queue.name, b"forged", "00" * 32)
+            publisher.publish(channel, inbox_queue.name, b"signed",
+                              codec.sign(app.secret, b"signed"))
+            arrived: list[bytes] = []
+            wait_for(lambda: arrived.extend(inbox.read(0.05)) or b"signed" in arrived,
+                     message="the signed message")
+        assert arrived == [b"signed"]
+    finally:
+        inbox.close(delete=True)

@@ -11,7 +11,9 @@ which broker it talks to (docs/architecture.md, "The transport contract"):
 
 :class:`RedisClientSide` is the fast path (hand-packed ``LPUSH`` of kombu's envelope and a
 bell for idle workers; the control queue and the inbox are plain lists of raw frames, see
-:mod:`.redis_fast`); :class:`KombuClientSide` serves every other broker through kombu.
+:mod:`.redis_fast`); :class:`ClientSide` serves every other broker through kombu — on
+RabbitMQ the client's publisher sends task and control messages past kombu's producer
+(:mod:`.amqp_fast`) and :class:`AmqpInbox` reads the inbox on py-amqp's channel.
 Every method raises :class:`~interactive_tasks.errors.TransportError` when the broker
 cannot be reached.
 """
@@ -27,7 +29,7 @@ from kombu import Consumer, Queue
 
 from .. import codec
 from ..errors import ProtocolError, TransportError
-from . import CONTROL_QUEUE_EXPIRES, is_redis
+from . import CONTROL_QUEUE_EXPIRES, is_amqp, is_redis
 from .frames import decode_frame, encode_frame, task_envelope
 
 if TYPE_CHECKING:
@@ -82,6 +84,8 @@ class ClientSide:
                            declare=[queue])
 
     def open_inbox(self, inbox: Queue) -> InboxSession:
+        if is_amqp(self.app.broker_url):
+            return AmqpInbox(self.app, inbox)
         return KombuInbox(self.app, inbox)
 
     def close(self) -> None:
@@ -105,21 +109,31 @@ class KombuInbox:
         try:
             self._conn.ensure_connection(max_retries=1, interval_start=0, timeout=10)
             self._channel = self._conn.channel()
-            self._consumer = Consumer(self._channel, queues=[inbox], no_ack=True,
-                                      on_message=self._on_message, accept=None)
-            self._consumer.consume()
+            self._consume()
         except Exception:
             self._conn.release()
             raise
 
+    def _consume(self) -> None:
+        self._consumer: Consumer | None = Consumer(
+            self._channel, queues=[self.inbox], no_ack=True, on_message=self._on_message,
+            accept=None)
+        self._consumer.consume()
+
     def _on_message(self, message: Any) -> None:
-        body = message.body
+        self._take(message.body, message.headers)
+
+    def _take(self, body: bytes, headers: dict[str, Any] | None) -> None:
         secret = self.app.secret
         if secret is not None and not codec.verify(
-                secret, body, (message.headers or {}).get(codec.SIGNATURE_HEADER)):
+                secret, body, (headers or {}).get(codec.SIGNATURE_HEADER)):
             logger.warning("dropped an unsigned or badly signed inbox message")
             return
         self._arrived.append(body)
+
+    def _cancel(self) -> None:
+        if self._consumer is not None:
+            self._consumer.cancel()
 
     def read(self, timeout: float) -> list[bytes]:
         try:
@@ -145,7 +159,7 @@ class KombuInbox:
         try:
             # Cancel first: deleting a queue under its own consumer makes the broker
             # cancel it mid-close and leaks the socket (py-amqp).
-            self._consumer.cancel()
+            self._cancel()
             self._channel.queue_delete(self.inbox.name)
         except Exception:
             pass
@@ -154,6 +168,24 @@ class KombuInbox:
                 self._conn.release()
             except Exception:
                 pass
+
+
+class AmqpInbox(KombuInbox):
+    """RabbitMQ: the inbox declared through kombu, then consumed on the py-amqp channel
+    itself: a delivery reaches :meth:`_take` from py-amqp's dispatch, without a kombu
+    ``Message`` and its consumer's callbacks built and run per message."""
+
+    def _consume(self) -> None:
+        self._consumer = None
+        self.inbox.bind(self._channel).declare()
+        self._tag = self._channel.basic_consume(self.inbox.name, no_ack=True,
+                                                callback=self._on_delivery)
+
+    def _on_delivery(self, message: Any) -> None:
+        self._take(message.body, message.properties.get("application_headers"))
+
+    def _cancel(self) -> None:
+        self._channel.basic_cancel(self._tag)
 
 
 class RedisClientSide(ClientSide):
