@@ -36,13 +36,13 @@ from .protocol import (
     control_wire,
 )
 from .transport import is_amqp
-from .transport.amqp_fast import FastPublisher
 from .transport.client_side import ClientSide, InboxSession, client_side_for
 from .transport.frames import task_envelope
 from .transport.upkeep import SCHEDULE_AHEAD, BrokerUpkeep, upkeep_for
 
 if TYPE_CHECKING:
     from .app import App
+    from .transport.amqp_fast import FastPublisher
 
 logger = logging.getLogger("interactive_tasks.client")
 
@@ -109,8 +109,11 @@ class Client:
         self._pub_conn: Connection | None = None
         self._producer: Producer | None = None
         #: RabbitMQ: task and control messages past kombu's producer (amqp_fast.py)
-        self._fast: FastPublisher | None = FastPublisher() if is_amqp(app.broker_url) \
-            else None
+        self._fast: FastPublisher | None = None
+        if is_amqp(app.broker_url):
+            from .transport.amqp_fast import FastPublisher
+
+            self._fast = FastPublisher()
         self._declared: set[str] = set()
         #: the kombu queue of each task queue name (one built per publish cost ~7 µs)
         self._task_queues: dict[str, Queue] = {}

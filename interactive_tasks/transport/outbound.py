@@ -42,13 +42,13 @@ from .. import codec
 from ..errors import ConfigurationError
 from ..results import RedisResultStore
 from . import is_amqp, is_redis
-from .amqp_fast import FastPublisher
 from .frames import encode_frame
 
 if TYPE_CHECKING:
     from kombu import Producer
 
     from ..app import App
+    from .amqp_fast import FastPublisher
     from .redis_fast import WorkerPipeline
 
 __all__ = ["MAX_IN_FLIGHT", "UNSENT_KEPT", "KombuOutbound", "Outbound", "RedisOutbound",
@@ -154,9 +154,13 @@ class KombuOutbound(Outbound):
     def __init__(self, app: App, producer: Callable[[], Producer | None],
                  wake: Callable[[float], None]) -> None:
         super().__init__(app, producer, wake)
-        #: RabbitMQ: inbox messages past kombu's producer (amqp_fast.py)
-        self._fast: FastPublisher | None = FastPublisher() if is_amqp(app.broker_url) \
-            else None
+        #: RabbitMQ: inbox messages past kombu's producer (imported for RabbitMQ only: a
+        #: worker loads its own broker's code, tests/test_imports.py)
+        self._fast: FastPublisher | None = None
+        if is_amqp(app.broker_url):
+            from .amqp_fast import FastPublisher
+
+            self._fast = FastPublisher()
         self._declared: set[str] = set()
         #: inbox messages that failed while the broker connection went down
         self._unsent: collections.deque[InboxMessage] = collections.deque(maxlen=UNSENT_KEPT)
