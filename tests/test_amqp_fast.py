@@ -15,7 +15,7 @@ import pytest
 from interactive_tasks import codec
 from interactive_tasks.transport.amqp_fast import FastPublisher
 
-from .conftest import AMQP_URL, require_broker, wait_for
+from .conftest import AMQP_URL, queue_depth, require_broker, wait_for
 
 
 @pytest.fixture
@@ -135,6 +135,9 @@ def test_the_client_publishes_fast_and_sends_again_after_its_connection_dropped(
         client.publish_raw(b"two", routing_key=queue.routing_key, exchange=queue.exchange,
                            declare=[queue])
         assert calls == [queue.name]
+        # both in the queue before the cut (RabbitMQ may drop an unconfirmed publish
+        # still in its channel when the connection under it goes, whoever wrote it)
+        wait_for(lambda: queue_depth(AMQP_URL, queue.name) == 2, message="two messages")
         conn = client._pub_conn
         assert conn is not None
         conn.connection.transport.sock.shutdown(socket.SHUT_RDWR)
