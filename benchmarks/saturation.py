@@ -4,7 +4,9 @@ One worker, one namespace. First the *idle* figure: an echo task on an otherwise
 worker, ``handle.send()`` → the task's reply seen by the client. Then a second client
 process starts ``--tasks`` load tasks (watched, so their progress is published) and the
 same round trips are timed again, *loaded*. The figure of merit is the loaded p99 as a
-multiple of the idle p50 (issue target: ≤ 20×).
+multiple of the idle p50 (issue target: ≤ 20×). Prefork runs also report the voluntary
+context switches a second of the pool processes' threads while loaded
+(``pool_switches_per_s``: task, control reader, other).
 
 Profiles:
 
@@ -94,6 +96,43 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _pool_switches(worker_pid: int) -> dict[tuple[int, int], int]:
+    """Voluntary context switches of each thread of the worker's child processes (the
+    prefork pool), by (pid, tid); empty for other pools or without ``/proc``."""
+    counts: dict[tuple[int, int], int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != worker_pid:
+                continue
+            for task in (entry / "task").iterdir():
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        counts[(int(entry.name), int(task.name))] = int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return counts
+
+
+def _switch_rates(before: dict[tuple[int, int], int], after: dict[tuple[int, int], int],
+                  seconds: float) -> dict[str, float]:
+    """Voluntary context switches a second, summed over the pool processes, of their main
+    threads (the task's), their first other thread (the control reader ``Slot.serve``
+    starts first) and the rest (the progress flush thread)."""
+    first: dict[int, int] = {}
+    for pid, tid in after:
+        if tid != pid:
+            first[pid] = min(first.get(pid, tid), tid)
+    rates = {"task": 0.0, "reader": 0.0, "other": 0.0}
+    for (pid, tid), count in after.items():
+        if (pid, tid) not in before:
+            continue
+        kind = "task" if tid == pid else "reader" if tid == first[pid] else "other"
+        rates[kind] += (count - before[(pid, tid)]) / seconds
+    return rates
+
+
 def run(broker: str, profile: str, tasks: int, rate: float, samples: int) -> dict[str, Any]:
     ns = f"sat{uuid.uuid4().hex[:8]}"
     pool = "gevent" if profile == "gevent" else "prefork"
@@ -125,9 +164,12 @@ def run(broker: str, profile: str, tasks: int, rate: float, samples: int) -> dic
             time.sleep(2.0)  # into the steady state
             pid = proc.proc.pid
             cpu0, wall0 = _cpu_seconds(pid), time.monotonic()
+            switches0 = _pool_switches(pid)
             loaded = _roundtrips(echo, samples)
             out["worker_cpu_pct"] = 100.0 * (_cpu_seconds(pid) - cpu0) / (
                 time.monotonic() - wall0)
+            out["pool_switches_per_s"] = _switch_rates(
+                switches0, _pool_switches(pid), time.monotonic() - wall0)
             load.stdin.write("stop\n")
             load.stdin.flush()
             load.wait(120)

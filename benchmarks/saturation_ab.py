@@ -34,6 +34,11 @@ SUMMARISED = {
     "loaded_p99_ms": lambda r: r["loaded"]["p99_ms"],
     "ratio_p99_to_idle_p50": lambda r: r["ratio_p99_to_idle_p50"],
     "worker_cpu_pct": lambda r: r["worker_cpu_pct"],
+    # prefork: voluntary context switches a second of the pool processes' threads
+    # (benchmarks.saturation._switch_rates; absent from runs of older checkouts)
+    "pool_task_switches_per_s": lambda r: r["pool_switches_per_s"]["task"],
+    "pool_reader_switches_per_s": lambda r: r["pool_switches_per_s"]["reader"],
+    "pool_other_switches_per_s": lambda r: r["pool_switches_per_s"]["other"],
 }
 
 
@@ -63,7 +68,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in runs if r.get("status") == "ok"]
     summary: dict[str, Any] = {"runs_ok": len(ok), "runs": len(runs)}
     for name, pick in SUMMARISED.items():
-        values = [pick(r) for r in ok]
+        values = []
+        for run in ok:
+            try:
+                values.append(pick(run))
+            except KeyError:  # a figure the run's checkout does not measure
+                continue
         if values:
             summary[name] = {"median": statistics.median(values), "min": min(values),
                              "max": max(values)}

@@ -6,7 +6,8 @@ saturated prefork worker":
 * ``channel``: a slot channel (``worker.ipc.BlockingChannel``) whose task thread sends
   progress as fast as it can while a reader process (the worker) reads 16 KiB every 2 ms,
   as a saturated prefork worker does. Reported: the context switches a second of the
-  progress flush thread (``itask-progress-flush``) and of the task thread, from
+  progress flush thread (``itask-progress-flush``), of the task thread and of a control
+  reader thread waiting for frames from the worker (``recv``, as a slot's does), from
   ``/proc/self/task/TID/status``, and whether the last progress event arrived; with
   ``--side NAME=DIR``, for each checkout's code (``PYTHONPATH``), alternated.
 * ``probe``: a process in its own session wakes every 2 ms and records how late it woke,
@@ -88,6 +89,17 @@ def channel(seconds: float) -> dict[str, Any]:
     proc = ctx.Process(target=_reader, args=(worker_end, stop, last))
     proc.start()
     chan = ipc.BlockingChannel(slot_end)
+    reader_tid: list[int] = []
+
+    def read_loop() -> None:  # a slot's control reader: nothing comes, it only waits
+        reader_tid.append(threading.get_native_id())
+        try:
+            while True:
+                chan.recv()
+        except ipc.ChannelClosed:
+            pass
+
+    threading.Thread(target=read_loop, daemon=True).start()
     sent = 0
     end = time.monotonic() + 0.5  # the flush thread starts at the first hold
     while time.monotonic() < end:
@@ -96,19 +108,22 @@ def channel(seconds: float) -> dict[str, Any]:
     flush = [t for t in threading.enumerate() if t.name == "itask-progress-flush"]
     flush_tid = flush[0].native_id if flush else None
     main_tid = threading.get_native_id()
-    before = (_switches(flush_tid) if flush_tid else 0, _switches(main_tid))
+    before = (_switches(flush_tid) if flush_tid else 0, _switches(main_tid),
+              _switches(reader_tid[0]))
     start = time.monotonic()
     end = start + seconds
     while time.monotonic() < end:
         chan.send_progress(["ev", "t", "progress", {"current": sent}, 0.0])
         sent += 1
     elapsed = time.monotonic() - start
-    after = (_switches(flush_tid) if flush_tid else 0, _switches(main_tid))
+    after = (_switches(flush_tid) if flush_tid else 0, _switches(main_tid),
+             _switches(reader_tid[0]))
     stop.set()
     proc.join(10)
     slot_end.close()
     return {"flush_thread_switches_per_s": (after[0] - before[0]) / elapsed,
             "task_thread_switches_per_s": (after[1] - before[1]) / elapsed,
+            "reader_thread_switches_per_s": (after[2] - before[2]) / elapsed,
             "progress_per_s": sent / (elapsed + 0.5),
             "last_progress_arrived": last.value == sent - 1}
 
@@ -210,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                 run = channel_side(root, args.seconds)
                 print("channel", name, json.dumps(run), flush=True)
                 by_side[name].append(run)
-        doc["channel"] = {name: {"root": str(root), "runs": by_side[name], "summary": _summary(
-            by_side[name], ["flush_thread_switches_per_s", "task_thread_switches_per_s",
-                            "progress_per_s"])} for name, root in sides}
+        keys = ["flush_thread_switches_per_s", "task_thread_switches_per_s",
+                "reader_thread_switches_per_s", "progress_per_s"]
+        doc["channel"] = {name: {"root": str(root), "runs": by_side[name],
+                                 "summary": _summary(by_side[name], keys)}
+                          for name, root in sides}
     if args.only in (None, "probe"):
         probes: dict[str, list[dict[str, Any]]] = {load: [] for load in LOADS}
         for _ in range(args.rounds):  # the loads alternate within each round
