@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -198,3 +200,23 @@ def test_slot_wakeups_reports_the_flush_thread(tmp_path: Path) -> None:
     (run,) = json.loads(out.read_text())["channel"]["this"]["runs"]
     assert run["last_progress_arrived"], run
     assert run["progress_per_s"] > 0 and run["flush_thread_switches_per_s"] >= 0
+    assert run["reader_thread_switches_per_s"] >= 0
+
+
+def test_saturation_counts_the_pool_threads_switches() -> None:
+    """``benchmarks.saturation``: the worker's child processes' threads are found, and
+    their switches are split into task (main), reader (first other thread) and other."""
+    from benchmarks.saturation import _pool_switches, _switch_rates
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: (child.pid, child.pid) in _pool_switches(os.getpid()),
+                 message="the child's main thread")
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(30)
+    before = {(10, 10): 0, (10, 11): 0, (10, 12): 0, (20, 20): 0, (20, 21): 0}
+    after = {(10, 10): 4, (10, 11): 10, (10, 12): 2, (20, 20): 6, (20, 21): 20}
+    assert _switch_rates(before, after, 2.0) == {"task": 5.0, "reader": 15.0, "other": 1.0}
