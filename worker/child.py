@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from interactive_tasks.app import App
 from interactive_tasks.context import Request, reset_runtime, set_runtime
@@ -35,9 +35,21 @@ from interactive_tasks.errors import Cancelled, QuestionTimeout, Retry, SoftTime
 from interactive_tasks.protocol import EventKind
 
 from . import trace
-from .ipc import BlockingChannel, ChannelClosed
+from .ipc import ChannelClosed
 
 logger = logging.getLogger("interactive_tasks.worker.child")
+
+
+class SlotChannel(Protocol):
+    """The slot's end of its channel to the worker: :class:`.ipc.BlockingChannel` (a
+    socket) or :class:`.pools.green_channel.GreenChannel` (a green slot). ``send`` raises
+    TypeError for what cannot be encoded, ``recv`` ChannelClosed once the worker is gone."""
+
+    def send(self, obj: Any) -> None: ...
+
+    def send_progress(self, obj: Any) -> None: ...
+
+    def recv(self) -> Any: ...
 
 #: after a hard pause the soft limit waits up to this many 50 ms steps for the worker's
 #: note of how long the child was frozen
@@ -49,7 +61,7 @@ ALARM_LATE = 0.05
 class SlotRuntime:
     """The runtime of one running task; thread-safe between reader and executor."""
 
-    def __init__(self, channel: BlockingChannel, request: Request, *,
+    def __init__(self, channel: SlotChannel, request: Request, *,
                  paused: bool, soft_time_limit: float | None) -> None:
         self.channel = channel
         self.request = request
@@ -202,7 +214,8 @@ class SlotRuntime:
         fields: dict[str, Any] = {"current": current, "total": total}
         if message is not None:
             fields["message"] = message
-        # Latest wins while the worker is behind (see BlockingChannel.send_progress).
+        # Latest wins while the worker is behind (see BlockingChannel.send_progress,
+        # SlotInbox.put_progress).
         self.channel.send_progress(["ev", self.task_id, EventKind.PROGRESS, fields,
                                     time.time()])
 
@@ -362,7 +375,7 @@ def _flush_partial_lines(runtime: SlotRuntime) -> None:
 class Slot:
     """Serves one channel: runs jobs one after another, relays control to the current one."""
 
-    def __init__(self, app: App, channel: BlockingChannel, hostname: str,
+    def __init__(self, app: App, channel: SlotChannel, hostname: str,
                  nice: int | None = None) -> None:
         self.app = app
         self.channel = channel

@@ -45,6 +45,7 @@ from .inbound import decode_body, signed_by
 from .ipc import ChannelClosed, ctl_frame
 from .outcomes import Outcomes, error_fields
 from .pools.base import Pool, PoolSlot, release_free_memory, resident_kb
+from .pools.green_channel import CLOSED, decode
 from .records import Receipt, Subscriber, TaskRecord
 from .relay import Relay
 from .remote import WorkerControl
@@ -65,6 +66,9 @@ RECONNECT_RESET = 30.0
 #: worker with progress is read in this many bytes at a time, with control handled
 #: between (docs/architecture.md, "The path of an event")
 SLOT_READ_BYTES = 1 << 14
+#: frames taken from a green pool's inbox per turn of the loop, with control handled
+#: between (worker.pools.green_channel)
+INBOX_BATCH = 256
 
 
 def make_pool(name: str, app: App, concurrency: int, hostname: str,
@@ -359,7 +363,9 @@ class Worker:
         conn.transport.register_with_event_loop(conn.connection, hub)
         for slot in self.slots:
             if not slot.closed:
-                hub.add_reader(slot.sock, self._on_slot_readable, slot)
+                self._add_slot_reader(slot)
+        if self.pool.inbox is not None:
+            hub.add_reader(self.pool.inbox.fileno(), self._on_inbox_readable)
         try:
             self.upkeep.start(hub, conn)  # before the first fetch: nothing taken is unowned
         except Exception as exc:
@@ -699,8 +705,7 @@ class Worker:
             used.add(index)
             slot = self.pool.spawn(index)
             self.slots.append(slot)
-            if self.hub is not None:
-                self.hub.add_reader(slot.sock, self._on_slot_readable, slot)
+            self._add_slot_reader(slot)
 
     def shrink_pool(self, count: int) -> int:
         """Stop up to ``count`` idle slots (Celery's ``pool_shrink``; a busy slot is never
@@ -768,7 +773,7 @@ class Worker:
             self.send_ctl(record, Verb.CANCEL, None)
 
     def _watch_writer(self, slot: PoolSlot) -> None:
-        if slot.writer.pending and self.hub is not None:
+        if slot.writer.pending and self.hub is not None and slot.sock is not None:
             self.hub.add_writer(slot.sock, self._on_slot_writable, slot)
 
     def _on_slot_writable(self, slot: PoolSlot) -> None:
@@ -796,11 +801,30 @@ class Worker:
     # -- pool input ----------
     def _is_slot_reader(self, callback: Any) -> bool:
         """Whether ``callback`` (a reader callback on the loop) reads a pool slot."""
-        return bool(callback == self._on_slot_readable)
+        return bool(callback == self._on_slot_readable or callback == self._on_inbox_readable)
+
+    def _add_slot_reader(self, slot: PoolSlot) -> None:
+        """Watch ``slot``'s socket (a green slot has none: the pool's inbox is watched)."""
+        if self.hub is not None and slot.sock is not None:
+            self.hub.add_reader(slot.sock, self._on_slot_readable, slot)
+
+    def _on_inbox_readable(self) -> bool:
+        """Act on up to ``INBOX_BATCH`` frames from the green pool's inbox (urgent ones
+        first; superseded progress is gone already); True if frames came."""
+        inbox = self.pool.inbox
+        assert inbox is not None
+        taken = inbox.drain(INBOX_BATCH)
+        for slot, body in taken:
+            if body == CLOSED:
+                self._on_slot_closed(slot)
+            elif not slot.closed:
+                self._on_frame(slot, decode(body))
+        return bool(taken)
 
     def _on_slot_readable(self, slot: PoolSlot) -> bool:
         """Read what ``slot`` sent (up to ``SLOT_READ_BYTES``) and act on its frames;
         True if frames came (more may be waiting)."""
+        assert slot.sock is not None
         try:
             data = slot.sock.recv(SLOT_READ_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -825,7 +849,11 @@ class Worker:
 
     def drain_slot(self, slot: PoolSlot) -> None:
         """Act on everything ``slot`` has written so far (a stopped slot: all it wrote
-        before it stopped)."""
+        before it stopped; a green slot: everything in the pool's inbox)."""
+        if slot.sock is None:
+            while self._on_inbox_readable():
+                pass
+            return
         while not slot.closed and self._on_slot_readable(slot):
             pass
 
@@ -894,11 +922,12 @@ class Worker:
             return
         slot.closed = True
         self._maybe_free.pop(slot, None)
-        if self.hub is not None:
+        if self.hub is not None and slot.sock is not None:
             self.hub.remove(slot.sock)
         how = self.pool.reap(slot)
         try:
-            slot.sock.close()
+            if slot.sock is not None:
+                slot.sock.close()
         except OSError:
             pass
         if slot not in self.slots and slot.task_id is None:
@@ -934,8 +963,7 @@ class Worker:
             return
         new = self.pool.spawn(slot.index)
         self.slots[self.slots.index(slot)] = new
-        if self.hub is not None:
-            self.hub.add_reader(new.sock, self._on_slot_readable, new)
+        self._add_slot_reader(new)
 
     def publish_task(self, message: TaskMessage) -> None:
         """Publish a task message (signed when the app has a secret) to its queue; one

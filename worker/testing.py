@@ -58,7 +58,8 @@ class InProcessWorker(Worker):
             for slot in self.slots:  # a process's exit would close them
                 if not slot.closed:
                     slot.closed = True
-                    slot.sock.close()
+                    if slot.sock is not None:
+                        slot.sock.close()
 
     def start(self, timeout: float = 10.0) -> None:
         """Run on a new thread and return once every slot is ready; raises TimeoutError

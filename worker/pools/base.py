@@ -1,10 +1,11 @@
 """The execution pool contract.
 
-A pool owns *slots*. Every slot, whatever the pool, talks to the worker over its own
-socketpair with the framing of :mod:`..ipc` and runs :class:`..child.Slot` on the other
-end — in a billiard child process (prefork) or in a thread of the worker (threads, solo).
-The worker loop therefore handles every pool the same way; pools differ only in how a
-slot is started, forced to stop, frozen and replaced.
+A pool owns *slots*. Every slot, whatever the pool, runs :class:`..child.Slot` and talks
+to the worker in the frames of :mod:`..ipc`: over its own socketpair in a billiard child
+process (prefork) or a thread of the worker (threads, solo); through the pool's one
+in-process inbox in a green thread of the worker (gevent, eventlet:
+:mod:`.green_channel`). The worker loop handles every frame the same way; pools differ
+only in how a slot is started, forced to stop, frozen and replaced, and in that channel.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from interactive_tasks.app import App
 
 from ..ipc import FrameReader, FrameWriter
+from .green_channel import SlotInbox
 
 
 def use_switch_interval(app: App) -> None:
@@ -31,16 +33,29 @@ def use_switch_interval(app: App) -> None:
         sys.setswitchinterval(interval)
 
 
+class SlotWriter(Protocol):
+    """How the worker writes frames to a slot: :class:`..ipc.FrameWriter` on a socket,
+    :class:`.green_channel.GreenChannel` to a green slot."""
+
+    @property
+    def pending(self) -> int: ...
+
+    def write(self, obj: Any) -> bool: ...
+
+    def flush(self) -> bool: ...
+
+
 @dataclass(eq=False)
 class PoolSlot:
-    """The worker's side of one slot."""
+    """The worker's side of one slot: its socket, or (a green slot) None and the
+    ``writer`` its frames to the slot go through."""
 
     index: int
     pid: int
-    sock: socket.socket
-    handle: Any = None  # the billiard Process or the Thread
+    sock: socket.socket | None
+    handle: Any = None  # the billiard Process, the Thread or the green thread
     reader: FrameReader = field(default_factory=FrameReader)
-    writer: FrameWriter = field(init=False)
+    writer: SlotWriter = None  # type: ignore[assignment]  # a socket's: __post_init__
     ready: bool = False
     task_id: str | None = None
     tasks_run: int = 0
@@ -54,11 +69,10 @@ class PoolSlot:
     spawned: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.sock.setblocking(False)
-        self.writer = FrameWriter(self.sock)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
+        if self.sock is not None:
+            self.sock.setblocking(False)
+            if self.writer is None:
+                self.writer = FrameWriter(self.sock)
 
     @property
     def busy(self) -> bool:
@@ -73,6 +87,8 @@ class Pool(abc.ABC):
     supports_hard_pause = False
     #: whether slots are separate processes (a dead slot can be replaced)
     separate_processes = False
+    #: where slots without a socket (``PoolSlot.sock`` None) leave their frames
+    inbox: SlotInbox | None = None
 
     def __init__(self, app: App, concurrency: int, hostname: str,
                  max_tasks_per_child: int | None = None) -> None:

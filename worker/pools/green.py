@@ -1,7 +1,9 @@
 """What the gevent and eventlet pools share: slots that are green threads of the worker.
 
-Each slot runs the slot runtime every pool runs, on its own socketpair, in a green thread
-the concrete pool starts (:meth:`GreenPool.start_green`).
+Each slot runs the slot runtime every pool runs, in a green thread the concrete pool
+starts (:meth:`GreenPool.start_green`). Its frames reach the worker loop through the
+pool's one in-process inbox and the worker's reach it through a queue of its own
+(:mod:`.green_channel`), not a socketpair per slot.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from interactive_tasks.app import App
+
 from ..child import Slot
-from ..ipc import BlockingChannel
 from .base import Pool, PoolSlot
+from .green_channel import GreenChannel, SlotInbox
 
 
 class CooperativeEpoll:
@@ -47,19 +51,28 @@ class CooperativeEpoll:
 class GreenPool(Pool):
     """A pool of green-thread slots; subclasses say how a green thread is started."""
 
+    def __init__(self, app: App, concurrency: int, hostname: str,
+                 max_tasks_per_child: int | None = None) -> None:
+        super().__init__(app, concurrency, hostname, max_tasks_per_child)
+        self.inbox = SlotInbox()
+
     def start_green(self, serve: Callable[[], None]) -> Any:
         """Start ``serve`` in a green thread; returns its handle (kept as the slot's)."""
         raise NotImplementedError
 
     def spawn(self, index: int) -> PoolSlot:
-        parent, child = self._socketpair()
-        runner = Slot(self.app, BlockingChannel(child), self.hostname)
+        assert self.inbox is not None
+        channel = GreenChannel(self.inbox)
+        slot = PoolSlot(index=index, pid=os.getpid(), sock=None, writer=channel)
+        channel.slot = slot
+        runner = Slot(self.app, channel, self.hostname)
 
         def serve() -> None:
             try:
                 runner.serve()
             finally:  # the worker sees the channel close (a slot stopped to shrink)
-                child.close()
+                channel.closed()
 
-        return PoolSlot(index=index, pid=os.getpid(), sock=parent,
-                        handle=self.start_green(serve))
+        # The green thread first runs when the worker loop next waits: after this.
+        slot.handle = self.start_green(serve)
+        return slot
