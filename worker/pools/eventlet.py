@@ -1,12 +1,12 @@
 """The eventlet pool: thousands of I/O-bound tasks in one worker process.
 
-The same design as the gevent pool (:mod:`.gevent`): slots are green threads, each with
-its own socketpair and the slot runtime every pool runs, so interactive tasks work
-unchanged: progress and messages flow, pause and cancel take effect at checkpoints (and
-at any cooperative wait). Forced cancel raises ``Cancelled`` in the slot's green thread
-(at once if it waits, else at its next cooperative switch); a CPU-bound task that never
-yields blocks the whole worker, so this pool is for I/O-bound work only. There is no hard
-pause.
+The same design as the gevent pool (:mod:`.gevent`): slots are green threads, each
+running the slot runtime every pool runs over the pool's one in-process inbox
+(:mod:`.green_channel`), so interactive tasks work unchanged: progress and messages flow,
+pause and cancel take effect at checkpoints (and at any cooperative wait). Forced cancel
+raises ``Cancelled`` in the slot's green thread (at once if it waits, else at its next
+cooperative switch); a CPU-bound task that never yields blocks the whole worker, so this
+pool is for I/O-bound work only. There is no hard pause.
 
 The worker must be monkey-patched before anything else is imported: ``itask worker
 --pool eventlet`` does that (see ``interactive_tasks._eventlet``).

@@ -1,11 +1,11 @@
 """The gevent pool: thousands of I/O-bound tasks in one worker process.
 
-Slots are greenlets, each with its own socketpair and the same slot runtime as every
-other pool, so interactive tasks work unchanged: progress and messages flow, pause and
-cancel take effect at checkpoints (and at any cooperative wait). Forced cancel raises
-``Cancelled`` in the slot's greenlet at its next cooperative switch; a CPU-bound task that
-never yields blocks the whole worker, so this pool is for I/O-bound work only. There is no
-hard pause.
+Slots are greenlets, each running the same slot runtime as every other pool (its frames
+reach the worker loop through the pool's one in-process inbox: :mod:`.green_channel`),
+so interactive tasks work unchanged: progress and messages flow, pause and cancel take
+effect at checkpoints (and at any cooperative wait). Forced cancel raises ``Cancelled`` in
+the slot's greenlet at its next cooperative switch; a CPU-bound task that never yields
+blocks the whole worker, so this pool is for I/O-bound work only. There is no hard pause.
 
 The worker must be monkey-patched before anything else is imported: ``itask worker
 --pool gevent`` does that (see ``interactive_tasks._gevent``). The eventlet pool
