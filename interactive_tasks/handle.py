@@ -31,7 +31,6 @@ from .errors import (
 )
 from .protocol import (
     STATE_AFTER,
-    ControlMessage,
     Event,
     EventKind,
     TaskSnapshot,
@@ -826,19 +825,13 @@ class TaskHandle(ResultHandle[R]):
                 raise
             return
         try:
-            client.ensure_started()
-            message = ControlMessage(
-                verb=verb, task_id=self.id, data=data, sender=client.inbox.name,
-                rid=client.new_rid(), cseq=client.next_cseq(self.id), token=self._token,
-                receipt=bool(receipt),
-            )
-            if receipt:
-                client.expect_receipt(self.id, message.cseq, self, receipt)
+            wire = client.task_verb_wire(self.id, verb, data, self._token,
+                                         (self, receipt) if receipt else None, reply=True)
             # a broadcast no worker heard (one starting or reconnecting) goes out again; a
             # worker that hears both copies applies the verb once (cseq)
-            replies = client.request(message, worker, timeout, many=worker is None,
-                                     until=_has_owner, settle=0.3,
-                                     resend=BROADCAST_RESEND if worker is None else None)
+            replies = client.request_wire(wire, worker, timeout, many=worker is None,
+                                          until=_has_owner, settle=0.3,
+                                          resend=BROADCAST_RESEND if worker is None else None)
         except BaseException:
             if stream:
                 self._unadmit_stream_message()

@@ -88,7 +88,9 @@ class SlotRuntime:
         """Apply a control frame; a message's ``receipt`` (its sender wants to know when
         the task takes it) goes back from :meth:`receive`."""
         with self._cond:
-            if verb == "pause":
+            if verb == "message":  # the common case first
+                self._inbox.append((data, receipt))
+            elif verb == "pause":
                 self._paused = True
             elif verb == "resume":
                 self._paused = False
@@ -97,8 +99,6 @@ class SlotRuntime:
                     self._continued = False
             elif verb == "cancel":
                 self._cancelled = True
-            elif verb == "message":
-                self._inbox.append((data, receipt))
             elif verb == "answer":
                 qid = data.get("qid") if isinstance(data, dict) else None
                 value = data.get("value") if isinstance(data, dict) else data

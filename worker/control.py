@@ -32,6 +32,7 @@ from interactive_tasks.protocol import (
     EventKind,
     TaskMessage,
     Verb,
+    control_fields,
 )
 from interactive_tasks.transport.frames import control_frame, kombu_body
 
@@ -105,7 +106,7 @@ class ControlRouter:
         try:
             if w.app.secret is not None and not signed:
                 raise ProtocolError("control message is unsigned or its signature is wrong")
-            ctl = ControlMessage.from_wire(decode())
+            fields = control_fields(decode())
         except ProtocolError as exc:
             logger.warning("refused control message: %s", exc.reason)
             sender = None
@@ -119,12 +120,18 @@ class ControlRouter:
                 self.reply(sender, rid if isinstance(rid, str) else None, False,
                            error=("ProtocolError", exc.reason))
             return
+        verb = fields[0]
         try:
-            self.handle(ctl, signed)
+            if verb in TASK_VERBS:
+                # The common case, a message to a task: no ControlMessage is built.
+                self.task_control(fields[1] or "", verbs.held_fields(fields, signed))
+            else:
+                self.handle(ControlMessage(*fields), signed)
         except Exception as exc:  # a bug here must not take the worker down
-            logger.exception("error handling control %s", ctl.verb)
-            if ctl.sender:
-                self.reply(ctl.sender, ctl.rid, False, error=("ControlError", str(exc)))
+            logger.exception("error handling control %s", verb)
+            sender, rid = fields[3], fields[4]
+            if sender:
+                self.reply(sender, rid, False, error=("ControlError", str(exc)))
 
     def reply(self, inbox: str, rid: str | None, ok: bool, *, data: Any = None,
                error: tuple[str, str] | None = None, pending: bool = False) -> None:
@@ -165,16 +172,19 @@ class ControlRouter:
             return
         assert ctl.task_id is not None or verb == Verb.LOCATE
         task_id = ctl.task_id or ""
-        record = w.records.get(task_id) or w.finished.get(task_id)
-        if verb in READ_VERBS:
-            self.handle_read(ctl, record, signed)
-            return
         if verb in TASK_VERBS:
-            held = verbs.held_control(ctl, signed)
-            if record is not None:
-                self.apply_task_control(record, held)
-            elif inbox := verbs.hold(w.held, task_id, held):  # in case the task comes here
-                self.reply(inbox, ctl.rid, True, pending=True)
+            self.task_control(task_id, verbs.held_control(ctl, signed))
+        elif verb in READ_VERBS:
+            self.handle_read(ctl, w.records.get(task_id) or w.finished.get(task_id), signed)
+
+    def task_control(self, task_id: str, held: HeldControl) -> None:
+        """A task verb: applied to the task when it is here, else held for it."""
+        w = self.state
+        record = w.records.get(task_id) or w.finished.get(task_id)
+        if record is not None:
+            self.apply_task_control(record, held)
+        elif inbox := verbs.hold(w.held, task_id, held):  # in case the task comes here
+            self.reply(inbox, held.rid, True, pending=True)
 
     def authorized(self, record: TaskRecord, held: HeldControl) -> bool:
         if held.signed:
@@ -204,7 +214,13 @@ class ControlRouter:
             raise verbs.ended(record.id, record.state)
         verb, data = held.verb, held.data
         started = record.slot is not None
-        if verb == Verb.PAUSE:
+        if verb == Verb.MESSAGE:  # the common case first
+            receipt = verbs.receipt_of(held)
+            if started:
+                self.send_ctl(record, Verb.MESSAGE, data, receipt)
+            else:
+                record.early_messages.append((Verb.MESSAGE, data, receipt))
+        elif verb == Verb.PAUSE:
             hard = verbs.is_hard(data)
             if hard and not w.pool.supports_hard_pause:
                 raise verbs.Refused("HardPauseUnsupported",
@@ -241,12 +257,6 @@ class ControlRouter:
                 self.send_ctl(record, Verb.RESUME, None)
         elif verb == Verb.CANCEL:
             self.cancel(record, data)
-        elif verb == Verb.MESSAGE:
-            receipt = verbs.receipt_of(held)
-            if started:
-                self.send_ctl(record, Verb.MESSAGE, data, receipt)
-            else:
-                record.early_messages.append((Verb.MESSAGE, data, receipt))
         elif verb == Verb.ANSWER:
             self.send_ctl(record, Verb.ANSWER, verbs.answer(record.id, record.question, data))
 

@@ -793,7 +793,8 @@ class Worker:
         if slot is None:
             return
         try:
-            slot.writer.write(ctl_frame(record.id, verb, data, receipt))
+            if slot.writer.write(ctl_frame(record.id, verb, data, receipt)):
+                return  # all sent (the common case): nothing left for the loop to write
         except ChannelClosed:
             return
         self._watch_writer(slot)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from interactive_tasks import codec
-from interactive_tasks.protocol import ControlMessage, Envelope, TaskState, Verb
+from interactive_tasks.protocol import ControlFields, ControlMessage, Envelope, TaskState, Verb
 
 from .records import HeldControl, Receipt, Subscriber
 
@@ -58,8 +58,16 @@ def snapshot_message(hostname: str, rid: str | None, snapshot: dict[str, Any]) -
 def held_control(ctl: ControlMessage, signed: bool) -> HeldControl:
     """A task verb as it waits to be applied: at once when its task is here, else when
     the task arrives (within :data:`HELD_CONTROL_TTL`)."""
-    return HeldControl(ctl.verb, ctl.data, ctl.sender, ctl.rid, ctl.cseq, ctl.token, signed,
-                       time.monotonic() + HELD_CONTROL_TTL, ctl.receipt)
+    return held_fields((ctl.verb, ctl.task_id, ctl.data, ctl.sender, ctl.rid, ctl.cseq,
+                        ctl.token, ctl.ts, ctl.receipt), signed)
+
+
+def held_fields(fields: ControlFields, signed: bool) -> HeldControl:
+    """:func:`held_control` from a control's checked wire fields
+    (:func:`~interactive_tasks.protocol.control_fields`), without a ControlMessage."""
+    verb, _, data, sender, rid, cseq, token, _, receipt = fields
+    return HeldControl(verb, data, sender, rid, cseq, token, signed,
+                       time.monotonic() + HELD_CONTROL_TTL, receipt)
 
 
 def receipt_of(held: HeldControl) -> Receipt | None:
