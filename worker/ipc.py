@@ -50,7 +50,15 @@ class FrameReader:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[Any]:
+        """The frames ``data`` completes (decoded); raises ChannelClosed for a frame over
+        :data:`MAX_FRAME` and ProtocolError for one that is not msgpack."""
         buf = self._buf
+        if not buf and len(data) >= 4:
+            # One whole frame and nothing buffered (a control message, most reads): decoded
+            # from ``data`` without going through the buffer.
+            (size,) = _HEADER.unpack_from(data)
+            if len(data) == 4 + size <= 4 + MAX_FRAME:
+                return [codec.loads(data[4:], MAX_FRAME)]
         buf += data
         frames: list[Any] = []
         pos = 0

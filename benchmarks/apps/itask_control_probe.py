@@ -30,8 +30,9 @@ PROBES = {
     "control read": "HubCommand._on_readable entered (the control list's BLMPOP reply)",
     "frames parsed": "ControlRouter.on_frames entered (reply parsed by hiredis)",
     "frame checked": "ControlRouter._on_control entered (control_frame: the body cut out)",
-    "decoded": "ControlRouter.handle entered (codec.loads, ControlMessage.from_wire)",
-    "held": "ControlRouter.apply_task_control entered (verb routed, HeldControl built)",
+    "decoded": "ControlRouter.task_control entered (codec.loads, control_fields, the "
+               "HeldControl built)",
+    "held": "ControlRouter.apply_task_control entered (the task's record looked up)",
     "authorized": "ControlRouter._apply entered (token checked, sequence number noted)",
     "send_ctl": "Worker.send_ctl entered (verb applied: the slot frame next)",
     "sending": "FrameWriter.flush entered from send_ctl (frame encoded, send() next)",
@@ -138,7 +139,7 @@ def install() -> None:
 
     _wrap(main.Worker, "send_ctl", before=send_ctl, after=lambda *_: stamp(row["written"]))
     _wrap(ipc.FrameWriter, "flush", before=sending)
-    for method, probe in (("_on_control", "frame checked"), ("handle", "decoded"),
+    for method, probe in (("_on_control", "frame checked"), ("task_control", "decoded"),
                           ("apply_task_control", "held"), ("_apply", "authorized")):
         _wrap(ControlRouter, method, before=functools.partial(_stamp_row, row[probe]))
     _wrap(ipc.FrameReader, "feed", before=fed)
