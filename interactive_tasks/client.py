@@ -393,7 +393,7 @@ class Client:
                        reply: bool = False) -> dict[str, Any]:
         """A task verb from this client as it goes on the wire (``control_wire``), with
         the next sequence number for the task and, with ``reply``, a new request id (for
-        :meth:`request_wire`); without a ControlMessage in between.
+        :meth:`request`); without a ControlMessage in between.
 
         With ``receipt`` (a watcher, and the count of messages it has streamed with this
         one) the message asks for a receipt once the task has taken it, passed to the
@@ -431,7 +431,7 @@ class Client:
 
     def request(
         self,
-        message: ControlMessage,
+        message: ControlMessage | dict[str, Any],
         worker: str | None,
         timeout: float,
         *,
@@ -451,27 +451,18 @@ class Client:
         Redis it is a PUBLISH), so a worker that was not listening at that moment — between
         its start and its first subscription, or reconnecting — never sees it. Only for
         messages a worker recognises when they come twice (task verbs, by ``cseq``).
-        """
-        self.ensure_started()
-        rid = message.rid or self.new_rid()
-        if message.sender != self.inbox.name or message.rid != rid:
-            message = dataclasses.replace(message, sender=self.inbox.name, rid=rid)
-        return self.request_wire(message.to_wire(), worker, timeout, many=many, until=until,
-                                 settle=settle, resend=resend)
 
-    def request_wire(
-        self,
-        wire: dict[str, Any],
-        worker: str | None,
-        timeout: float,
-        *,
-        many: bool = False,
-        until: Callable[[list[dict[str, Any]]], bool] | None = None,
-        settle: float | None = None,
-        resend: float | None = None,
-    ) -> list[dict[str, Any]]:
-        """:meth:`request` for a message already on its wire form, whose ``sender`` is
-        this client's inbox and whose ``rid`` is set (:meth:`task_verb_wire`)."""
+        ``message`` may be in its wire form already, from :meth:`task_verb_wire` with
+        ``reply=True`` (its sender this client's inbox, its request id set): sent as it is.
+        """
+        if isinstance(message, dict):
+            wire = message
+        else:
+            self.ensure_started()
+            rid = message.rid or self.new_rid()
+            if message.sender != self.inbox.name or message.rid != rid:
+                message = dataclasses.replace(message, sender=self.inbox.name, rid=rid)
+            wire = message.to_wire()
         rid = wire["rid"]
         waiter = _Waiter(many)
         with self._lock:

@@ -829,9 +829,9 @@ class TaskHandle(ResultHandle[R]):
                                          (self, receipt) if receipt else None, reply=True)
             # a broadcast no worker heard (one starting or reconnecting) goes out again; a
             # worker that hears both copies applies the verb once (cseq)
-            replies = client.request_wire(wire, worker, timeout, many=worker is None,
-                                          until=_has_owner, settle=0.3,
-                                          resend=BROADCAST_RESEND if worker is None else None)
+            replies = client.request(wire, worker, timeout, many=worker is None,
+                                     until=_has_owner, settle=0.3,
+                                     resend=BROADCAST_RESEND if worker is None else None)
         except BaseException:
             if stream:
                 self._unadmit_stream_message()
