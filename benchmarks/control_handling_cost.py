@@ -3,8 +3,7 @@
 ::
 
     python -m benchmarks.control_handling_cost                 # µs per message
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
-        python -m benchmarks.control_handling_cost --n 2000 --instructions-only
+    python -m benchmarks.control_handling_cost --callgrind     # instructions per message
 
 The Redis control path's worker step for the common case, ``handle.send(data)`` to a task
 running on this worker: the raw frames of the control list (what the ``BLMPOP`` reply
@@ -16,18 +15,23 @@ The other end of the socketpair is read and decoded after each message, off the 
 
 Each message's wall time is timed twice: back to back, and ``CONTROL_GAP`` apart (as the
 workload sends them, so the CPU idles in between and the code runs with cold caches, as
-it does in the worker). Under ``valgrind --tool=callgrind`` the instruction count of a
-run of ``--n`` messages, less that of a run of 0, divided by ``--n``, is the instructions
-per message; with ``--null`` the same loop writes the slot frame by hand instead of
-calling ``on_frames``: the loop's own instructions, to subtract.
+it does in the worker). With ``--callgrind``, the instructions instead (the same on a
+loaded machine): this script run under ``valgrind --tool=callgrind`` for 0 messages, for
+``--n`` back to back, and for ``--n`` whose slot frame the loop writes by hand instead of
+calling ``on_frames`` (``--null``: the loop's own cost); per message, ``on_frames`` is the
+difference of the last two over ``--n``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from types import SimpleNamespace
@@ -89,22 +93,46 @@ def run(n: int, gap: float, null: bool = False) -> list[float]:
     reader = FrameReader()
     took = []
     inbox = "c.inbox.0123456789abcdef"
-    for i in range(n):
-        wire = control_wire(Verb.MESSAGE, task_id, {"t": time.time()}, inbox,
-                            f"0123456789abcdef.{i}", i + 1, token, time.time())
-        frames = [encode_frame(codec.dumps(wire), None)]
-        if gap:
-            time.sleep(gap)
-        start = time.perf_counter()
-        if null:
-            slot.sock.send(ipc_frame(["ctl", task_id, Verb.MESSAGE, None]))
-        else:
-            router.on_frames(frames)
-        took.append(time.perf_counter() - start)
-        got = reader.feed(theirs.recv(65536))
-        assert got and got[-1][0] == "ctl", got
-        relay.published.clear()
+    try:
+        for i in range(n):
+            wire = control_wire(Verb.MESSAGE, task_id, {"t": time.time()}, inbox,
+                                f"0123456789abcdef.{i}", i + 1, token, time.time())
+            frames = [encode_frame(codec.dumps(wire), None)]
+            if gap:
+                time.sleep(gap)
+            start = time.perf_counter()
+            if null:
+                slot.sock.send(ipc_frame(["ctl", task_id, Verb.MESSAGE, None]))
+            else:
+                router.on_frames(frames)
+            took.append(time.perf_counter() - start)
+            got = reader.feed(theirs.recv(65536))
+            assert got and got[-1][0] == "ctl", got
+            relay.published.clear()
+    finally:
+        theirs.close()
+        slot.sock.close()
     return took
+
+
+def instructions(n: int, null: bool = False) -> int:
+    """Instructions callgrind counts in a run of this script for ``n`` messages."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
+               sys.executable, "-m", "benchmarks.control_handling_cost",
+               "--instructions-only", "--n", str(n), *(["--null"] if null else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count in valgrind's output: {done.stderr[-500:]}")
+    return int(found.group(1))
+
+
+def per_message_instructions(n: int) -> dict[str, int]:
+    """Instructions per message: the whole loop, the loop alone, ``on_frames``."""
+    empty, full, null = instructions(0), instructions(n), instructions(n, null=True)
+    return {"loop_with_on_frames": (full - empty) // n, "loop_alone": (null - empty) // n,
+            "on_frames": (full - null) // n}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,10 +145,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="only run --n messages back to back (under callgrind)")
     parser.add_argument("--null", action="store_true",
                         help="with --instructions-only: the harness alone (no on_frames)")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="instructions per message, under valgrind (--n messages)")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
     if args.instructions_only:
         run(args.n, 0.0, args.null)
+        return
+    if args.callgrind:
+        out: dict[str, Any] = {"n": args.n, "instructions_per_message":
+                               per_message_instructions(args.n)}
+        print(json.dumps(out))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
         return
     back, apart = [], []
     for _ in range(args.rounds):

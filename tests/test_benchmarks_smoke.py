@@ -220,3 +220,15 @@ def test_saturation_counts_the_pool_threads_switches() -> None:
     before = {(10, 10): 0, (10, 11): 0, (10, 12): 0, (20, 20): 0, (20, 21): 0}
     after = {(10, 10): 4, (10, 11): 10, (10, 12): 2, (20, 20): 6, (20, 21): 20}
     assert _switch_rates(before, after, 2.0) == {"task": 5.0, "reader": 15.0, "other": 1.0}
+
+
+
+
+def test_control_handling_cost_passes_each_message_to_the_slot() -> None:
+    """``python -m benchmarks.control_handling_cost``: each control frame goes through the
+    worker's router to the slot's socketpair (``run`` asserts the slot read it), and the
+    hand-written frames of ``--null`` too."""
+    from benchmarks.control_handling_cost import run
+
+    assert len(run(5, 0.0)) == 5
+    assert len(run(5, 0.0, null=True)) == 5
