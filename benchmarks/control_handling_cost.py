@@ -141,12 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gap-n", type=int, default=500,
                         help="messages CONTROL_GAP apart (default 500)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--instructions-only", action="store_true",
-                        help="only run --n messages back to back (under callgrind)")
-    parser.add_argument("--null", action="store_true",
-                        help="with --instructions-only: the harness alone (no on_frames)")
-    parser.add_argument("--callgrind", action="store_true",
-                        help="instructions per message, under valgrind (--n messages)")
+    for flag, text in (
+            ("--callgrind", "instructions per message, under valgrind (--n messages)"),
+            ("--instructions-only", "only run --n messages back to back (under callgrind)"),
+            ("--null", "with --instructions-only: the harness alone (no on_frames)")):
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
     if args.instructions_only:
@@ -155,22 +154,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.callgrind:
         out: dict[str, Any] = {"n": args.n, "instructions_per_message":
                                per_message_instructions(args.n)}
-        print(json.dumps(out))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(out, f, indent=1)
-        return
-    back, apart = [], []
-    for _ in range(args.rounds):
-        back.append(1e6 * statistics.median(run(args.n, 0.0)))
-        apart.append(1e6 * statistics.median(run(args.gap_n, CONTROL_GAP)))
-    out = {"back_to_back_us": [round(x, 2) for x in back],
-           f"{CONTROL_GAP * 1000:g}_ms_apart_us": [round(x, 2) for x in apart]}
+    else:
+        back, apart = [], []
+        for _ in range(args.rounds):
+            back.append(1e6 * statistics.median(run(args.n, 0.0)))
+            apart.append(1e6 * statistics.median(run(args.gap_n, CONTROL_GAP)))
+        out = {"back_to_back_us": [round(x, 2) for x in back],
+               f"{CONTROL_GAP * 1000:g}_ms_apart_us": [round(x, 2) for x in apart]}
     print(json.dumps(out))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
-
 
 if __name__ == "__main__":
     main()
