@@ -222,8 +222,6 @@ def test_saturation_counts_the_pool_threads_switches() -> None:
     assert _switch_rates(before, after, 2.0) == {"task": 5.0, "reader": 15.0, "other": 1.0}
 
 
-
-
 def test_control_handling_cost_passes_each_message_to_the_slot() -> None:
     """``python -m benchmarks.control_handling_cost``: each control frame goes through the
     worker's router to the slot's socketpair (``run`` asserts the slot read it), and the
