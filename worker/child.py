@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from interactive_tasks.app import App
@@ -62,11 +63,14 @@ class SlotRuntime:
     """The runtime of one running task; thread-safe between reader and executor."""
 
     def __init__(self, channel: SlotChannel, request: Request, *,
-                 paused: bool, soft_time_limit: float | None) -> None:
+                 paused: bool, soft_time_limit: float | None,
+                 condition: Callable[[], Any] = threading.Condition) -> None:
         self.channel = channel
         self.request = request
         self.task_id = request.id
-        self._cond = threading.Condition()
+        #: ``threading.Condition``, or what a green pool gives for it
+        #: (:class:`.pools.gevent_condition.GeventCondition`)
+        self._cond = condition()
         self._paused = paused
         self._cancelled = False
         #: (message, receipt or None) in the order they came
@@ -376,8 +380,11 @@ class Slot:
     """Serves one channel: runs jobs one after another, relays control to the current one."""
 
     def __init__(self, app: App, channel: SlotChannel, hostname: str,
-                 nice: int | None = None) -> None:
+                 nice: int | None = None,
+                 condition: Callable[[], Any] = threading.Condition) -> None:
         self.app = app
+        #: makes each task runtime's condition variable (see SlotRuntime)
+        self.condition = condition
         self.channel = channel
         self.hostname = hostname
         #: how much to lower the priority of the thread that runs jobs (``serve``'s),
@@ -435,7 +442,8 @@ class Slot:
             expires=job.get("expires"),
         )
         runtime = SlotRuntime(self.channel, request, paused=bool(job.get("paused")),
-                              soft_time_limit=job.get("soft_time_limit"))
+                              soft_time_limit=job.get("soft_time_limit"),
+                              condition=self.condition)
         with self._current_lock:
             self.current = runtime
             for verb, data, receipt in self._early.pop(request.id, []):

@@ -27,6 +27,7 @@ from typing import Any
 from interactive_tasks.errors import Cancelled
 
 from .base import PoolSlot
+from .gevent_condition import GeventCondition
 from .green import CooperativeEpoll, GreenPool
 
 
@@ -72,6 +73,11 @@ class GeventPool(GreenPool):
         from kombu.utils import eventio
 
         eventio._get_poller = lambda: GeventEpoll
+
+    def make_condition(self) -> Any:
+        """A timed wait on one timer instead of a patched lock and a ``Timeout``
+        (see :mod:`.gevent_condition`)."""
+        return GeventCondition()
 
     def start_green(self, serve: Callable[[], None]) -> Any:
         import gevent

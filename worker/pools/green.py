@@ -9,6 +9,7 @@ pool's one in-process inbox and the worker's reach it through a queue of its own
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +50,8 @@ class CooperativeEpoll:
 
 
 class GreenPool(Pool):
-    """A pool of green-thread slots; subclasses say how a green thread is started."""
+    """A pool of green-thread slots; subclasses say how a green thread is started and
+    may give the task runtimes a cheaper condition variable (:meth:`make_condition`)."""
 
     def __init__(self, app: App, concurrency: int, hostname: str,
                  max_tasks_per_child: int | None = None) -> None:
@@ -60,12 +62,17 @@ class GreenPool(Pool):
         """Start ``serve`` in a green thread; returns its handle (kept as the slot's)."""
         raise NotImplementedError
 
+    def make_condition(self) -> Any:
+        """A condition variable for one task's runtime; the (patched)
+        ``threading.Condition`` unless a subclass has a cheaper one."""
+        return threading.Condition()
+
     def spawn(self, index: int) -> PoolSlot:
         assert self.inbox is not None
         channel = GreenChannel(self.inbox)
         slot = PoolSlot(index=index, pid=os.getpid(), sock=None, writer=channel)
         channel.slot = slot
-        runner = Slot(self.app, channel, self.hostname)
+        runner = Slot(self.app, channel, self.hostname, condition=self.make_condition)
 
         def serve() -> None:
             try:
