@@ -24,6 +24,10 @@ from collections.abc import Callable
 from typing import Any
 
 
+#: the priority of a timed wait's timer (gevent.Timeout's default)
+TIMER_PRIORITY = -1
+
+
 class GeventCondition:
     """``threading.Condition``'s ``with``/``acquire``/``release``/``wait``/``wait_for``/
     ``notify_all`` for green threads of one gevent hub (see the module doc). Waits may
@@ -33,7 +37,9 @@ class GeventCondition:
 
     def __init__(self) -> None:
         from gevent import get_hub
+        from gevent.hub import Waiter
 
+        self._waiter = Waiter
         self._hub = get_hub()
         self._loop = self._hub.loop
         #: the Waiter of each green thread blocked in wait(), in arrival order
@@ -54,15 +60,15 @@ class GeventCondition:
     def wait(self, timeout: float | None = None) -> bool:
         """Block this green thread until :meth:`notify_all` or ``timeout`` seconds;
         returns False if the time ran out."""
-        from gevent.hub import Waiter
-
         # A fresh Waiter per wait: a wake-up scheduled for an earlier wait that ended
         # another way (timer and notify in the same loop turn) lands on the old one.
-        waiter = Waiter(self._hub)
+        waiter = self._waiter(self._hub)
         self._waiters.append(waiter)
         timer = None
         if timeout is not None:
-            timer = self._loop.timer(max(timeout, 0.0))
+            # Priority -1, as gevent.Timeout's timers: in a turn of the loop where
+            # thousands of these fall due, the worker loop's watchers go first.
+            timer = self._loop.timer(max(timeout, 0.0), priority=TIMER_PRIORITY)
             timer.start(waiter.switch, False)
         try:
             return bool(waiter.get())
