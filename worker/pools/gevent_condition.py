@@ -69,7 +69,10 @@ class GeventCondition:
             # Priority -1, as gevent.Timeout's timers: in a turn of the loop where
             # thousands of these fall due, the worker loop's watchers go first.
             timer = self._loop.timer(max(timeout, 0.0), priority=TIMER_PRIORITY)
-            timer.start(waiter.switch, False)
+            # update=True, as gevent.Timeout: the timer counts from now, not from the
+            # start of this turn of the loop (which, waking thousands of tasks, can be
+            # long ago: the tasks would fall due together again, in bursts).
+            timer.start(waiter.switch, False, update=True)
         try:
             return bool(waiter.get())
         finally:
