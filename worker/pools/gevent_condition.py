@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-
 #: the priority of a timed wait's timer (gevent.Timeout's default)
 TIMER_PRIORITY = -1
 
