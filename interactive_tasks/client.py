@@ -204,6 +204,18 @@ class Client:
                 self._delays = None
 
     # -- publishing ----------
+    def _renew_publisher(self) -> Producer:
+        """Drop the publishing connection without talking to the broker on it, and open
+        a new one (raises kombu's connection errors when none can be opened)."""
+        if self._pub_conn is not None:
+            try:
+                self._pub_conn.collect()
+            except Exception:
+                pass
+        self._pub_conn = None
+        self._producer = None
+        return self._producer_for_publish()
+
     def _producer_for_publish(self) -> Producer:
         if self._producer is None:
             conn = self.app.connection()
@@ -267,10 +279,12 @@ class Client:
                                      priority)
                         return
                     except Exception as exc:
-                        # the connection went away: kombu's publish below reconnects
-                        # and sends again
-                        logger.debug("fast publish failed (%s); retrying through kombu",
-                                     exc)
+                        # The connection went away, or a write failed part-way through
+                        # the message's frames: the broker would refuse anything more on
+                        # this connection, so kombu sends again on a new one.
+                        logger.debug("fast publish failed (%s); retrying through kombu "
+                                     "on a new connection", exc)
+                        producer = self._renew_publisher()
                 producer.publish(
                     body,
                     routing_key=routing_key,
@@ -453,10 +467,14 @@ class Client:
         messages a worker recognises when they come twice (task verbs, by ``cseq``).
 
         ``message`` may be in its wire form already, from :meth:`task_verb_wire` with
-        ``reply=True`` (its sender this client's inbox, its request id set): sent as it is.
+        ``reply=True`` (its sender this client's inbox, its request id set): sent as it is;
+        one without a request id raises ValueError (no reply could be told apart).
         """
         if isinstance(message, dict):
             wire = message
+            if not isinstance(wire.get("rid"), str):
+                raise ValueError("a control message in its wire form needs its request id: "
+                                 "build it with task_verb_wire(..., reply=True)")
         else:
             self.ensure_started()
             rid = message.rid or self.new_rid()

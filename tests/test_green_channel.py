@@ -247,3 +247,46 @@ def test_a_closed_green_slot_is_replaced_without_a_socket(worker, inbox, monkeyp
     channel.closed()
     worker._on_inbox_readable()
     assert slot.closed and spawned == [3] and worker.slots[0] is not slot
+
+
+def test_a_green_slot_ending_without_a_stop_frame_ends_its_reader_too(monkeypatch):
+    # A slot whose serve() ends another way than by the worker's "stop" (a forced stop
+    # between jobs, an error) must also end the reader green thread that waits for the
+    # worker's next frame: its recv raises ChannelClosed instead of waiting for ever.
+    from interactive_tasks.worker.pools import green
+
+    class _EndsAtOnce:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def serve(self) -> None:
+            raise RuntimeError("slot ended")
+
+    class _Pool(green.GreenPool):
+        def start_green(self, serve: Any) -> Any:
+            with pytest.raises(RuntimeError):
+                serve()
+            return None
+
+        def force_stop(self, slot: PoolSlot) -> str:
+            return "not used"
+
+    monkeypatch.setattr(green, "Slot", _EndsAtOnce)
+    app = App("green", broker="memory://", namespace=f"g{uuid.uuid4().hex[:8]}")
+    pool = _Pool(app, 1, "green@test")
+    try:
+        slot = pool.spawn(0)
+        assert [body for _, body in pool.inbox.drain(10)] == [CLOSED]
+        with pytest.raises(ChannelClosed):
+            slot.writer.recv()
+    finally:
+        pool.inbox.close()
+
+
+def test_a_closed_inbox_ignores_slots_that_still_send(inbox):
+    (a,) = _channels(inbox, 1)
+    inbox.close()
+    inbox.close()  # twice: nothing happens
+    a.send(_message("t1", 1))  # a slot still ending after the worker stopped
+    a.closed()
+    assert inbox.fileno() == -1

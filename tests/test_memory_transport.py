@@ -399,3 +399,19 @@ def test_the_solo_pool_runs_in_process_too(tasks):
     with start_worker(tasks.app, pool="solo") as worker:
         assert worker.concurrency == 1
         assert tasks.add.delay(20, 22).get(timeout=5) == 42
+
+
+def test_a_request_in_wire_form_without_a_request_id_is_refused_before_sending() -> None:
+    # Without its request id no reply could be told apart: the call would wait its whole
+    # timeout for nothing. task_verb_wire(..., reply=True) sets one.
+    app = App("wire", broker="memory://", namespace=f"w{uuid.uuid4().hex[:8]}")
+    client = app.client
+    try:
+        wire = client.task_verb_wire("t1", "message", {"x": 1}, None)
+        assert wire.get("rid") is None
+        with pytest.raises(ValueError, match="request id"):
+            client.request(wire, None, 5)
+        assert isinstance(client.task_verb_wire("t1", "message", 1, None, reply=True)["rid"],
+                          str)
+    finally:
+        client.close()

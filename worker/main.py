@@ -303,6 +303,8 @@ class Worker:
         finally:
             self._shutdown_pool()
             self._teardown_connection()
+            if self.pool.inbox is not None:
+                self.pool.inbox.close()  # green slots still ending write nowhere now
             self.upkeep.close(clean=not self.records)
         signals.worker_shutdown.send(sender=self)
         logger.info("worker %s stopped", self.hostname)

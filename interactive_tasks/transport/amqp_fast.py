@@ -9,8 +9,9 @@ client's task and control messages, a worker's messages to a client inbox — al
 is the same from one message to the next but the body and its signature: this module
 keeps the ``basic.publish`` arguments per routing key and writes the content header's
 property block with one ``struct`` layout, then hands both to the connection's own frame
-writer (which holds py-amqp's write lock, splits large bodies into frames and counts the
-bytes sent for heartbeats). What the broker receives is what kombu sent: content type,
+writer (which splits large bodies into frames, counts the bytes sent for heartbeats and,
+in py-amqp releases that have one, holds its write lock; the callers serialise their
+publishes per connection in any case). What the broker receives is what kombu sent: content type,
 content encoding ``binary``, the signature header (an empty header table without a
 secret), delivery mode 2 (persistent) and the priority when one is given
 (tests/test_amqp_fast.py compares them).
@@ -23,7 +24,7 @@ kombu and py-amqp's own calls. py-amqp's read before a publish is kept where it 
 something: when the socket has bytes waiting (a ``connection.blocked`` notice, a closing
 handshake, the end of a connection the broker dropped — which must fail this publish so
 that the caller reconnects and sends again, not write into a dead socket) or the
-transport holds some already; a ``select`` without waiting tells, for a few µs instead of
+transport holds some already; a ``poll`` without waiting tells, for a few µs instead of
 two ``settimeout`` calls and a read that raises. (benchmarks/HISTORY.md, "Where a
 RabbitMQ task round trip and throughput go", for the cost this removes; "RabbitMQ
 publishes past kombu" for the A/B.)
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import select
 import struct
+import sys
 from typing import Any
 
 from .. import codec
@@ -121,7 +123,8 @@ class FastPublisher:
 
             raise RecoverableConnectionError("channel closed")
         if priority is not None:
-            priority = max(0, min(255, int(priority)))
+            # out of 0–255 raises ValueError below, as kombu's publish raises for it
+            priority = int(priority)
         _read_waiting(conn)
         try:
             conn.frame_writer(1, channel.channel_id, _BASIC_PUBLISH, args,
@@ -130,6 +133,21 @@ class FastPublisher:
             from amqp.exceptions import RecoverableConnectionError
 
             raise RecoverableConnectionError("connection already closed") from None
+
+
+def _unpatched_poll() -> Any:
+    """``select.poll`` as the C library has it: gevent's and eventlet's monkey patching
+    replace ``select`` with versions that wait through their hub (eventlet's even with a
+    zero timeout, switching green threads in the middle of a publish), and
+    ``select.select`` fails for descriptors from 1024 on (a worker with thousands of
+    connections)."""
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("select"):
+        return gevent_monkey.get_original("select", "poll")
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None and eventlet_patcher.is_monkey_patched("select"):
+        return eventlet_patcher.original("select").poll
+    return select.poll
 
 
 def _read_waiting(conn: Any) -> None:
@@ -144,7 +162,9 @@ def _read_waiting(conn: Any) -> None:
     if (sock is not None and not transport._read_buffer
             and not hasattr(sock, "pending")):  # TLS keeps decrypted bytes of its own
         try:
-            readable, _, _ = select.select((sock,), (), (), 0)
+            poller = _unpatched_poll()()
+            poller.register(sock.fileno(), select.POLLIN)
+            readable = poller.poll(0)
         except (OSError, ValueError):
             readable = [sock]  # a closed socket: let the read below raise
         if not readable:

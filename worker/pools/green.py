@@ -79,6 +79,10 @@ class GreenPool(Pool):
                 runner.serve()
             finally:  # the worker sees the channel close (a slot stopped to shrink)
                 channel.closed()
+                # and the slot's reader green thread, waiting for the worker's next
+                # frame, ends too (a slot that ended without a "stop" frame: a forced
+                # stop between jobs, an error in serve)
+                channel.close()
 
         # The green thread first runs when the worker loop next waits: after this.
         slot.handle = self.start_green(serve)

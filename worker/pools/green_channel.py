@@ -68,12 +68,16 @@ class _Waker:
             self.fd = self._pair[0].fileno()
 
     def set(self) -> None:
+        if self.fd < 0:
+            return  # closed: a slot still ending after the worker stopped
         if self._pair is None:
             os.eventfd_write(self.fd, 1)
         else:
             self._pair[1].send(b"x")
 
     def clear(self) -> None:
+        if self.fd < 0:
+            return
         try:
             if self._pair is None:
                 os.eventfd_read(self.fd)
@@ -83,11 +87,16 @@ class _Waker:
             pass
 
     def close(self) -> None:
+        """Close the descriptor; later calls of every method do nothing (the number may
+        already belong to another file)."""
+        if self.fd < 0:
+            return
         if self._pair is None:
             os.close(self.fd)
         else:
             for end in self._pair:
                 end.close()
+        self.fd = -1
 
 
 class SlotInbox:
