@@ -189,13 +189,7 @@ class Client:
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(5)
         with self._pub_lock:
-            if self._pub_conn is not None:
-                try:
-                    self._pub_conn.release()
-                except Exception:
-                    pass
-            self._pub_conn = None
-            self._producer = None
+            self._drop_publisher(graceful=True)
             if self._side is not None:
                 self._side.close()
                 self._side = None
@@ -204,16 +198,21 @@ class Client:
                 self._delays = None
 
     # -- publishing ----------
+    def _drop_publisher(self, *, graceful: bool) -> None:
+        """Let the publishing connection go: closed with the broker (``graceful``), or
+        collected without another word on it (a connection a failed write left unusable).
+        Never raises."""
+        conn, self._pub_conn, self._producer = self._pub_conn, None, None
+        if conn is not None:
+            try:
+                conn.release() if graceful else conn.collect()
+            except Exception:
+                pass
+
     def _renew_publisher(self) -> Producer:
         """Drop the publishing connection without talking to the broker on it, and open
         a new one (raises kombu's connection errors when none can be opened)."""
-        if self._pub_conn is not None:
-            try:
-                self._pub_conn.collect()
-            except Exception:
-                pass
-        self._pub_conn = None
-        self._producer = None
+        self._drop_publisher(graceful=False)
         return self._producer_for_publish()
 
     def _producer_for_publish(self) -> Producer:
