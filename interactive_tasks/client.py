@@ -303,7 +303,9 @@ class Client:
             except Exception as exc:
                 if isinstance(exc, TypeError):
                     raise
-                self._producer = None
+                # The next publish opens a new connection; this one is let go, not kept
+                # open and unreferenced until the garbage collector finds it.
+                self._drop_publisher(graceful=False)
                 self._declared.clear()
                 raise TransportError(
                     f"cannot publish to the broker at {self.app.broker_url_display}: {exc}"

@@ -129,7 +129,7 @@ class FastPublisher:
         try:
             conn.frame_writer(1, channel.channel_id, _BASIC_PUBLISH, args,
                               _Content(body, properties(signature, priority)))
-        except StopIteration:
+        except StopIteration:  # py-amqp's own send_method guards its writer the same way
             from amqp.exceptions import RecoverableConnectionError
 
             raise RecoverableConnectionError("connection already closed") from None
