@@ -23,7 +23,13 @@ from .handle import TaskHandle, unknown_task
 from .protocol import ControlMessage, TaskSnapshot, Verb
 from .results import ResultStore
 from .task import InteractiveTask, Signature, Task, _class_tasks, build_message
-from .transport import OWN_SCHEMES, Names, kombu_transports, resolve_broker_url
+from .transport import (
+    OWN_SCHEMES,
+    Names,
+    check_priority,
+    kombu_transports,
+    resolve_broker_url,
+)
 from .transport.connections import broker_directory, broker_secret, connection_for
 from .transport.result_stores import check_result_backend, result_store_for
 
@@ -568,8 +574,12 @@ class App:
     ) -> TaskHandle[Any]:
         """Queue a task by name (it need not be registered here); returns its handle.
 
-        ``link``/``link_error``: callbacks, as in :meth:`Task.apply_async`.
+        ``link``/``link_error``: callbacks, as in :meth:`Task.apply_async`. Raises
+        ValueError for a priority that is not an integer from 0 to 9, and what
+        :meth:`Task.apply_async` raises.
         """
+        if priority is not None:
+            check_priority(priority)
         client = self.client
         client.ensure_started()
         message, token = build_message(

@@ -224,7 +224,8 @@ class Task(Generic[P, R]):
         by then end ``revoked``. ``link`` signatures run after a success with the result
         as their first argument, ``link_error`` ones after a failure with the task's id
         (``.si()`` signatures get neither); their handles are ``handle.children``.
-        Raises ``TypeError`` for arguments msgpack cannot carry,
+        Raises ``TypeError`` for arguments msgpack cannot carry, ``ValueError`` for a
+        ``priority`` that is not an integer from 0 to 9,
         :class:`~interactive_tasks.errors.PayloadTooLarge` and
         :class:`~interactive_tasks.errors.TransportError`.
         """

@@ -261,3 +261,18 @@ def test_one_result_vocabulary_on_every_handle(tasks, start_worker):
 
 async def _awaited(handle):
     return await handle
+
+
+@pytest.mark.parametrize("priority", [10, -1, 255, 2.5, True, "5"])
+def test_a_priority_outside_0_to_9_is_refused_before_anything_is_sent(priority):
+    from interactive_tasks import App
+
+    app = App("prio", broker="memory://")
+
+    @app.task
+    def noop() -> None:
+        pass
+
+    with pytest.raises(ValueError, match="priority must be an integer from 0 to 9"):
+        noop.apply_async(priority=priority)
+    assert app._client is None  # refused before the client connected

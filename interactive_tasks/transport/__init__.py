@@ -54,6 +54,21 @@ def kombu_transports() -> dict[str, str]:
     return TRANSPORT_ALIASES
 
 
+#: The highest task priority: task queues on RabbitMQ are declared with it as their
+#: maximum, and kombu's Redis priority lists cover 0 to it.
+MAX_PRIORITY = 9
+
+
+def check_priority(priority: object) -> None:
+    """Raises ValueError unless ``priority`` is an integer from 0 to MAX_PRIORITY: above
+    it RabbitMQ would silently treat it as the maximum, and a bool or a float is a
+    mistake rather than a priority."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or \
+            not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be an integer from 0 to {MAX_PRIORITY}, "
+                         f"got {priority!r}")
+
+
 #: How long an unused client inbox lives on the broker.
 INBOX_EXPIRES = 60.0
 #: How long a worker's control queue outlives the worker.
@@ -162,7 +177,7 @@ class Names:
         # higher first); Redis uses kombu's priority lists; the embedded broker is FIFO.
         from kombu import Queue
 
-        return Queue(name, routing_key=name, durable=True, max_priority=9)
+        return Queue(name, routing_key=name, durable=True, max_priority=MAX_PRIORITY)
 
     def control_queue(self, worker: str) -> Queue:
         name = self.control_queue_name(worker)
