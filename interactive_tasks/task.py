@@ -10,6 +10,7 @@ parameter and use ``self.progress()``, ``self.send()``, ``self.receive()``,
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -344,8 +345,12 @@ def _maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
     """Call ``fn`` now, or, inside a running event loop (an ``async def`` task), return a
     coroutine that runs it in a thread: every task call may block while the task is
     paused, and the loop (with the task's other coroutines) must keep going meanwhile."""
-    import asyncio
-
+    # No event loop runs where asyncio was never imported. Importing it to find that out
+    # would load asyncio with ssl (some 5 MB) into every pool process that runs an
+    # interactive task, at its first progress or receive.
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return fn(*args)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

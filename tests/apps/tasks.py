@@ -560,3 +560,25 @@ def loaded_modules(names: list[str]) -> list[str]:
     import sys
 
     return [name for name in names if name in sys.modules]
+
+
+@app.task(base=InteractiveTask)
+def loaded_modules_interactive(self: Any, names: list[str]) -> list[str]:
+    """Which of ``names`` the pool process running this has imported, after the task's
+    own calls (progress, checkpoint, receive, log) ran once each."""
+    import sys
+
+    self.progress(1, 1)
+    self.checkpoint()
+    self.receive(timeout=0.01)
+    self.log("checked")
+    return [name for name in names if name in sys.modules]
+
+
+@app.task
+def frozen_objects() -> int:
+    """How many objects the pool process running this holds out of the garbage
+    collector's passes (``gc.freeze``)."""
+    import gc
+
+    return gc.get_freeze_count()
