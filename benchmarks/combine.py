@@ -11,6 +11,10 @@ metric measured on two brokers in the same run, the ratio of the second to the f
 
 ``--system`` picks the system whose figures are summarised (``itask`` unless told; the
 Celery bridge's runs are ``celery-bridge``).
+
+Files written by ``python -m benchmarks.scale`` are summarised per point instead (axis and
+size: the medians over each file's repetitions of ``SCALE_METRICS``), with, for the
+prefork axis, the growth of the PSS sum per child between its smallest and largest size.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ METRICS = {
 }
 
 
+#: Metrics summarised per point of a ``benchmarks.scale`` file.
+SCALE_METRICS = ["pss_mb", "rss_mb", "p50_ms", "p99_ms", "cpu_pct"]
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values)}
@@ -52,6 +60,29 @@ def _metric(doc: dict[str, Any], broker: str, workload: str, metric: str,
     return statistics.median(values) if values else None
 
 
+def _scale_summary(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per point (``"<axis> <n>"``) and metric, the spread over files of each file's median;
+    ``prefork pss_mb per child``: (PSS sum at the largest −c − at the smallest) / (their
+    difference in children), one value per file."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for doc in docs:
+        prefork: dict[int, float] = {}
+        for point in doc["points"]:
+            runs = [r for r in point["runs"] if r.get("status") == "ok"]
+            for metric in SCALE_METRICS:
+                got = [r[metric] for r in runs if metric in r]
+                if got:
+                    values.setdefault(f"{point['axis']} {point['n']}", {}) \
+                        .setdefault(metric, []).append(statistics.median(got))
+            if point["axis"] == "prefork" and runs:
+                prefork[point["n"]] = statistics.median(r["pss_mb"] for r in runs)
+        if len(prefork) > 1:
+            low, high = min(prefork), max(prefork)
+            values.setdefault("prefork pss_mb per child", {}).setdefault("pss_mb", []) \
+                .append((prefork[high] - prefork[low]) / (high - low))
+    return {point: {m: _spread(v) for m, v in ms.items()} for point, ms in values.items()}
+
+
 def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None,
             system: str = "itask") -> dict[str, Any]:
     out: dict[str, Any] = {"system": system, "sides": {}, "summary": {}, "ratios": {}}
@@ -59,6 +90,9 @@ def combine(sides: dict[str, list[Path]], ratio: tuple[str, str] | None,
         docs = [json.loads(f.read_text()) for f in files]
         out["sides"][side] = [{"file": str(f), "document": d}
                               for f, d in zip(files, docs, strict=True)]
+        if all("points" in d for d in docs):  # benchmarks.scale
+            out["summary"][side] = _scale_summary(docs)
+            continue
         summary: dict[str, Any] = {}
         for doc in docs:
             for broker, workloads in doc["brokers"].items():
