@@ -8,7 +8,6 @@ Exit codes: 0 success; 1 the task failed / was cancelled / control was refused;
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -65,6 +64,10 @@ def _get_app(args: argparse.Namespace) -> App:
 
 
 def _print_json(data: Any) -> None:
+    # json where a command prints or reads it: `itask worker` never does, and what the
+    # worker imports before its pool forks every pool process carries
+    import json
+
     print(json.dumps(data, indent=2, default=str))
 
 
@@ -221,6 +224,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     handle = _handle_for(app, args)
     verb = args.command
     if verb == "send":
+        import json  # as in _print_json
+
         try:
             data: Any = json.loads(args.message)
         except json.JSONDecodeError:
@@ -292,6 +297,8 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    import json  # as in _print_json
+
     from interactive_tasks.monitor import EventReceiver
 
     app = _get_app(args)

@@ -8,9 +8,6 @@ what goes to the dead-letter queue).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import hmac
-import secrets
 import struct
 import uuid
 from typing import Any
@@ -99,11 +96,18 @@ def pickle_loads(data: bytes) -> Any:
 
 def sign(secret: bytes, body: bytes) -> str:
     """HMAC-SHA256 of ``body`` with the shared secret, hex encoded."""
+    # hashlib and hmac where used: they load libcrypto, which a pool process forked from
+    # the worker would otherwise map for the whole run (tests/test_imports.py)
+    import hashlib
+    import hmac
+
     return hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
 def verify(secret: bytes, body: bytes, signature: object) -> bool:
     """Constant-time check of a signature made by :func:`sign`."""
+    import hmac  # where used, as in sign()
+
     if not isinstance(signature, str):
         return False
     return hmac.compare_digest(sign(secret, body), signature)
@@ -112,16 +116,22 @@ def verify(secret: bytes, body: bytes, signature: object) -> bool:
 def new_token() -> str:
     """A fresh capability token: 144 random bits in hex, so it never starts with ``-``
     (``itask cancel ID --token -x…`` would be read as an option: one token in 64 did)."""
+    import secrets  # where used, as hashlib in sign(): secrets imports hmac
+
     return secrets.token_hex(18)
 
 
 def token_digest(token: str) -> str:
     """What a task message carries instead of its capability token."""
+    import hashlib  # where used, as in sign()
+
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 def token_matches(token: object, digest: object) -> bool:
     """Constant-time check that ``token`` hashes to ``digest``."""
+    import hmac  # where used, as in sign()
+
     if not isinstance(token, str) or not isinstance(digest, str):
         return False
     return hmac.compare_digest(token_digest(token), digest)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -410,6 +409,8 @@ class FileResultStore(ResultStore):
     def _sweep(self, now: float) -> None:
         """Remove hour directories whose records are all past their expiry."""
         self._last_sweep = now
+        import shutil  # here only: it imports bz2, lzma and zlib, which nothing else needs
+
         oldest_kept = min(self._buckets(now))
         for child in self.directory.iterdir():
             if child.name.isdigit() and int(child.name) < oldest_kept:

@@ -98,14 +98,72 @@ def test_the_full_command_line_still_lists_every_command():
 NOT_IN_A_POOL_PROCESS = ["kombu", "amqp", "redis", "asyncio", "ssl", "rich", "prompt_toolkit"]
 
 
+#: what a prefork worker has not imported when its pool forks, on a broker that keeps no
+#: files (the embedded broker's code hashes with hashlib): hashlib, hmac and secrets (they
+#: load libcrypto; signing and tokens import them where used) and json (the command line's,
+#: for the commands that print or read it)
+NOT_AT_THE_FORK = [*NOT_IN_A_POOL_PROCESS, "hashlib", "hmac", "secrets", "json"]
+
+#: nor does ``import interactive_tasks``; nor shutil (with bz2, lzma and zlib), which only a
+#: file result store's sweep needs (argparse imports it in a worker)
+NOT_IN_THE_PACKAGE = [*NOT_AT_THE_FORK, "shutil", "bz2", "lzma"]
+
+
 def test_the_package_imports_no_broker_client():
-    code = ("import json, sys, interactive_tasks; "
+    code = ("import sys, interactive_tasks; "
             "from interactive_tasks import App, InteractiveTask, shared_task; "
-            f"print(json.dumps([m for m in {NOT_IN_A_POOL_PROCESS!r} if m in sys.modules]))")
+            f"loaded = [m for m in {NOT_IN_THE_PACKAGE!r} if m in sys.modules]; "
+            "import json; print(json.dumps(loaded))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+#: ``itask worker --pool prefork -c 1 -b URL`` up to the fork of its pool process, where it
+#: prints the modules it has loaded and ends (before it connects). The probe itself
+#: imports json only then.
+AT_THE_FORK = """
+import os, sys
+
+def at_fork():
+    loaded = sorted(sys.modules)
+    import json
+    print(json.dumps(loaded), flush=True)
+    os._exit(0)
+
+os.register_at_fork(before=at_fork)
+from interactive_tasks.cli.main import main
+sys.argv = ["itask", "worker", "-b", sys.argv[1], "--pool", "prefork", "-c", "1",
+            "-n", "probe@host"]
+main()
+"""
+
+
+def _loaded_at_the_fork(url: str, home: str) -> list[str]:
+    env = {**os.environ, "ITASK_HOME": home, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", AT_THE_FORK, url], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    modules: list[str] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "interactive_tasks.worker.pools.prefork" in modules  # the fork was the pool's
+    return modules
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0",
+                                 "amqp://guest:guest@127.0.0.1:5672//"])
+def test_a_prefork_worker_forks_its_pool_before_importing_what_it_alone_uses(url, tmp_path):
+    """Every module loaded before the fork is in each pool process's memory (and its RSS)
+    for the whole run."""
+    modules = set(_loaded_at_the_fork(url, str(tmp_path)))
+    assert modules & set(NOT_AT_THE_FORK) == set()
+
+
+def test_a_redis_worker_forks_its_pool_before_importing_its_redis_code(tmp_path):
+    """The worker's Redis modules (liveness, fetch, commands on the loop, URLs) are read
+    when it connects (``RedisUpkeep.transport_options``), after the fork."""
+    modules = _loaded_at_the_fork("redis://127.0.0.1:6379/0", str(tmp_path))
+    assert [m for m in modules if m.startswith("interactive_tasks.transport.redis_")] == []
 
 
 #: imports the package and then kombu's transports, as a program making its own kombu

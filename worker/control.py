@@ -13,7 +13,6 @@ the task's state is in :mod:`.verbs`, which the Celery bridge's relay calls too.
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -189,6 +188,10 @@ class ControlRouter:
     def authorized(self, record: TaskRecord, held: HeldControl) -> bool:
         if held.signed:
             return True
+        # hmac here, not at the top: it loads libcrypto, which every prefork pool process
+        # would otherwise map (tests/test_imports.py)
+        import hmac
+
         token = held.token
         if token is not None and record.proven_token is not None and \
                 hmac.compare_digest(token.encode(), record.proven_token.encode()):

@@ -8,7 +8,6 @@ operator secret the broker keeps, and files kept beside it.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +67,8 @@ def broker_secret(url: str) -> bytes | None:
         return path.read_bytes().strip()
     except FileNotFoundError:
         pass
+    import secrets  # here only: it imports hmac and hashlib (libcrypto)
+
     value = secrets.token_hex(32).encode()
     tmp = home / f".secret.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -13,8 +13,6 @@ and load no broker module they do not use.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Any
 
 from .. import codec
@@ -25,18 +23,32 @@ __all__ = ["control_frame", "decode_frame", "describe_envelope", "encode_frame",
            "kombu_envelope", "redeliveries", "task_envelope"]
 
 
+def _mac(secret: bytes, body: bytes) -> bytes:
+    # hashlib and hmac only with a secret: they load libcrypto, which a pool process
+    # forked from the worker would otherwise map for the whole run (tests/test_imports.py)
+    import hashlib
+    import hmac
+
+    return hmac.new(secret, body, hashlib.sha256).digest()
+
+
+def _mac_matches(secret: bytes, body: bytes, mac: bytes) -> bool:
+    import hmac  # as in _mac
+
+    return hmac.compare_digest(_mac(secret, body), mac)
+
+
 def encode_frame(body: bytes, secret: bytes | None) -> bytes:
     if secret is None:
         return b"0" + body
-    return b"1" + hmac.new(secret, body, hashlib.sha256).digest() + body
+    return b"1" + _mac(secret, body) + body
 
 
 def decode_frame(raw: bytes, secret: bytes | None) -> bytes:
     """The msgpack body of an inbox frame; raises ProtocolError for a bad or unsigned one."""
     if raw[:1] == b"1":
         body = raw[33:]
-        if secret is not None and not hmac.compare_digest(
-                hmac.new(secret, body, hashlib.sha256).digest(), raw[1:33]):
+        if secret is not None and not _mac_matches(secret, body, raw[1:33]):
             raise ProtocolError("inbox frame has a wrong signature")
         return body
     if raw[:1] == b"0":

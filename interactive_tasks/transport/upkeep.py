@@ -60,8 +60,10 @@ def cancel_timers(timers: list[Any]) -> None:
 class BrokerUpkeep:
     """The default: nothing kept in the broker (kombu's own redelivery applies)."""
 
-    #: extra kombu transport options for the worker's connection
-    transport_options: dict[str, Any] = {}
+    @property
+    def transport_options(self) -> dict[str, Any]:
+        """Extra kombu transport options for the worker's connection."""
+        return {}
 
     def start(self, hub: Any, connection: Any = None) -> None:
         """Begin on ``hub`` (a kombu Hub) and the worker's connected kombu ``connection``;
@@ -102,21 +104,26 @@ class RedisUpkeep(BrokerUpkeep):
 
     def __init__(self, app: App, incarnation: str,
                  on_declared_dead: Callable[[], None]) -> None:
-        from .redis_liveness import unacked_keys
-
         self.app = app
         self.incarnation = incarnation
         self.on_declared_dead = on_declared_dead
-        # kombu's own restore (visibility timeout) must never run on this worker's keys:
-        # the liveness check alone decides when a task comes back.
-        self.transport_options = {**unacked_keys(app.conf.namespace, incarnation),
-                                  "visibility_timeout": 10 * 365 * 24 * 3600}
         self._client: Any = None
         self._liveness: Any = None
         self._delayed: Any = None
         self._timers: list[Any] = []
         self._commands: list[Any] = []
         self._last_beat = time.monotonic()
+
+    @property
+    def transport_options(self) -> dict[str, Any]:
+        # Read when the worker connects, after its prefork pool forked: the Redis modules
+        # (redis_liveness and what it imports) stay out of the pool processes.
+        from .redis_liveness import unacked_keys
+
+        # kombu's own restore (visibility timeout) must never run on this worker's keys:
+        # the liveness check alone decides when a task comes back.
+        return {**unacked_keys(self.app.conf.namespace, self.incarnation),
+                "visibility_timeout": 10 * 365 * 24 * 3600}
 
     def _connect(self) -> None:
         from .redis_delay import DelayedTasks
