@@ -21,7 +21,10 @@ def register(subparsers: Any, add: Callable[..., argparse.ArgumentParser]) -> No
     """Add ``itask beat`` to the parser (``add`` is ``build_parser``'s helper)."""
     p = add("beat", cmd_beat, "send periodic tasks on their schedule (one beat per schedule)")
     p.epilog = "example:\n  " + EXAMPLE
-    p.add_argument("-l", "--loglevel", default="info")
+    from interactive_tasks.cli.main import LOGLEVEL_HELP, loglevel
+
+    p.add_argument("-l", "--loglevel", type=loglevel, default="INFO", metavar="LEVEL",
+                   help=LOGLEVEL_HELP)
     p.add_argument("--name", help="schedule name; one beat per name sends, others stand by "
                                   "(default: the app's name)")
     p.add_argument("--catch-up", action="store_true",
@@ -45,7 +48,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
     from interactive_tasks.worker.beat import Beat, stores_for
 
     logging.basicConfig(
-        level=getattr(logging, args.loglevel.upper(), logging.INFO),
+        level=getattr(logging, args.loglevel),
         format="[%(asctime)s %(levelname)s/beat] %(name)s: %(message)s",
     )
     app = _get_app(args)

@@ -13,7 +13,7 @@ from typing import Any
 from interactive_tasks import App
 from interactive_tasks.app import unknown_task_name
 from interactive_tasks.cli.errors import CliError
-from interactive_tasks.cli.main import add_destination, destination
+from interactive_tasks.cli.main import JSON_HELP, add_destination, destination, replies_timeout
 
 #: verb -> (its arguments, what it does)
 CONTROL_VERBS: dict[str, tuple[str, str]] = {
@@ -38,20 +38,21 @@ CONTROL_EXAMPLE = ("itask control rate_limit proj.add 10/m -A proj\n"
 def register(subparsers: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the commands to the parser (``add`` is ``build_parser``'s helper)."""
     verbs = "; ".join(f"{v} {a}".strip() + f": {h}" for v, (a, h) in CONTROL_VERBS.items())
-    p = add("control", cmd_control, "change workers at run time (needs the operator secret, "
-                                    "ITASK_SECRET): " + verbs)
+    p = add("control", cmd_control, "change workers at run time (needs the operator secret: "
+                                    "ITASK_SECRET, or on the embedded broker its own): "
+            + verbs)
     p.epilog = "example:\n  " + CONTROL_EXAMPLE
     p.add_argument("verb", metavar="VERB", help=", ".join(CONTROL_VERBS))
     p.add_argument("arguments", nargs="*", metavar="ARG")
     add_destination(p)
-    p.add_argument("--timeout", type=float, default=1.0,
-                   help="seconds to wait for replies (default 1)")
-    p.add_argument("--json", action="store_true")
+    replies_timeout(p)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    p = add("status", cmd_status, "the workers online, as celery status")
-    p.epilog = "example:\n  itask status -A proj --json"
-    p.add_argument("--timeout", type=float, default=1.0)
-    p.add_argument("--json", action="store_true")
+    p = add("status", cmd_status, "the workers online (or those -d names), as celery status")
+    p.epilog = "example:\n  itask status -A proj --json\n  itask status -d w1@host,w2@host"
+    add_destination(p)
+    replies_timeout(p)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = add("call", cmd_call, "send a task by name and print its id, as celery call")
     p.epilog = ("example:\n  itask call proj.add --args '[2, 2]' -A proj\n"
@@ -77,7 +78,7 @@ def register(subparsers: Any, add: Callable[..., argparse.ArgumentParser]) -> No
                    help="queues to purge, comma separated (default: the default queue and "
                         "every queue the app's tasks and routes name)")
     p.add_argument("-f", "--force", action="store_true", help="do not ask")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
 def _cli_error(message: str, code: int = 2) -> Exception:
@@ -176,16 +177,23 @@ def _print_replies(replies: list[dict[str, Any]], args: argparse.Namespace,
 
 # -- status ----------
 def cmd_status(args: argparse.Namespace) -> int:
+    from interactive_tasks.protocol import Verb
+
     app = _app(args)
-    names = sorted(str(r.get("worker")) for r in app.ping(timeout=args.timeout))
+    dest = destination(args)
+    replies = (app.control.broadcast(Verb.PING, destination=dest, timeout=args.timeout)
+               if dest else app.ping(timeout=args.timeout))
+    names = sorted(str(r.get("worker")) for r in replies)
     if args.json:
         print(json.dumps({"workers": names, "online": len(names)}, indent=2))
     else:
         for name in names:
             print(f"-> {name}: OK")
         print(f"\n{len(names)} node{'s' if len(names) != 1 else ''} online.")
-    if not names:
-        print(f"itask: no worker replied within {args.timeout}s on {app.broker_url_display}",
+    missing = [d for d in dest or () if d not in names]
+    if missing or not names:
+        who = ", ".join(missing) if missing else "no worker"
+        print(f"itask: {who} replied within {args.timeout}s on {app.broker_url_display}",
               file=sys.stderr)
         return 1
     return 0

@@ -31,13 +31,21 @@ EXAMPLES = {
            "  ITASK_WEB_AUTH=ops:s3cret itask web -A proj --address 0.0.0.0 --read-only",
     "worker": "itask worker -A examples.hello -c 2\n"
               "  itask worker -A proj:app --pool threads -Q default,io -n io@%h",
-    "ping": "itask ping -A proj --timeout 2 --json",
+    "ping": "itask ping -A proj --timeout 2 --json\n"
+            "  itask ping -A proj -d w1@host,w2@host",
     "inspect": "itask inspect active -A proj\n"
                "  itask inspect query_task 6f1c... -d w1@host --json",
     "ls": "itask ls -A proj --json",
     "attach": "itask attach 6f1c... -A proj --token T",
     "top": "itask top -A proj",
     "send": "itask send ID '{\"speed\": 2}' -A proj",
+    "pause": "itask pause ID --wait -A proj\n"
+             "  itask pause ID --hard --token T",
+    "resume": "itask resume ID --wait -A proj",
+    "cancel": "itask cancel ID -A proj --grace 10",
+    "answer": "itask answer ID yes -A proj",
+    "revoke": "itask revoke ID1 ID2 -A proj\n"
+              "  itask revoke ID --terminate --token T",
     "result": "itask result ID -A proj --json",
     "events": "itask events -A proj --duration 10",
     "demo": "itask demo",
@@ -76,7 +84,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from interactive_tasks.worker.main import Worker
 
     logging.basicConfig(
-        level=getattr(logging, args.loglevel.upper(), logging.INFO),
+        level=getattr(logging, args.loglevel),
         format="[%(asctime)s %(levelname)s/%(processName)s] %(name)s: %(message)s",
     )
     app = _get_app(args)
@@ -107,21 +115,33 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
+    from interactive_tasks.protocol import Verb
+
     app = _get_app(args)
+    dest = destination(args)
     started = time.monotonic()
-    replies = app.ping(timeout=args.timeout)
+    # with -d only the workers named reply (the others stay silent), and the wait ends
+    # once each of them did
+    replies = (app.control.broadcast(Verb.PING, destination=dest, timeout=args.timeout)
+               if dest else app.ping(timeout=args.timeout))
+    missing = [d for d in dest or () if d not in {r.get("worker") for r in replies}]
     if args.json:
         _print_json([{"worker": r.get("worker"), "ok": r.get("ok")} for r in replies])
     else:
         for r in replies:
             print(f"{r.get('worker')}: pong")
-        if not replies:
-            print(f"no worker replied within {args.timeout}s on {app.broker_url_display}: "
-                  "start one with itask worker -A MODULE (on the same broker), or wait "
-                  "longer with --timeout", file=sys.stderr)
-        else:
+        if replies:
             print(f"{len(replies)} worker(s) in {time.monotonic() - started:.2f}s")
-    return 0 if replies else 1
+    if missing:
+        print(f"{', '.join(missing)} did not reply within {args.timeout}s on "
+              f"{app.broker_url_display} (check the names with itask status, or wait "
+              "longer with --timeout)", file=sys.stderr)
+    elif not replies:
+        print(f"no worker replied within {args.timeout}s on {app.broker_url_display}: "
+              "start one with itask worker -A MODULE (on the same broker), or give -A "
+              "(the app may use its own namespace), or wait longer with --timeout",
+              file=sys.stderr)
+    return 0 if replies and not missing else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -369,6 +389,29 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+#: Celery's log level names (-l), any case
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
+LOGLEVEL_HELP = "debug, info, warning, error, critical (default info)"
+
+
+def loglevel(text: str) -> str:
+    """``-l``'s type: the level's name in capitals; an unknown name is a usage error."""
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {text!r}; use {', '.join(n.lower() for n in LOG_LEVELS)}")
+    return text.upper()
+
+
+JSON_HELP = "print JSON instead of text"
+TASK_TIMEOUT_HELP = "seconds to wait for the task's worker to reply (default 2)"
+
+
+def replies_timeout(p: argparse.ArgumentParser, default: float = 1.0) -> None:
+    """``--timeout`` of the commands that wait for worker replies."""
+    p.add_argument("--timeout", type=float, default=default,
+                   help=f"seconds to wait for replies (default {default:g})")
+
+
 def add_destination(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--destination", action="append",
                    help="only these workers, comma separated (default: every worker)")
@@ -409,7 +452,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the traceback of an error")
         if app:
-            p.add_argument("-A", "--app", help="app module, module:attribute (Celery's -A)")
+            p.add_argument("-A", "--app", help="app module, module:attribute (Celery's -A; "
+                                                "default: ITASK_APP)")
         p.add_argument("-b", "--broker", help="broker URL (default: ITASK_BROKER_URL or the "
                                               "embedded broker)")
         return p
@@ -423,7 +467,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="pool size (default: number of CPUs)")
     p.add_argument("-Q", "--queues", action="append", help="queues to consume, comma separated")
     p.add_argument("-n", "--hostname", help="node name, e.g. w1@%%h")
-    p.add_argument("-l", "--loglevel", default="info")
+    p.add_argument("-l", "--loglevel", type=loglevel, default="INFO", metavar="LEVEL",
+                   help=LOGLEVEL_HELP)
     p.add_argument("--autoscale", type=_autoscale, default=None, metavar="MAX,MIN",
                    help="grow the pool up to MAX slots under a backlog, shrink it to MIN "
                         "when idle (-c is then MAX)")
@@ -431,13 +476,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="--autoscale shrinks only this long after the pool last grew "
                         "(default 30)")
-    p.add_argument("--max-tasks-per-child", type=_positive_int, default=None,
+    p.add_argument("--max-tasks-per-child", type=_positive_int, default=None, metavar="N",
                    help="replace a prefork pool process after it ran N tasks")
     p.add_argument("--max-memory-per-child", type=_positive_int, default=None, metavar="KB",
                    help="replace a prefork pool process whose resident memory exceeds KB "
                         "kilobytes, after its task")
     p.add_argument("--shutdown-timeout", type=float, default=None,
-                   help="seconds a warm shutdown waits for running tasks")
+                   help="seconds a warm shutdown waits for running tasks (default 30)")
     p.add_argument("-E", "--task-events", action="store_true",
                    help="publish task events for monitoring (itask top, itask events)")
     p.add_argument("-B", "--beat", action="store_true",
@@ -454,9 +499,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="accepted for Celery's command line: tasks always go to idle pool "
                         "slots only (Celery's fair)")
 
-    p = add("ping", cmd_ping, "ask every worker to reply")
-    p.add_argument("--timeout", type=float, default=1.0)
-    p.add_argument("--json", action="store_true")
+    p = add("ping", cmd_ping, "ask every worker (or those -d names) to reply")
+    add_destination(p)
+    replies_timeout(p)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = add("inspect", cmd_inspect, "active / reserved / revoked / registered / stats / "
             "tasks of every worker; query_task ID...: those tasks where they are held; "
@@ -465,23 +511,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                      "tasks", "query_task", "scheduled"])
     p.add_argument("ids", nargs="*", metavar="ID", help="query_task: task ids")
     add_destination(p)
-    p.add_argument("--timeout", type=float, default=1.0)
+    replies_timeout(p)
     p.add_argument("--limit", type=int, default=100,
-                   help="scheduled: list at most this many, soonest first")
-    p.add_argument("--json", action="store_true")
+                   help="scheduled: list at most this many, soonest first (default 100)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     p = add("ls", cmd_ls, "running and recent tasks")
-    p.add_argument("--timeout", type=float, default=1.0)
-    p.add_argument("--json", action="store_true")
+    replies_timeout(p)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
 
     for name, help_ in (("attach", "live view of one task, with an input line to steer it"),
                         ("result", "state and result of a task")):
         p = add(name, cmd_attach if name == "attach" else cmd_result, help_)
         p.add_argument("task_id")
         p.add_argument("--token", help="the task's capability token (or ITASK_TOKEN)")
-        p.add_argument("--timeout", type=float, default=2.0)
+        p.add_argument("--timeout", type=float, default=2.0, help=TASK_TIMEOUT_HELP)
         if name == "result":
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--json", action="store_true", help=JSON_HELP)
             p.add_argument("--wait", type=float, default=None,
                            help="wait up to this many seconds for the task to finish")
 
@@ -507,9 +553,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                            help=f"return once the task is {name}d (up to --timeout)")
         if name == "cancel":
             p.add_argument("--grace", type=float, default=5.0,
-                           help="seconds before the cancel is forced")
+                           help="seconds before the cancel is forced (default 5)")
         p.add_argument("--token", help="the task's capability token (or ITASK_TOKEN)")
-        p.add_argument("--timeout", type=float, default=2.0)
+        p.add_argument("--timeout", type=float, default=2.0, help=TASK_TIMEOUT_HELP)
 
     p = add("revoke", cmd_revoke, "revoke tasks that have not started (kept across "
                                   "worker restarts)")
@@ -528,7 +574,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true",
                    help="show tasks but refuse every control (no buttons)")
 
-    add("demo", cmd_demo, "run an interactive task on the embedded broker and attach to it",
+    add("demo", cmd_demo, "start a worker, run an interactive task and attach to it, on "
+                          "the embedded broker unless -b or ITASK_BROKER_URL name another",
         app=False)
     if command not in sub.choices:
         from interactive_tasks.cli import beat_cmd, control_cmd, multi
@@ -536,6 +583,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         control_cmd.register(sub, add)
         multi.register(sub, add)
         beat_cmd.register(sub, add)
+    return parser
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``command`` (a subcommand of ``parser``, as ``build_parser`` makes it)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
     return parser
 
 
@@ -554,7 +609,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``itask`` command; every error ends in one line on stderr and an exit code
     (see the module docstring), with the traceback only under ``--debug``."""
     parser = build_parser(_command_in(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # from the command's own parser, so the usage printed is that command's
+        command_parser(parser, args.command).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args) or 0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from types import ModuleType
 
 
 def wants_eventlet(argv: list[str]) -> bool:
@@ -30,7 +32,17 @@ def maybe_patch() -> None:
     if not wants_eventlet(sys.argv):
         return
     try:
-        import eventlet
+        eventlet = import_eventlet()
     except ImportError:
         return  # the worker explains: "pip install eventlet" (see worker.main.make_pool)
     eventlet.monkey_patch()
+
+
+def import_eventlet() -> ModuleType:
+    """``import eventlet`` without the multi-line deprecation warning eventlet gives at
+    import (the worker logs one line instead); every other warning is left as it is.
+    Raises ImportError when eventlet is not installed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+        import eventlet
+    return eventlet

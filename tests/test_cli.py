@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 from interactive_tasks import TaskState
 
-from .conftest import ROOT, BrokerEnv, wait_for
+from .conftest import IN_CI, ROOT, BrokerEnv, wait_for
 from .doc_blocks import documented
 
 pytestmark = pytest.mark.parametrize("broker", ["redis"], indirect=True)
@@ -209,3 +210,82 @@ def test_steering_typos_and_cancel_of_an_ended_task(tasks, start_worker, broker)
     line = one_line(out)
     assert "had already ended (cancelled); nothing to cancel" in line
     assert documented("itask: task 6f1c… had already ended").match(line), line
+
+
+def test_ping_and_status_reach_only_the_destination(start_worker, broker):
+    """``-d`` (Celery's ``inspect ping -d w1@host``): only the workers named reply."""
+    first, second = start_worker(concurrency=1), start_worker(concurrency=1)
+    out = itask(broker, "ping", "-d", first.name, "--timeout", "5")
+    assert out.returncode == 0, out.stderr
+    assert f"{first.name}: pong" in out.stdout and second.name not in out.stdout
+    out = itask(broker, "status", "-d", second.name, "--json", "--timeout", "5")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"workers": [second.name], "online": 1}
+    out = itask(broker, "ping", "-d", f"{first.name},nobody@nowhere", "--timeout", "1")
+    assert out.returncode == 1
+    assert f"{first.name}: pong" in out.stdout
+    assert "nobody@nowhere did not reply within 1.0s" in one_line(out)
+
+
+def test_unknown_arguments_show_the_command_usage(broker):
+    out = itask(broker, "ping", "--no-such-option", app=False)
+    assert out.returncode == 2
+    assert out.stderr.startswith("usage: itask ping "), out.stderr
+    assert "itask ping: error: unrecognized arguments: --no-such-option" in out.stderr
+    out = itask(broker, "answer", "ID", "yes", "extra", app=False)
+    assert out.returncode == 2
+    assert "itask answer: error: unrecognized arguments: extra" in out.stderr
+
+
+def test_worker_log_level_is_checked(broker):
+    from interactive_tasks.cli.main import build_parser
+
+    out = itask(broker, "worker", "-l", "verbose", app=False)
+    assert out.returncode == 2
+    assert "itask worker: error: argument -l/--loglevel: unknown log level 'verbose'" \
+        in out.stderr
+    for given, level in (("debug", "DEBUG"), ("Warning", "WARNING"), ("FATAL", "FATAL")):
+        args = build_parser("worker").parse_args(["worker", "-l", given])
+        assert args.loglevel == level
+    assert build_parser("worker").parse_args(["worker"]).loglevel == "INFO"
+    out = itask(broker, "beat", "-l", "loud", app=False)
+    assert out.returncode == 2 and "unknown log level 'loud'" in out.stderr
+
+
+def test_prefork_only_options_warn_on_other_pools(start_worker, broker):
+    w = start_worker(pool="threads", concurrency=1,
+                     extra_args=["--max-tasks-per-child", "5", "--max-memory-per-child", "9"])
+    log = w.log()
+    assert ("--max-tasks-per-child applies to the prefork pool only (the threads pool's "
+            "tasks share the worker's process); ignored") in log
+    assert "--max-memory-per-child applies to the prefork pool only" in log
+    w = start_worker(pool="prefork", concurrency=1, extra_args=["--max-tasks-per-child", "5"])
+    assert "applies to the prefork pool only" not in w.log()
+
+
+def test_eventlet_deprecation_is_one_log_line(start_worker, broker):
+    # find_spec, not import: importing eventlet warns that it is deprecated (an error here)
+    if importlib.util.find_spec("eventlet") is None:
+        if IN_CI:
+            pytest.fail("eventlet is missing (it is in the dev extra)")
+        pytest.skip("eventlet is not installed")
+    w = start_worker(pool="eventlet", concurrency=2)
+    log = w.log()
+    assert "Eventlet is deprecated" not in log  # eventlet's own warning, many lines
+    lines = [line for line in log.splitlines() if "deprecated" in line.lower()]
+    assert len(lines) == 1, lines
+    assert "eventlet is deprecated upstream (bug fixes only); the gevent pool (-P gevent) " \
+           "is recommended" in lines[0]
+
+
+def test_a_secret_on_the_client_only_says_what_it_means(start_worker, broker):
+    w = start_worker(concurrency=1)  # no secret
+    env = broker.env()
+    env["ITASK_SECRET"] = "only-the-client-has-it"
+    out = subprocess.run([sys.executable, "-m", "interactive_tasks.cli.main", "ping", "-d",
+                          w.name, "--timeout", "2", "-A", "tests.apps.tasks"], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert ("dropped a reply that was unsigned: the workers have no secret or a different "
+            "one (ITASK_SECRET)") in out.stderr.splitlines()[0], out.stderr
+    assert "malformed" not in out.stderr

@@ -97,11 +97,16 @@ def make_pool(name: str, app: App, concurrency: int, hostname: str,
 
         return GeventPool(app, concurrency, hostname, max_tasks_per_child)
     if name == "eventlet":
+        from interactive_tasks._eventlet import import_eventlet
+
         try:
-            import eventlet  # noqa: F401
+            import_eventlet()
         except ImportError:
             raise ConfigurationError("--pool eventlet needs eventlet: pip install "
                                      '"interactive_tasks[eventlet]"') from None
+        # eventlet's own warning is many lines at every start (see import_eventlet)
+        logger.warning("eventlet is deprecated upstream (bug fixes only); the gevent pool "
+                       "(-P gevent) is recommended")
         from .pools.eventlet import EventletPool
 
         return EventletPool(app, concurrency, hostname, max_tasks_per_child)
@@ -172,9 +177,11 @@ class Worker:
         elif autoscale is not None:
             logger.warning("--autoscale does not apply to the solo pool (one slot); ignored")
         self.pool = make_pool(pool, app, self.concurrency, self.hostname, max_tasks_per_child)
-        if max_memory_per_child and not self.pool.separate_processes:
-            logger.warning("--max-memory-per-child applies to the prefork pool only (the "
-                           "%s pool's tasks share the worker's process); ignored", pool)
+        for option, value in (("--max-tasks-per-child", max_tasks_per_child),
+                              ("--max-memory-per-child", max_memory_per_child)):
+            if value and not self.pool.separate_processes:
+                logger.warning("%s applies to the prefork pool only (the %s pool's tasks "
+                               "share the worker's process); ignored", option, pool)
         self.queue_names = queues or [app.conf.task_default_queue]
         self.shutdown_timeout = (
             app.conf.shutdown_timeout if shutdown_timeout is None else shutdown_timeout

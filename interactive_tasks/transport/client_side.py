@@ -127,7 +127,8 @@ class KombuInbox:
         secret = self.app.secret
         if secret is not None and not codec.verify(
                 secret, body, (headers or {}).get(codec.SIGNATURE_HEADER)):
-            logger.warning("dropped an unsigned or badly signed inbox message")
+            logger.warning("dropped a reply that was unsigned or wrongly signed: %s",
+                           _NO_SECRET)
             return
         self._arrived.append(body)
 
@@ -263,7 +264,7 @@ class RedisInbox:
             try:
                 bodies.append(decode_frame(raw, self.secret))
             except ProtocolError as exc:
-                logger.warning("dropped a malformed inbox message: %s", exc)
+                logger.warning("dropped a reply %s", _why_dropped(raw, exc))
         return bodies
 
     def check(self) -> None:
@@ -274,6 +275,20 @@ class RedisInbox:
 
     def close(self, delete: bool) -> None:
         self._reader.close(delete=delete)
+
+
+_NO_SECRET = "the workers have no secret or a different one (ITASK_SECRET)"
+
+
+def _why_dropped(raw: bytes, exc: ProtocolError) -> str:
+    """What an inbox frame :func:`decode_frame` refused means, for the person reading it:
+    with a secret on this side, an unsigned or wrongly signed one is nearly always a worker
+    started with no secret or another one."""
+    if raw[:1] == b"0":
+        return "that was unsigned: " + _NO_SECRET
+    if raw[:1] == b"1":
+        return "with a wrong signature: " + _NO_SECRET
+    return f"that was malformed: {exc}"
 
 
 def client_side_for(app: App, kombu_publish: KombuPublish) -> ClientSide:
