@@ -67,7 +67,8 @@ def register(subparsers: Any, add: Callable[..., argparse.ArgumentParser]) -> No
     p.add_argument("--expires", type=float, default=None,
                    help="seconds from now after which it is revoked unstarted")
     p.add_argument("-Q", "--queue", default=None, help="queue (default: the task's route)")
-    p.add_argument("--priority", type=int, default=None, help="0-9")
+    p.add_argument("--priority", type=int, default=None, choices=range(10), metavar="0-9",
+                   help="0-9; on RabbitMQ higher runs first, on Redis lower")
     p.add_argument("--json", action="store_true",
                    help="print {\"id\", \"token\"}; the token controls the task")
 

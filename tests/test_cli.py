@@ -237,6 +237,12 @@ def test_unknown_arguments_show_the_command_usage(broker):
     assert "itask answer: error: unrecognized arguments: extra" in out.stderr
 
 
+def test_call_refuses_a_priority_outside_0_to_9(broker):
+    out = itask(broker, "call", "tasks.add", "--priority", "42", app=False)
+    assert out.returncode == 2
+    assert "itask call: error: argument --priority: invalid choice: 42" in out.stderr
+
+
 def test_worker_log_level_is_checked(broker):
     from interactive_tasks.cli.main import build_parser
 
