@@ -11,7 +11,10 @@ it first in each step;
 :meth:`WorkerIntake.ring_for` wakes idle workers after the worker itself published a task;
 :meth:`WorkerIntake.close` drops what the connection used.
 
-* kombu (RabbitMQ, embedded, SQS …): kombu consumers on the worker's connection.
+* kombu (embedded, SQS …): kombu consumers on the worker's connection.
+* RabbitMQ (:class:`.amqp_intake.AmqpIntake`): the queues declared through kombu,
+  consumed with py-amqp's own ``basic_consume``; deliveries reach the worker as
+  :class:`.amqp_intake.AmqpDelivery` (a kombu message's attributes, ``ack``, ``reject``).
 * Redis (:class:`RedisIntake`): tasks through :class:`.redis_fetch.TaskFetcher` (pop and
   record unacknowledged in one script), the control queue as a plain list of raw frames
   read by :class:`.redis_fast.ListReader`; broadcasts still through kombu.
@@ -132,11 +135,6 @@ class WorkerIntake:
         if consumer is None:
             return
         consumer.qos(prefetch_count=count)
-        if is_amqp(self.app.broker_url) and not self.stopped and consumer.queues:
-            # RabbitMQ applies a per-consumer prefetch to consumers started after it: start
-            # them again. Deliveries made meanwhile still reach on_task (or are requeued).
-            consumer.cancel()
-            consumer.consume()
 
     def close(self) -> None:
         """Forget the connection's consumers (the connection is released by its owner)."""
@@ -232,5 +230,9 @@ def intake_for(app: App, hostname: str, **callbacks: Any) -> WorkerIntake:
     """The intake for ``app``'s broker (callbacks as :class:`WorkerIntake` takes them)."""
     if is_redis(app.broker_url):
         return RedisIntake(app, hostname, **callbacks)
+    if is_amqp(app.broker_url):
+        from .amqp_intake import AmqpIntake
+
+        return AmqpIntake(app, hostname, **callbacks)
     return WorkerIntake(app, hostname, **callbacks)
 
