@@ -19,10 +19,11 @@ it first in each step;
   record unacknowledged in one script), the control queue as a plain list of raw frames
   read by :class:`.redis_fast.ListReader`; broadcasts still through kombu.
 
-The callbacks: ``on_task(message)`` for each task message (a kombu message: ``ack()``,
+The callbacks: ``on_task(message)`` for each task message (a kombu message, or on RabbitMQ
+an :class:`.amqp_intake.AmqpDelivery` with the same attributes: ``ack()``,
 ``reject(requeue=)``), ``on_garbage(message, reason)`` for what the fetch could not even
-take for a message (dead-letter it), ``on_control(message)`` for a kombu control message,
-``on_control_frames(frames)`` for raw frames from a control list.
+take for a message (dead-letter it), ``on_control(message)`` for a control message (the
+same kinds), ``on_control_frames(frames)`` for raw frames from a control list.
 """
 
 from __future__ import annotations
