@@ -10,7 +10,9 @@ control and broadcast queues, the broadcast binding), then consumes them with py
 own ``basic_consume`` on the worker's connection and hands the worker an
 :class:`AmqpDelivery`: what the worker reads of a kombu message, from py-amqp's message
 as it arrived. Prefetch, cancelling, adding and dropping task queues and reconnecting
-(``start`` on a fresh connection) work as kombu's consumer does them on RabbitMQ.
+(``start`` on a fresh connection) work as kombu's consumer does them on RabbitMQ. One
+difference: a body with kombu's ``compression`` header (nothing of this package sends
+one) is not decompressed, so it fails decoding and goes to the dead letters.
 
 Control arrives on the same socket as tasks (one AMQP connection), so the worker's loop
 cannot read it first: :meth:`AmqpIntake.is_control` stays False, as for kombu's consumer.
