@@ -90,9 +90,10 @@ class HandleSource:
         self._callbacks.append(callback)
 
 
-def attach(handle: TaskHandle[Any], *, color: bool = True) -> int:
-    """Run ``itask attach`` on ``handle``; returns the exit code."""
-    return run_attach(HandleSource(handle), color=color)
+def attach(handle: TaskHandle[Any], *, color: bool = True, left_note: str | None = None) -> int:
+    """Run ``itask attach`` on ``handle``; returns the exit code. ``left_note`` replaces
+    the "the task keeps running" line printed when the user leaves a running task."""
+    return run_attach(HandleSource(handle), color=color, left_note=left_note)
 
 
 def summary_to_snapshot(item: dict[str, Any]) -> TaskSnapshot:

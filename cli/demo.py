@@ -14,8 +14,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from interactive_tasks import Event, TaskFailed
+from interactive_tasks import Event, TaskFailed, TaskHandle
 from interactive_tasks.errors import InteractiveTasksError, TransportError
 
 
@@ -46,8 +47,25 @@ def _describe(event: Event) -> str:
     return event.kind
 
 
+def _stop_worker(worker: subprocess.Popen[bytes]) -> bool:
+    """SIGTERM (a warm shutdown), SIGKILL to its process group after 10 s; True when the
+    worker stopped on its own with exit code 0."""
+    worker.send_signal(signal.SIGTERM)
+    try:
+        return worker.wait(10) == 0
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        return False
+
+
 def run_demo(broker: str | None = None, color: bool = True, interactive: bool = True) -> int:
-    """Run the demo; returns the exit code of the attach (0 when the task succeeded)."""
+    """Run the demo; returns the exit code of the attach (0 when the task succeeded).
+
+    The worker is the demo's own: when the demo ends (the task ended, the user left with
+    ``q``/Ctrl-C, or SIGTERM) a task still running is cancelled and the worker stopped.
+    Its log file is deleted then, unless something failed (its path is printed).
+    """
     broker = broker or os.environ.get("ITASK_BROKER_URL") or "embedded://"
     os.environ["ITASK_BROKER_URL"] = broker
     from . import demo_tasks
@@ -58,13 +76,19 @@ def run_demo(broker: str | None = None, color: bool = True, interactive: bool = 
     print(f"Starting a worker on {app.broker_url_display} (log: {log_path})")
     if app.embedded_directory is not None:
         print(f"The embedded broker keeps its files in {app.embedded_directory}")
+    # SIGTERM ends the demo as Ctrl-C does (in the attach view: leave it; elsewhere:
+    # KeyboardInterrupt), so the worker is stopped below instead of left running.
+    previous_int = signal.getsignal(signal.SIGINT)
+    previous_term = signal.signal(signal.SIGTERM,
+                                  lambda signum, frame: signal.raise_signal(signal.SIGINT))
     worker = _start_worker(broker, log_path)
+    handle: TaskHandle[Any] | None = None
+    failed = True  # until the demo gets through, or the user ends it
     try:
         deadline = time.monotonic() + 30
         while not app.ping(timeout=0.5, expect=1):
             if worker.poll() is not None or time.monotonic() > deadline:
-                print(f"itask: the demo worker did not start; see {log_path}",
-                      file=sys.stderr)
+                print("itask: the demo worker did not start", file=sys.stderr)
                 return 3
         steps, delay = (40, 0.15) if interactive else (10, 0.02)
         handle = demo_tasks.build.start(steps, delay)
@@ -72,7 +96,9 @@ def run_demo(broker: str | None = None, color: bool = True, interactive: bool = 
         if interactive:
             from .attach import attach
 
-            code = attach(handle, color=color)
+            code = attach(handle, color=color, left_note=(
+                f"Left task {handle.id[:8]}; stopping the demo worker, and the task ends "
+                f"with it (cancelled)."))
         else:
             code = 0
             for event in handle.events(timeout=60):
@@ -89,9 +115,13 @@ def run_demo(broker: str | None = None, color: bool = True, interactive: bool = 
         print("Next steps (from a clone of the repository, where examples/ is):")
         print("  itask worker -A examples.tasks -c 2    # a worker for the examples' tasks")
         print("  python -m examples.progress            # in a second terminal: stream a task")
-        print(f"  itask attach {handle.id}   # this task again, from any terminal")
+        print(f"  itask attach {handle.id}   # this task again (its end), from any terminal")
         print("  itask top                              # every worker and task, live")
+        failed = False
         return code
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the attach view: not a failure
+        failed = False
+        raise
     except TransportError as exc:
         print(f"itask: {exc}", file=sys.stderr)
         return 3
@@ -99,9 +129,30 @@ def run_demo(broker: str | None = None, color: bool = True, interactive: bool = 
         print(f"itask: {exc}", file=sys.stderr)
         return 1
     finally:
-        worker.send_signal(signal.SIGTERM)
+        # A second Ctrl-C or SIGTERM while stopping kills the worker at once instead of
+        # interrupting this clean-up (which would leave the worker running).
+        signal.signal(signal.SIGINT, lambda signum, frame: _kill_group(worker))
+        signal.signal(signal.SIGTERM, lambda signum, frame: _kill_group(worker))
+        stopped = False
         try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-        app.close()
+            if handle is not None and worker.poll() is None and not handle.state.is_final:
+                try:
+                    handle.cancel(grace=2.0)
+                except InteractiveTasksError:
+                    pass
+            stopped = _stop_worker(worker)
+            app.close()
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGTERM, previous_term)
+        if not failed and stopped:
+            log_path.unlink(missing_ok=True)
+        else:
+            print(f"itask: the demo worker's log is {log_path}", file=sys.stderr)
+
+
+def _kill_group(worker: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(worker.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -20,6 +20,7 @@ from typing import Any
 from interactive_tasks import App, load_app
 from interactive_tasks.cli.errors import CliError
 from interactive_tasks.errors import (
+    BROKER_HINT,
     ConfigurationError,
     InteractiveTasksError,
     TransportError,
@@ -596,8 +597,7 @@ def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.Ar
 
 #: (error class, exit code, what to do), the first matching class wins
 _ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
-    (TransportError, 3, "check that the broker runs and that -b / ITASK_BROKER_URL give its "
-                        "address and credentials"),
+    (TransportError, 3, BROKER_HINT),
     (CliError, 2, ""),
     (ConfigurationError, 2, ""),
     (UnknownTask, 2, ""),
@@ -625,7 +625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for cls, default_code, hint in _ERRORS:
             if isinstance(exc, cls):
                 code = exc.code if isinstance(exc, CliError) else default_code
-                print(f"itask: {exc}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+                # a TransportError for an unreachable broker says what to do itself
+                said = f" ({hint})" if hint and hint not in str(exc) else ""
+                print(f"itask: {exc}{said}", file=sys.stderr)
                 return code
         print(f"itask: unexpected {type(exc).__name__}: {exc}"
               + ("" if debug else " (run again with --debug for the traceback)"),

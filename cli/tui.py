@@ -172,11 +172,13 @@ def run_attach(
     output: Output | None = None,
     file: TextIO | None = None,
     clock: Callable[[], float] = time.time,
+    left_note: str | None = None,
 ) -> int:
     """Show one task live with a command line below it, until it ends or the user leaves.
 
     Enter runs the line with ``source.command`` and shows the status it returns; ``q`` alone
-    on the line, Ctrl-C or Ctrl-D detach (the task keeps running) and return 0. When the
+    on the line, Ctrl-C or Ctrl-D detach (the task keeps running) and return 0; the line
+    then printed says so, or is ``left_note`` when the caller ends the task itself. When the
     task reaches a final state its last rendering is drawn, the application exits and the
     function returns 0 (succeeded, cancelled) or 1 (failed, revoked). Either way the last
     rendering is then printed to ``file`` (stdout) so it stays in the scrollback.
@@ -290,6 +292,7 @@ def run_attach(
         code = 0
         if not snap.state.is_final:
             out.write(
+                f"{left_note}\n" if left_note is not None else
                 f"Detached from {short_id(snap.task_id)}; the task keeps running "
                 f"(itask attach {snap.task_id}).\n"
             )

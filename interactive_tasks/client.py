@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kombu import Connection, Producer, Queue
 
 from . import codec, signals
-from .errors import PayloadTooLarge, ProtocolError, TransportError
+from .errors import BROKER_HINT, PayloadTooLarge, ProtocolError, TransportError
 from .protocol import (
     RESERVED_HEADERS,
     ControlMessage,
@@ -173,13 +173,13 @@ class Client:
             self._thread.start()
         if not self._ready.wait(timeout):
             raise TransportError(
-                f"cannot reach the broker at {self.app.broker_url_display} "
-                f"(no connection within {timeout:.0f}s)"
+                f"cannot reach the broker at {self.app.broker_url_display}: "
+                f"no connection within {timeout:.0f}s ({BROKER_HINT})"
             )
         if self._thread_error is not None:
             raise TransportError(
                 f"cannot reach the broker at {self.app.broker_url_display}: "
-                f"{self._thread_error}"
+                f"{self._thread_error} ({BROKER_HINT})"
             )
 
     def close(self) -> None:

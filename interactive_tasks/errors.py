@@ -44,6 +44,12 @@ class TransportError(InteractiveTasksError):
     """The broker or result store cannot be reached."""
 
 
+#: What to do about a broker that cannot be reached: the end of the TransportError raised
+#: for it, so a Python program's traceback says it as ``itask`` does.
+BROKER_HINT = ("check that the broker runs and that its URL gives its address and "
+               "credentials: App(broker=...), -b or ITASK_BROKER_URL")
+
+
 class ProtocolError(InteractiveTasksError):
     """A message could not be decoded or failed validation.
 

@@ -170,3 +170,27 @@ def test_unknown_task_name_reaches_the_client(tasks, start_worker):
     message = f"TaskFailed: {info.value}"
     assert "did you mean 'tests.apps.tasks.add'?" in message
     assert documented("TaskFailed: task 6f1c… failed: UnknownTask:").match(message), message
+
+
+def test_unreachable_broker_says_what_to_do_in_python(tmp_path):
+    """A Python program against a broker that is not there: its traceback ends in the
+    documented one-line message, which says what to do (as ``itask`` prints it)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, isolated_env
+    from .doc_blocks import documented
+
+    program = ("from interactive_tasks import App\n"
+               "app = App('gone', broker='redis://127.0.0.1:6380/0')\n"
+               "@app.task\n"
+               "def add(x, y):\n"
+               "    return x + y\n"
+               "add.delay(2, 3).result(timeout=10)\n")
+    out = subprocess.run([sys.executable, "-c", program], env=isolated_env(tmp_path),
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert documented("interactive_tasks.errors.TransportError: cannot reach").match(last), \
+        out.stderr
+    assert last.count("check that the broker runs") == 1

@@ -243,6 +243,12 @@ COVERAGE: dict[tuple[str, str], object] = {
     ("docs/troubleshooting.md", "$ itask ping -b foo://bar"): Transcript(),
     ("docs/troubleshooting.md", "$ itask ping -b redis://127.0.0.1:6380/0"): Transcript(),
     ("docs/troubleshooting.md", "$ itask ping"): Transcript(),
+    ("docs/troubleshooting.md", "interactive_tasks.errors.TransportError: cannot reach the "
+                                "broker at redis://127.0.0.1:6380/0: Error 111 connecting to "
+                                "127.0.0.1:6380. Connection refused. (check that the broker "
+                                "runs and that its URL gives its address and credentials: "
+                                "App(broker=...), -b or ITASK_BROKER_URL)"):
+        RunBy("tests/test_bad_input.py::test_unreachable_broker_says_what_to_do_in_python"),
     ("docs/troubleshooting.md", "$ itask worker -A examples/tasks.py"): Transcript(),
     ("docs/troubleshooting.md", "$ itask attach 0c4f6a1e-7d1b-4a53-9b3e-51f0c2b1c2d3"):
         Transcript(),

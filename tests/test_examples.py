@@ -130,6 +130,57 @@ def test_itask_demo_without_a_terminal(example_env):
     assert "Traceback" not in out.stdout + out.stderr
 
 
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat.rpartition(")")[2].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan reparented elsewhere still counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_itask_demo_stops_its_worker_on_sigterm(example_env, tmp_path):
+    """SIGTERM ends the demo as Ctrl-C does: its worker stopped, its log file deleted."""
+    out_path = tmp_path / "demo.out"
+    env = dict(example_env, TMPDIR=str(tmp_path))  # where the demo writes its log
+    with open(out_path, "wb") as out:
+        demo = subprocess.Popen([sys.executable, "-m", "interactive_tasks.cli.main", "demo"],
+                                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    worker_pid = None
+    try:
+        log = tmp_path / f"itask-demo-{demo.pid}.log"
+        wait_for(lambda: "Started task" in out_path.read_text() or demo.poll() is not None,
+                 60, message="the demo's task")
+        assert demo.poll() is None, out_path.read_text()
+        [worker_pid] = children(demo.pid)
+        assert log.exists()
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(30)
+        wait_for(lambda: not alive(worker_pid), 30, message="the demo worker to stop")
+        assert not log.exists(), out_path.read_text()
+        assert "Traceback" not in out_path.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        if worker_pid is not None and alive(worker_pid):  # its own session: kill all of it
+            os.killpg(worker_pid, signal.SIGKILL)
+
+
 def test_attach_example(example_env, tmp_path):
     out = subprocess.run([sys.executable, "-m", "examples.attach"], env=example_env, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)

@@ -63,6 +63,10 @@ class Tmux:
         except AssertionError:
             raise AssertionError(f"{pattern!r} not on screen:\n{self.screen()}") from None
 
+    def pane_pid(self) -> int:
+        """The pid of the shell running the started command."""
+        return int(self._tmux("display-message", "-p", "-t", "t", "#{pane_pid}"))
+
     def kill(self) -> None:
         self._tmux("kill-server")
 
@@ -142,6 +146,40 @@ def test_attach_answers_a_question(tasks, start_worker, tmux, broker):
     tmux.wait_screen(r"answer +'Ada'")  # the log line shows the answer the task got
     assert handle.result(10) == "hello Ada"
     assert [r["data"] for r in broker.records(handle.id) if r["what"] == "answer"] == ["Ada"]
+
+
+@pytest.mark.parametrize("leave", ["q", "SIGTERM"])
+def test_leaving_itask_demo_stops_its_worker_and_says_so(tmux, leave, tmp_path):
+    """``itask demo`` owns its worker: leaving the attach view (q, or SIGTERM as Ctrl-C)
+    says the task ends, cancels it, stops the worker and deletes the worker's log."""
+    from .test_examples import alive, children
+
+    tmux.start(["env", f"TMPDIR={tmp_path}", sys.executable, "-m",
+                "interactive_tasks.cli.main", "demo"])
+    tmux.wait_screen(r"RUNNING")
+    [demo] = wait_for(lambda: children(tmux.pane_pid()), message="the demo process")
+    [worker] = children(demo)
+    log = tmp_path / f"itask-demo-{demo}.log"
+    assert log.exists()
+    try:
+        if leave == "q":
+            tmux.type("q")
+        else:
+            os.kill(demo, signal.SIGTERM)
+        tmux.wait_screen(r"stopping the demo worker, and the task ends with it")
+        assert "the task keeps running" not in tmux.screen()
+        wait_for(lambda: not alive(demo) and not alive(worker), 30,
+                 message="the demo and its worker to end")
+        assert not log.exists(), tmux.screen() + log.read_text()
+        task_id = re.search(r"Started task ([0-9a-f-]+)", tmux.screen())
+        assert task_id is not None
+        out = subprocess.run([sys.executable, "-m", "interactive_tasks.cli.main", "result",
+                              task_id.group(1)], env=tmux.env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert "cancelled" in out.stdout, out.stdout + out.stderr
+    finally:
+        if alive(worker):  # its own session: all of it
+            os.killpg(worker, signal.SIGKILL)
 
 
 def test_top_pauses_resumes_and_cancels_the_selected_task(tasks, start_worker, tmux, broker):
