@@ -11,6 +11,7 @@ writes them in that order).
 from __future__ import annotations
 
 import logging
+import reprlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,36 @@ logger = logging.getLogger("interactive_tasks.worker")
 
 #: finished records kept in memory for late attach/locate
 FINISHED_KEPT = 1000
+
+#: a result's repr in the worker's "succeeded" log line, cut to about this many characters
+RESULT_REPR_MAX = 100
+_result_repr = reprlib.Repr()
+_result_repr.maxstring = _result_repr.maxother = RESULT_REPR_MAX
+_result_repr.maxlist = _result_repr.maxtuple = _result_repr.maxdict = 10
+_result_repr.maxset = _result_repr.maxfrozenset = 10
+
+
+def result_repr(value: Any) -> str:
+    """``repr(value)`` cut to about ``RESULT_REPR_MAX`` characters (reprlib: a large
+    container is not rendered whole first)."""
+    text = _result_repr.repr(value)
+    return text if len(text) <= RESULT_REPR_MAX else text[:RESULT_REPR_MAX - 3] + "..."
+
+
+def log_outcome(record: TaskRecord, kind: str, fields: dict[str, Any]) -> None:
+    """Celery's per-task lines: "Task NAME[ID] succeeded in Xs: RESULT" at INFO, "Task
+    NAME[ID] raised TYPE: MESSAGE" and the task's traceback at ERROR."""
+    if kind == EventKind.SUCCEEDED:
+        if logger.isEnabledFor(logging.INFO):  # nothing to pay per task at the default level
+            runtime = (record.finished or time.time()) - (record.started or record.received)
+            logger.info("Task %s[%s] succeeded in %.4fs: %s", record.name, record.id,
+                        max(runtime, 0.0), result_repr(fields.get("result")))
+    elif kind == EventKind.FAILED:
+        error = fields.get("error") or {}
+        trace_text = str(error.get("traceback") or "").rstrip("\n")
+        logger.error("Task %s[%s] raised %s: %s%s", record.name, record.id,
+                     error.get("type") or "Exception", error.get("message") or "",
+                     f"\n{trace_text}" if trace_text else "")
 
 
 def error_fields(type_: str, message: str) -> dict[str, Any]:
@@ -209,6 +240,7 @@ class Outcomes:
         elif kind in (EventKind.FAILED, EventKind.RETRY) and record.cancel_requested:
             kind, fields = EventKind.CANCELLED, {}
         self.relay.emit(record, kind, fields, ts)
+        log_outcome(record, kind, fields)
         trace.revoked(w.app, record.message, kind, fields, w.hostname)
         w.processed += 1
         self.relay.pending_results.append((record.id, record.final_record()))
