@@ -11,10 +11,10 @@ from interactive_tasks import TaskFailed
 
 from .conftest import WorkerProcess, wait_for
 
-REDIS = pytest.mark.parametrize("broker", ["redis"], indirect=True)
+BROKERS = pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)
 
 
-@REDIS
+@BROKERS
 def test_worker_logs_each_task_as_celery_does(tasks, start_worker):
     w = start_worker()  # -l info
     ok = tasks.add.delay(2, 3)
@@ -35,7 +35,7 @@ def test_worker_logs_each_task_as_celery_does(tasks, start_worker):
     assert "ERROR/MainProcess] interactive_tasks.worker: Task " in w.log()
 
 
-@REDIS
+@BROKERS
 def test_the_default_level_logs_failures_only(tasks, broker, tmp_path):
     w = WorkerProcess(broker, tmp_path, extra_args=["-l", "warning"])  # no "ready" line
     try:
