@@ -193,8 +193,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"\n{len(names)} node{'s' if len(names) != 1 else ''} online.")
     missing = [d for d in dest or () if d not in names]
     if missing or not names:
-        who = ", ".join(missing) if missing else "no worker"
-        print(f"itask: {who} replied within {args.timeout}s on {app.broker_url_display}",
+        what = f"{', '.join(missing)} did not reply" if missing else "no worker replied"
+        print(f"itask: {what} within {args.timeout}s on {app.broker_url_display}",
               file=sys.stderr)
         return 1
     return 0

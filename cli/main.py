@@ -396,11 +396,15 @@ LOGLEVEL_HELP = "debug, info, warning, error, critical (default info)"
 
 
 def loglevel(text: str) -> str:
-    """``-l``'s type: the level's name in capitals; an unknown name is a usage error."""
-    if text.upper() not in LOG_LEVELS:
+    """``-l``'s type: the level's name in capitals (``warn``, the logging module's own
+    alias, is WARNING); an unknown name is a usage error."""
+    name = text.upper()
+    if name == "WARN":
+        return "WARNING"
+    if name not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(
             f"unknown log level {text!r}; use {', '.join(n.lower() for n in LOG_LEVELS)}")
-    return text.upper()
+    return name
 
 
 JSON_HELP = "print JSON instead of text"

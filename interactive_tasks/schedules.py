@@ -41,6 +41,7 @@ from datetime import datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from .errors import ConfigurationError
+from .transport import check_priority
 
 if TYPE_CHECKING:
     from .app import App
@@ -416,6 +417,16 @@ class Entry:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: passed on to :meth:`App.send_task` (``queue``, ``priority``, ``expires``, ``headers``)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Checked here, where beat starts, not when the entry falls due: send_task's
+        # ValueError there would make beat retry the entry every second for ever.
+        priority = self.options.get("priority")
+        if priority is not None:
+            try:
+                check_priority(priority)
+            except ValueError as exc:
+                raise ConfigurationError(f"periodic task {self.name!r}: {exc}") from None
 
     @classmethod
     def from_dict(cls, name: str, spec: Mapping[str, Any]) -> Entry:

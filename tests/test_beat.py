@@ -197,7 +197,9 @@ def test_entries_from_beat_schedule_and_periodic():
         entries_for(app)
     for spec, message in [({"schedule": 1}, "needs 'task'"), ({"task": "x"}, "needs 'schedule'"),
                           ({"task": "x", "schedule": 1, "every": 2}, "unknown key"),
-                          ({"task": "x", "schedule": 1, "args": "a"}, "'args' must be a list")]:
+                          ({"task": "x", "schedule": 1, "args": "a"}, "'args' must be a list"),
+                          ({"task": "x", "schedule": 1, "options": {"priority": 10}},
+                           "periodic task 'bad': priority must be an integer from 0 to 9")]:
         app.beat_schedule = {"bad": spec}
         with pytest.raises(ConfigurationError, match=message):
             entries_for(app)

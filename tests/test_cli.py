@@ -225,6 +225,10 @@ def test_ping_and_status_reach_only_the_destination(start_worker, broker):
     assert out.returncode == 1
     assert f"{first.name}: pong" in out.stdout
     assert "nobody@nowhere did not reply within 1.0s" in one_line(out)
+    out = itask(broker, "status", "-d", f"{second.name},nobody@nowhere", "--timeout", "1")
+    assert out.returncode == 1
+    assert f"-> {second.name}: OK" in out.stdout
+    assert "nobody@nowhere did not reply within 1.0s" in out.stderr, out.stderr
 
 
 def test_unknown_arguments_show_the_command_usage(broker):
@@ -250,7 +254,8 @@ def test_worker_log_level_is_checked(broker):
     assert out.returncode == 2
     assert "itask worker: error: argument -l/--loglevel: unknown log level 'verbose'" \
         in out.stderr
-    for given, level in (("debug", "DEBUG"), ("Warning", "WARNING"), ("FATAL", "FATAL")):
+    for given, level in (("debug", "DEBUG"), ("Warning", "WARNING"), ("warn", "WARNING"),
+                          ("FATAL", "FATAL")):
         args = build_parser("worker").parse_args(["worker", "-l", given])
         assert args.loglevel == level
     assert build_parser("worker").parse_args(["worker"]).loglevel == "INFO"

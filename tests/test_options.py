@@ -276,3 +276,15 @@ def test_a_priority_outside_0_to_9_is_refused_before_anything_is_sent(priority):
     with pytest.raises(ValueError, match="priority must be an integer from 0 to 9"):
         noop.apply_async(priority=priority)
     assert app._client is None  # refused before the client connected
+
+
+def test_a_priority_of_another_integer_type_is_taken():
+    from interactive_tasks.transport import check_priority
+
+    class Numpyish:  # numpy's integers convert through __index__
+        def __index__(self) -> int:
+            return 7
+
+    check_priority(Numpyish())
+    check_priority(0)
+    check_priority(9)

@@ -9,6 +9,7 @@ for dead letters.
 
 from __future__ import annotations
 
+import operator
 import os
 import uuid
 from dataclasses import dataclass
@@ -62,9 +63,13 @@ MAX_PRIORITY = 9
 def check_priority(priority: object) -> None:
     """Raises ValueError unless ``priority`` is an integer from 0 to MAX_PRIORITY: above
     it RabbitMQ would silently treat it as the maximum, and a bool or a float is a
-    mistake rather than a priority."""
-    if isinstance(priority, bool) or not isinstance(priority, int) or \
-            not 0 <= priority <= MAX_PRIORITY:
+    mistake rather than a priority (an integer type of another library, numpy's, counts
+    as an integer)."""
+    try:
+        number = None if isinstance(priority, bool) else operator.index(priority)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if number is None or not 0 <= number <= MAX_PRIORITY:
         raise ValueError(f"priority must be an integer from 0 to {MAX_PRIORITY}, "
                          f"got {priority!r}")
 
