@@ -153,7 +153,7 @@ def test_ack_settles_and_reject_with_requeue_delivers_again_marked(
     assert wait_for(lambda: queue_depth(AMQP_URL, name) == 0, message="an empty queue")
 
 
-def test_the_prefetch_window_holds_and_a_new_one_applies_at_once(
+def test_the_prefetch_window_holds_and_a_larger_one_applies_at_once(
         app: App, intake_of: Any) -> None:
     for body in (b"one", b"two", b"three", b"four"):
         _publish(app, "default", body)
@@ -163,15 +163,77 @@ def test_the_prefetch_window_holds_and_a_new_one_applies_at_once(
     holds_for(lambda: intake.drained(lambda: len(intake.tasks) == 1
                                      and queue_depth(AMQP_URL, name) == 3),
               0.5, message="one delivery in the window of 1")
-    # RabbitMQ applies a new per-consumer window to consumers started after it: the
-    # consumer is started again, and takes two more while the first stays unacknowledged
+    # RabbitMQ applies a per-consumer window to consumers started after it: one more
+    # consumer takes the difference, so two are unacknowledged in all, not three
     intake.intake.set_prefetch(2)
-    assert [intake.task(i).body for i in (1, 2)] == [b"two", b"three"]
-    holds_for(lambda: intake.drained(lambda: len(intake.tasks) == 3
-                                     and queue_depth(AMQP_URL, name) == 1),
+    assert intake.task(1).body == b"two"
+    holds_for(lambda: intake.drained(lambda: len(intake.tasks) == 2
+                                     and queue_depth(AMQP_URL, name) == 2),
               0.3, message="two deliveries in the new window of 2")
     intake.tasks[1].ack()
-    assert intake.task(3).body == b"four"
+    assert intake.task(2).body == b"three"
+
+
+def _unacked(app: App, intake: Intake, count: int, waiting: int) -> Callable[[], bool]:
+    name = app.names.task_queue_name("default")
+    return lambda: intake.drained(lambda: len(intake.tasks) == count
+                                  and queue_depth(AMQP_URL, name) == waiting)
+
+
+def test_a_smaller_prefetch_window_takes_no_more_and_a_larger_one_more(
+        app: App, intake_of: Any) -> None:
+    for n in range(8):
+        _publish(app, "default", b"%d" % n)
+    intake = intake_of(prefetch=2)
+    intake.task(1)
+    holds_for(_unacked(app, intake, 2, 6), 0.3, message="two held in the window of 2")
+    # the consumers started again would not count the two held: 3, then 4 unacked
+    intake.intake.set_prefetch(1)
+    holds_for(_unacked(app, intake, 2, 6), 0.3, message="still two after shrinking to 1")
+    intake.intake.set_prefetch(1)
+    holds_for(_unacked(app, intake, 2, 6), 0.3, message="still two after 1 again")
+    intake.intake.set_prefetch(4)
+    intake.task(3)
+    holds_for(_unacked(app, intake, 4, 4), 0.3, message="four held in the window of 4")
+    # back to 2: the consumer added for the growth (holding "2" and "3") goes; what it
+    # holds still settles, and the first one takes two again once its own are settled
+    intake.intake.set_prefetch(2)
+    for delivery in intake.tasks[:3]:
+        delivery.ack()
+    intake.task(5)
+    holds_for(_unacked(app, intake, 6, 2), 0.3, message="two in the window of 2")
+    intake.tasks[3].ack()  # the last one of the cancelled consumer: none more comes
+    holds_for(_unacked(app, intake, 6, 2), 0.3, message="the window of 2 full")
+    intake.tasks[4].ack()
+    assert intake.task(6).body == b"6"
+    holds_for(_unacked(app, intake, 7, 1), 0.3, message="one more in the window of 2")
+
+
+def test_a_queue_the_broker_refuses_to_declare_leaves_the_task_channel_working(
+        app: App, intake_of: Any) -> None:
+    from interactive_tasks.transport.worker_side import QueueRefused
+
+    other = app.names.task_queue_name("other")
+    with app.connection() as conn:
+        # without the x-max-priority of the worker's task queues: its declaration fails
+        conn.channel().queue_declare(other, durable=True, auto_delete=False)
+    try:
+        _publish(app, "default", b"before")
+        intake = intake_of()
+        before = intake.task(0)
+        with pytest.raises(QueueRefused, match=f"{other}: PRECONDITION_FAILED"):
+            intake.intake.add_queue("other")
+        assert intake.intake.queues == [app.names.task_queue_name("default")]
+        before.ack()  # the channel it came on still stands
+        _publish(app, "default", b"after")
+        assert intake.task(1).body == b"after"
+        intake.tasks[1].ack()
+        intake.intake.add_queue("extra")  # and a good one is still added
+        _publish(app, "extra", b"extra")
+        assert intake.task(2).body == b"extra"
+    finally:
+        with app.connection() as conn:
+            conn.channel().queue_delete(other)
 
 
 def test_stop_add_and_cancel_task_queues(app: App, intake_of: Any) -> None:

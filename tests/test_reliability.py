@@ -331,6 +331,31 @@ def test_frozen_worker_taken_for_dead_does_not_report_twice(
 
 
 # -- the broker goes away ------------------------------------------------------------------------
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_retry_of_a_task_started_before_a_reconnect(broker, start_worker, monkeypatch,
+                                                    request, tmp_path):
+    """A task running while the worker's connection drops retries afterwards: its
+    delivery from the old connection cannot be acknowledged (logged, no second
+    reconnect), and the broker's redelivery on the new connection is acknowledged with
+    the retry, so the task runs twice (the run and its retry), not three times."""
+    tasks = configure(broker, monkeypatch, request)
+    w = start_worker(concurrency=1)
+    counter = tmp_path / "runs"
+    handle = tasks.retry_once_after_go.delay(str(counter))
+    wait_for(lambda: counter.exists(), 15, message="the first run")
+    assert drop_broker_connections(broker, [w.pid]) >= 1
+    wait_for(lambda: w.log().count(" ready") >= 2, 30, message="the worker to reconnect")
+    # the broker gave the task to the worker again on the new connection (a duplicate)
+    wait_for(lambda: "delivered again while it runs here" in w.log(), 15,
+             message="the redelivery")
+    Path(str(counter) + ".go").write_text("")
+    assert handle.result(timeout=20) == 2
+    holds_for(lambda: counter.read_text() == "2", 1.0, message="no third run")
+    assert w.log().count("broker connection lost") == 1, w.log()
+    assert "could not acknowledge a delivery" in w.log(), w.log()
+    assert "Traceback" not in w.log(), w.log()
+
+
 @pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)
 def test_broker_connections_dropped_under_load(broker, start_worker, monkeypatch, request,
                                                 tmp_path):

@@ -120,6 +120,29 @@ def test_add_and_cancel_consumer(operator, tasks, start_worker, broker):
                                   "consume from nope")
 
 
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_add_consumer_the_broker_refuses_is_an_error_and_tasks_keep_coming(
+        operator, tasks, start_worker, broker):
+    other = tasks.app.names.task_queue_name("other")
+    with tasks.app.connection() as conn:
+        # without the x-max-priority of task queues: the worker's declaration is refused
+        conn.channel().queue_declare(other, durable=True, auto_delete=False)
+    try:
+        w = start_worker(concurrency=1, extra_args=["-Q", "default"])
+        assert tasks.add.delay(1, 1).result(timeout=10) == 2
+        [reply] = tasks.app.control.add_consumer("other", destination=[w.name], timeout=5)
+        error = reply[w.name]
+        assert error["type"] == "QueueRefused", error
+        assert error["error"].startswith(f"the broker refused to declare queue {other}: "
+                                         "PRECONDITION_FAILED"), error
+        assert queue_names(tasks, w.name) == ["default"]
+        # the task channel was not the one the refusal closed: tasks still come
+        assert tasks.add.delay(2, 2).result(timeout=10) == 4
+    finally:
+        with tasks.app.connection() as conn:
+            conn.channel().queue_delete(other)
+
+
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_shutdown_stops_only_the_destination(operator, tasks, start_worker, broker):
     stays, goes = start_worker(concurrency=1), start_worker(concurrency=1)

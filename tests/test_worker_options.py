@@ -78,7 +78,7 @@ def _children(tasks, name: str) -> list[dict]:
     return replies[0]["data"]["children"] if replies else []
 
 
-@on_redis
+@pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)
 def test_autoscale_grows_under_a_backlog_and_shrinks_when_idle(tasks, start_worker, broker):
     import json
     import subprocess

@@ -78,6 +78,22 @@ def error_fields(type_: str, message: str) -> dict[str, Any]:
     return {"type": type_, "message": message, "traceback": ""}
 
 
+def settle_quietly(message: Any, task_id: str | None, *, requeue: bool | None = None
+                   ) -> None:
+    """Ack ``message`` (or reject it, with ``requeue``), logging instead of raising when
+    that fails: a delivery from an earlier connection cannot be settled (py-amqp and
+    kombu raise ``RecoverableConnectionError``), and the broker gives it out again."""
+    try:
+        if requeue is None:
+            message.ack()
+        else:
+            message.reject(requeue=requeue)
+    except Exception as exc:
+        logger.warning("task %s: could not %s a delivery (%s); the broker delivers it "
+                       "again", task_id or "?", "acknowledge" if requeue is None else
+                       "reject", exc)
+
+
 class Outcomes:
     """The end of each run, for one worker."""
 
@@ -89,8 +105,10 @@ class Outcomes:
         self.workflows = workflows
         self.publish_task = publish_task
 
-    def dead_letter(self, message: Any, reason: str) -> None:
-        """Keep a rejected message on the dead-letter queue, ack the original, log why."""
+    def dead_letter(self, message: Any, reason: str, task_id: str | None = None) -> None:
+        """Keep a rejected message on the dead-letter queue, ack the original, log why.
+        Raises nothing of the broker's: a delivery that cannot be settled any more (its
+        connection is gone) is logged, and the broker delivers it again."""
         w = self.state
         logger.error("rejected message from %s: %s",
                      (message.delivery_info or {}).get("routing_key", "?"), reason)
@@ -106,15 +124,15 @@ class Outcomes:
             )
         except Exception as exc:
             logger.error("could not dead-letter the message (%s); requeueing it", exc)
-            message.reject(requeue=True)
+            settle_quietly(message, task_id, requeue=True)
             return
-        message.ack()
+        settle_quietly(message, task_id)
 
     def dead_letter_record(self, record: TaskRecord, reason: str) -> None:
         """Dead-letter a task we hold a record of (its message may be acked already)."""
         w = self.state
         if record.kombu_message is not None:
-            self.dead_letter(record.kombu_message, reason)
+            self.dead_letter(record.kombu_message, reason, record.id)
             record.kombu_message = None
             return
         logger.error("dead-lettered task %s: %s", record.id, reason)
@@ -189,7 +207,11 @@ class Outcomes:
 
     def republish(self, record: TaskRecord, *, deliveries: int, retries: int | None = None,
                   eta: float | None = None) -> None:
-        """Publish a new copy of the task, hand its watchers over, ack this copy."""
+        """Publish a new copy of the task, hand its watchers over, ack this copy and the
+        other deliveries of the task held here (a redelivery after a reconnect), as
+        :meth:`finish` does. Raises what publishing raises; acknowledging raises
+        nothing (a delivery from a connection gone since is logged and left: the broker
+        delivered it again on the new connection, and that copy is acked here)."""
         w = self.state
         msg = record.message
         headers = dict(msg.headers)
@@ -210,8 +232,13 @@ class Outcomes:
         w.records.pop(record.id, None)
         self.cancel_timers(record)
         if record.kombu_message is not None:  # None: acked at start (acks_late=False)
-            record.kombu_message.ack()
+            settle_quietly(record.kombu_message, record.id)
             record.kombu_message = None
+        if record.duplicates:
+            # through the relay, as finish() settles them
+            self.relay.pending_acks.extend(record.duplicates)
+            record.duplicates.clear()
+            self.relay.schedule_flush()
 
     def finish(self, record: TaskRecord, kind: str, fields: dict[str, Any],
                ts: float | None = None) -> None:

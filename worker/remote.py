@@ -161,7 +161,12 @@ class WorkerControl:
         names = self.state.queue_names
         if name in names:
             return f"already consuming from {name}"
-        self.intake.add_queue(name)
+        from interactive_tasks.transport.worker_side import QueueRefused
+
+        try:
+            self.intake.add_queue(name)
+        except QueueRefused as exc:
+            raise ControlRefused("QueueRefused", str(exc)) from exc
         names.append(name)  # in place: the next connection consumes it too
         logger.info("consuming from queue %s (remote control)", name)
         return f"now consuming from {name}"

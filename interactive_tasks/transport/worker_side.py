@@ -41,6 +41,12 @@ if TYPE_CHECKING:
     from .redis_fetch import TaskFetcher
 
 
+class QueueRefused(Exception):
+    """The broker refused to declare a task queue that ``add_queue`` was asked for (on
+    RabbitMQ: it exists with other arguments, or access is denied); the message says
+    why."""
+
+
 class WorkerIntake:
     """Tasks and control through kombu consumers."""
 

@@ -582,3 +582,19 @@ def frozen_objects() -> int:
     import gc
 
     return gc.get_freeze_count()
+
+
+@app.task(bind=True)
+def retry_once_after_go(self: Any, path: str) -> int:
+    """Counts its runs in ``path``; the first waits (up to 30 s) for ``path + ".go"`` to
+    exist, then retries; later runs return their number."""
+    p = Path(path)
+    count = int(p.read_text()) if p.exists() else 0
+    p.write_text(str(count + 1))
+    if count == 0:
+        go = Path(path + ".go")
+        deadline = time.monotonic() + 30
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        raise self.retry(countdown=0)
+    return count + 1
