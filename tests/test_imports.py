@@ -49,13 +49,18 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("interactive_task
 """
 
 
-def _loaded_by_worker(url: str, home: str) -> list[str]:
+def _modules_printed_by(script: str, url: str, home: str) -> list[str]:
+    """Run ``script`` against the broker at ``url``; the module names its last line lists."""
     env = {**os.environ, "ITASK_HOME": home, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", PROBE, url], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", script, url], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     modules: list[str] = json.loads(out.stdout.strip().splitlines()[-1])
     return modules
+
+
+def _loaded_by_worker(url: str, home: str) -> list[str]:
+    return _modules_printed_by(PROBE, url, home)
 
 
 @pytest.mark.parametrize("broker, url", [
@@ -141,11 +146,7 @@ main()
 
 
 def _loaded_at_the_fork(url: str, home: str) -> list[str]:
-    env = {**os.environ, "ITASK_HOME": home, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", AT_THE_FORK, url], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    modules: list[str] = json.loads(out.stdout.strip().splitlines()[-1])
+    modules = _modules_printed_by(AT_THE_FORK, url, home)
     assert "interactive_tasks.worker.pools.prefork" in modules  # the fork was the pool's
     return modules
 
