@@ -1,7 +1,7 @@
 """The worker's RabbitMQ intake past kombu's consumer (``transport/amqp_intake.py``)
 against the real server: a delivery carries what kombu's ``Message`` carries for the same
-message, it acknowledges and requeues, the prefetch window holds (and a new one applies
-to the consumers restarted for it), and the task queues can be stopped, added and
+message, it acknowledges and requeues, the prefetch window holds (a larger new one lets
+more through, a smaller one takes no more), and the task queues can be stopped, added and
 dropped. The whole worker on RabbitMQ runs on it in tests/test_amqp.py and the other
 RabbitMQ tests."""
 

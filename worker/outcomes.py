@@ -61,7 +61,7 @@ def log_outcome(record: TaskRecord, kind: str, fields: dict[str, Any]) -> None:
     """Celery's per-task lines: "Task NAME[ID] succeeded in Xs: RESULT" at INFO, "Task
     NAME[ID] raised TYPE: MESSAGE" and the task's traceback at ERROR."""
     if kind == EventKind.SUCCEEDED:
-        if logger.isEnabledFor(logging.INFO):  # nothing to pay per task at the default level
+        if logger.isEnabledFor(logging.INFO):  # nothing to pay per task at -l warning
             runtime = (record.finished or time.time()) - (record.started or record.received)
             logger.info("Task %s[%s] succeeded in %.4fs: %s", record.name, record.id,
                         max(runtime, 0.0), result_repr(fields.get("result")))
