@@ -24,6 +24,7 @@ from interactive_tasks.protocol import (
     TaskMessage,
     TaskState,
 )
+from interactive_tasks.transport.frames import settle_quietly
 
 from . import trace
 from .canvas import after_finish
@@ -76,22 +77,6 @@ def log_outcome(record: TaskRecord, kind: str, fields: dict[str, Any]) -> None:
 def error_fields(type_: str, message: str) -> dict[str, Any]:
     """The ``error`` of a final event the worker decided on (no traceback: no exception)."""
     return {"type": type_, "message": message, "traceback": ""}
-
-
-def settle_quietly(message: Any, task_id: str | None, *, requeue: bool | None = None
-                   ) -> None:
-    """Ack ``message`` (or reject it, with ``requeue``), logging instead of raising when
-    that fails: a delivery from an earlier connection cannot be settled (py-amqp and
-    kombu raise ``RecoverableConnectionError``), and the broker gives it out again."""
-    try:
-        if requeue is None:
-            message.ack()
-        else:
-            message.reject(requeue=requeue)
-    except Exception as exc:
-        logger.warning("task %s: could not %s a delivery (%s); the broker delivers it "
-                       "again", task_id or "?", "acknowledge" if requeue is None else
-                       "reject", exc)
 
 
 class Outcomes:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import held_prefix
+from .frames import settle_quietly
 
 logger = logging.getLogger("interactive_tasks.worker")
 
@@ -266,7 +267,7 @@ class TaskHold:
                 continue
             # another delivery of a task held here: the copy stands for it
             for message in record.duplicates:
-                _ack_quietly(message, record.id)
+                settle_quietly(message, record.id)
             record.duplicates.clear()
 
     def lapsing(self, now: float) -> bool:
@@ -352,9 +353,9 @@ class TaskHold:
         for record, copy in zip(records, added, strict=True):
             original = record.kombu_message
             record.kombu_message = HeldDelivery(self, copy, original)
-            _ack_quietly(original, record.id)
+            settle_quietly(original, record.id)
             for message in record.duplicates:
-                _ack_quietly(message, record.id)
+                settle_quietly(message, record.id)
             record.duplicates.clear()
             logger.info("task %s held for %.0fs: handed over to %s", record.id,
                         time.time() - record.received, state.name)
@@ -366,11 +367,3 @@ class TaskHold:
 
         self.channel.basic_publish(amqp.Message(copy.body, **copy.properties), exchange="",
                                    routing_key=routing_key)
-
-
-def _ack_quietly(message: Any, task_id: str) -> None:
-    try:
-        message.ack()
-    except Exception as exc:
-        logger.warning("task %s: could not acknowledge a delivery (%s); the server "
-                       "delivers it again when the connection closes", task_id, exc)

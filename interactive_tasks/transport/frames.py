@@ -13,14 +13,17 @@ and load no broker module they do not use.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .. import codec
 from ..errors import ProtocolError
 from . import held_prefix
 
+logger = logging.getLogger("interactive_tasks.worker")
+
 __all__ = ["control_frame", "decode_frame", "describe_envelope", "encode_frame", "kombu_body",
-           "kombu_envelope", "redeliveries", "task_envelope"]
+           "kombu_envelope", "redeliveries", "settle_quietly", "task_envelope"]
 
 
 def _mac(secret: bytes, body: bytes) -> bytes:
@@ -155,3 +158,19 @@ def redeliveries(message: Any, namespace: str) -> int:
                 value = death.get("count", 1)
                 count += value if isinstance(value, int) and value > 0 else 1
     return count
+
+
+def settle_quietly(message: Any, task_id: str | None, *, requeue: bool | None = None
+                   ) -> None:
+    """Ack ``message`` (or reject it, with ``requeue``), logging instead of raising when
+    that fails: a delivery from an earlier connection cannot be settled (py-amqp and
+    kombu raise ``RecoverableConnectionError``), and the broker gives it out again."""
+    try:
+        if requeue is None:
+            message.ack()
+        else:
+            message.reject(requeue=requeue)
+    except Exception as exc:
+        logger.warning("task %s: could not %s a delivery (%s); the broker delivers it "
+                       "again", task_id or "?", "acknowledge" if requeue is None else
+                       "reject", exc)
