@@ -13,7 +13,13 @@ from typing import Any
 from interactive_tasks import App
 from interactive_tasks.app import unknown_task_name
 from interactive_tasks.cli.errors import CliError
-from interactive_tasks.cli.main import JSON_HELP, add_destination, destination, replies_timeout
+from interactive_tasks.cli.main import (
+    JSON_HELP,
+    add_destination,
+    destination,
+    ping_workers,
+    replies_timeout,
+)
 
 #: verb -> (its arguments, what it does)
 CONTROL_VERBS: dict[str, tuple[str, str]] = {
@@ -178,12 +184,8 @@ def _print_replies(replies: list[dict[str, Any]], args: argparse.Namespace,
 
 # -- status ----------
 def cmd_status(args: argparse.Namespace) -> int:
-    from interactive_tasks.protocol import Verb
-
     app = _app(args)
-    dest = destination(args)
-    replies = (app.control.broadcast(Verb.PING, destination=dest, timeout=args.timeout)
-               if dest else app.ping(timeout=args.timeout))
+    replies, missing = ping_workers(app, destination(args), args.timeout)
     names = sorted(str(r.get("worker")) for r in replies)
     if args.json:
         print(json.dumps({"workers": names, "online": len(names)}, indent=2))
@@ -191,7 +193,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name in names:
             print(f"-> {name}: OK")
         print(f"\n{len(names)} node{'s' if len(names) != 1 else ''} online.")
-    missing = [d for d in dest or () if d not in names]
     if missing or not names:
         what = f"{', '.join(missing)} did not reply" if missing else "no worker replied"
         print(f"itask: {what} within {args.timeout}s on {app.broker_url_display}",

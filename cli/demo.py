@@ -54,7 +54,7 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> bool:
     try:
         return worker.wait(10) == 0
     except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
+        _kill_group(worker)
         worker.wait()
         return False
 

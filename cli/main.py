@@ -115,17 +115,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
             stop_embedded(beat)
 
 
-def cmd_ping(args: argparse.Namespace) -> int:
+def ping_workers(app: Any, dest: list[str] | None, timeout: float
+                 ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Ping every worker, or with ``dest`` only the workers named (the others stay
+    silent, and the wait ends once each of them replied): the replies, and the names in
+    ``dest`` that did not reply. Raises the client's TransportError."""
     from interactive_tasks.protocol import Verb
 
-    app = _get_app(args)
-    dest = destination(args)
-    started = time.monotonic()
-    # with -d only the workers named reply (the others stay silent), and the wait ends
-    # once each of them did
-    replies = (app.control.broadcast(Verb.PING, destination=dest, timeout=args.timeout)
-               if dest else app.ping(timeout=args.timeout))
+    replies = (app.control.broadcast(Verb.PING, destination=dest, timeout=timeout)
+               if dest else app.ping(timeout=timeout))
     missing = [d for d in dest or () if d not in {r.get("worker") for r in replies}]
+    return replies, missing
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    app = _get_app(args)
+    started = time.monotonic()
+    replies, missing = ping_workers(app, destination(args), args.timeout)
     if args.json:
         _print_json([{"worker": r.get("worker"), "ok": r.get("ok")} for r in replies])
     else:

@@ -552,8 +552,7 @@ class Worker:
             record.subscribers.setdefault(sub.inbox, sub)
         self.records[msg.id] = record
         self.relay.task_event("task-received", record)
-        if logger.isEnabledFor(logging.INFO):  # as Celery; nothing to pay per task at -l warning
-            logger.info("Task %s[%s] received", msg.task, msg.id)
+        logger.info("Task %s[%s] received", msg.task, msg.id)  # as Celery's worker
         if msg.expires is not None and msg.expires < time.time():
             self.outcomes.finish(record, EventKind.REVOKED, {
                 "error": error_fields("TaskRevoked", "expired before it started")})
