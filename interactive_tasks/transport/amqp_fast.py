@@ -32,6 +32,7 @@ publishes past kombu" for the A/B.)
 
 from __future__ import annotations
 
+import functools
 import select
 import struct
 import sys
@@ -135,6 +136,8 @@ class FastPublisher:
             raise RecoverableConnectionError("connection already closed") from None
 
 
+@functools.cache  # looked up on every publish; whenever the first call comes, before
+# or after patching, what it finds is the C library's own function, and stays so
 def _unpatched_poll() -> Any:
     """``select.poll`` as the C library has it: gevent's and eventlet's monkey patching
     replace ``select`` with versions that wait through their hub (eventlet's even with a
